@@ -1,0 +1,1 @@
+"""Network modules, laid out like Segment Anything's: image encoder, prompt encoder, mask decoder (+ text)."""

@@ -1,0 +1,181 @@
+"""SAM-style 3D mask decoder with SegVol's text-similarity term.
+
+Prompt tokens and image tokens attend to each other in a two-way transformer; the image tokens are upscaled 4x and
+each mask token's hypernetwork turns them into mask logits. The text embedding, projected to the upscaled channel
+count, adds its own similarity map to every mask (additive, as in the official model).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SegVolConfig
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional channel downsampling of queries, keys and values (SAM's ``Attention``)."""
+
+    def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1):
+        super().__init__()
+        inner = dim // downsample_rate
+        if inner % num_heads:
+            raise ValueError("attention inner dimension must divide by num_heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, inner)
+        self.k_proj = nn.Linear(dim, inner)
+        self.v_proj = nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
+        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)),
+                                             self._heads(self.v_proj(v)))
+        b, h, n, c = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mlp_dim: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(F.relu(self.lin1(x)))
+
+
+class TwoWayAttentionBlock(nn.Module):
+    """Token self-attention, token->image, MLP, image->token; post-norm after each step."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int, skip_first_layer_pe: bool):
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn_token_to_image = Attention(dim, num_heads, downsample_rate)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.norm4 = nn.LayerNorm(dim)
+        self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate)
+        self.skip_first_layer_pe = skip_first_layer_pe
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor):
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        queries = self.norm1(queries)
+
+        q, k = queries + query_pe, keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm3(queries + self.mlp(queries))
+
+        q, k = queries + query_pe, keys + key_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(dim, num_heads, mlp_dim, downsample_rate, skip_first_layer_pe=i == 0)
+            for i in range(depth)
+        )
+        self.final_attn_token_to_image = Attention(dim, num_heads, downsample_rate)
+        self.norm_final_attn = nn.LayerNorm(dim)
+
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
+        """image, image_pe (B, C, gd, gh, gw); tokens (B, T, C) -> tokens (B, T, C), image tokens (B, L, C)."""
+        keys = image.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = tokens
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, tokens, key_pe)
+        queries = queries + self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys)
+        return self.norm_final_attn(queries), keys
+
+
+class HypernetworkMLP(nn.Module):
+    """``num_layers`` linear layers with ReLU in between (SAM's ``MLP``)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """Image embedding (B, C, gd, gh, gw) + prompts -> low-resolution mask logits (B, 1, 4gd, 4gh, 4gw).
+
+    Officially (B, 768, 8, 16, 16) -> (B, 1, 32, 64, 64). Only mask 0 is returned, as the official model does; the
+    IoU token and the other mask tokens still take part in attention, so they are kept.
+    """
+
+    def __init__(self, config: SegVolConfig):
+        super().__init__()
+        dim = config.hidden_size
+        up1, up2 = config.upscaled_channels
+        self.num_mask_tokens = config.num_mask_tokens
+        self.transformer = TwoWayTransformer(config.decoder_depth, dim, config.decoder_heads,
+                                             config.decoder_mlp_dim, config.attention_downsample_rate)
+        self.iou_token = nn.Embedding(1, dim)
+        self.mask_tokens = nn.Embedding(config.num_mask_tokens, dim)
+        # Spatial LayerNorm over (channels, 2*grid): the official model normalises jointly over C x D x H x W.
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose3d(dim, up1, kernel_size=2, stride=2),
+            nn.LayerNorm((up1, *(2 * g for g in config.grid_size))),
+            nn.GELU(),
+            nn.ConvTranspose3d(up1, up2, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            HypernetworkMLP(dim, dim, up2, 3) for _ in range(config.num_mask_tokens)
+        )
+        self.iou_prediction_head = HypernetworkMLP(dim, config.iou_head_hidden_dim, config.num_mask_tokens, 3)
+        self.txt_align_upscaled_embedding = nn.Linear(dim, up2)
+
+    def forward(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompts: torch.Tensor,
+        dense_prompts: torch.Tensor,
+        text_embedding: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """image_embedding (B, C, g...), image_pe (1, C, g...), sparse (B, n, C), dense (B, C, g...), text (B, C)."""
+        b = sparse_prompts.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompts], dim=1)
+        if image_embedding.shape[0] != b:
+            image_embedding = image_embedding.expand(b, -1, -1, -1, -1)
+        src = image_embedding + dense_prompts
+        pos = image_pe.expand(b, -1, -1, -1, -1)
+
+        hs, src = self.transformer(src, pos, tokens)
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
+
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, -1, *image_embedding.shape[2:]))
+        channels, spatial = upscaled.shape[1], upscaled.shape[2:]
+        # Only mask 0 is returned, so only its hypernetwork is evaluated; the text term adds to its weights.
+        weights = self.output_hypernetworks_mlps[0](mask_tokens_out[:, 0])
+        masks = torch.bmm(weights.unsqueeze(1), upscaled.reshape(b, channels, -1))
+        if text_embedding is not None:
+            text_weights = self.txt_align_upscaled_embedding(text_embedding).unsqueeze(1)
+            masks = masks + torch.bmm(text_weights, upscaled.reshape(b, channels, -1))
+        return masks.reshape(b, 1, *spatial)

@@ -1,0 +1,139 @@
+"""3D prompt encoder (SAM's, in volumetric form): points, boxes and a text embedding -> sparse tokens.
+
+Two quirks of the official model are load-bearing and reproduced on purpose:
+
+* The random-Fourier positional encoding normalises prompt coordinates given in (d, h, w) voxel order by
+  ``(image_size[1], image_size[0], image_size[2])`` = (256, 32, 256), while the dense grid encoding stacks its axes as
+  (h, d, w). The two do not line up geometrically, but the weights were trained with exactly this.
+* ``pe_layer.positional_encoding_gaussian_matrix`` is a *persistent* buffer: it must come from the checkpoint.
+
+``mask_downscaling`` is SAM's 2D mask-prompt stack; the official model never calls it, but its tensors are part of
+the checkpoint, so it is kept (unused) for a strict load.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import SegVolConfig
+
+
+class LayerNorm2d(nn.Module):
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class RandomFourierPositionEncoding(nn.Module):
+    """Maps coordinates in [0, 1] to ``[sin(2*pi*(2u-1)G), cos(2*pi*(2u-1)G)]`` with a fixed Gaussian G (3, C/2)."""
+
+    def __init__(self, num_pos_feats: int):
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(3, num_pos_feats))
+
+    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """coords (..., 3) in [0, 1] -> (..., 2 * num_pos_feats)."""
+        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def dense(self, grid: Tuple[int, int, int]) -> torch.Tensor:
+        """Encoding of the token-grid centres: (C, gd, gh, gw), features stacked in the official (h, d, w) order."""
+        gd, gh, gw = grid
+        matrix = self.positional_encoding_gaussian_matrix
+        ones = torch.ones(grid, device=matrix.device, dtype=matrix.dtype)
+        d_frac = (ones.cumsum(0) - 0.5) / gd
+        h_frac = (ones.cumsum(1) - 0.5) / gh
+        w_frac = (ones.cumsum(2) - 0.5) / gw
+        return self._encode(torch.stack([h_frac, d_frac, w_frac], dim=-1)).permute(3, 0, 1, 2)
+
+    def at_voxels(self, coords: torch.Tensor, image_size: Tuple[int, int, int]) -> torch.Tensor:
+        """coords (B, N, 3) in (d, h, w) voxels (already shifted to voxel centres) -> (B, N, C).
+
+        Normalised by (image_size[1], image_size[0], image_size[2]): the official axis swap.
+        """
+        scale = coords.new_tensor([image_size[1], image_size[0], image_size[2]])
+        return self._encode(coords.to(self.positional_encoding_gaussian_matrix.dtype) / scale)
+
+
+class PromptEncoder(nn.Module):
+    """Points ``(coords (B, N, 3), labels (B, N))``, boxes ``(B, 1, 6)`` and text ``(B, C)`` -> sparse (B, n, C).
+
+    Coordinates are (d, h, w) voxel indices of the model's input window. Point labels: 1 positive, 0 negative,
+    -1 padding. Boxes are ``[d0, h0, w0, d1, h1, w1]`` with inclusive maxima.
+    """
+
+    NEGATIVE, POSITIVE, BOX_MIN, BOX_MAX = 0, 1, 2, 3
+
+    def __init__(self, config: SegVolConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.embed_dim = dim
+        self.input_image_size = config.image_size
+        self.image_embedding_size = config.grid_size
+        self.pe_layer = RandomFourierPositionEncoding(dim // 2)
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, dim)
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, 4, kernel_size=2, stride=2),
+            LayerNorm2d(4),
+            nn.GELU(),
+            nn.Conv2d(4, 16, kernel_size=2, stride=2),
+            LayerNorm2d(16),
+            nn.GELU(),
+            nn.Conv2d(16, dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, dim)
+
+    def dense_positional_encoding(self) -> torch.Tensor:
+        """(1, C, gd, gh, gw) encoding of the image-token grid."""
+        return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        coords = coords + 0.5
+        if pad:
+            coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 3)], dim=1)
+            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+        embedding = self.pe_layer.at_voxels(coords, self.input_image_size)
+        padding = (labels == -1).unsqueeze(-1)
+        embedding = torch.where(padding, self.not_a_point_embed.weight, embedding)
+        embedding = embedding + (labels == self.NEGATIVE).unsqueeze(-1) * self.point_embeddings[self.NEGATIVE].weight
+        embedding = embedding + (labels == self.POSITIVE).unsqueeze(-1) * self.point_embeddings[self.POSITIVE].weight
+        return embedding
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        corners = (boxes + 0.5).reshape(-1, 2, 3)
+        embedding = self.pe_layer.at_voxels(corners, self.input_image_size)
+        corner_type = torch.cat([self.point_embeddings[self.BOX_MIN].weight, self.point_embeddings[self.BOX_MAX].weight])
+        return embedding + corner_type
+
+    def forward(
+        self,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        boxes: Optional[torch.Tensor],
+        text_embedding: Optional[torch.Tensor],
+        batch_size: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> sparse (B, n, C) and dense (B, C, gd, gh, gw) prompt embeddings."""
+        weight = self.no_mask_embed.weight
+        sparse = weight.new_empty(batch_size, 0, self.embed_dim)
+        if points is not None:
+            coords, labels = points
+            sparse = torch.cat([sparse, self._embed_points(coords.to(weight), labels, pad=boxes is None)], dim=1)
+        if boxes is not None:
+            sparse = torch.cat([sparse, self._embed_boxes(boxes.to(weight))], dim=1)
+        if text_embedding is not None:
+            sparse = torch.cat([sparse, text_embedding.to(weight).unsqueeze(1)], dim=1)
+        dense = weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *self.image_embedding_size)
+        return sparse, dense

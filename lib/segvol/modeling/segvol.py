@@ -1,0 +1,114 @@
+"""The SegVol network: image encoder + prompt encoder + mask decoder + text encoder."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SegVolConfig
+from .image_encoder import ImageEncoder
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .text_encoder import TextEncoder
+
+Points = Tuple[torch.Tensor, torch.Tensor]
+
+
+class SegVol(nn.Module):
+    """Promptable volumetric segmentation of one ``config.image_size`` window (32x256x256 officially).
+
+    Coordinates of points and boxes are (d, h, w) voxel indices of that window; the image is (B, 1, D, H, W) in [0, 1]
+    (see ``segvol.preprocess``). ``forward`` returns full-resolution logits; ``encode_image`` and ``decode`` split the
+    work so an image embedding can be reused for many prompts.
+    """
+
+    def __init__(self, config: SegVolConfig = SegVolConfig(), tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.prompt_encoder = PromptEncoder(config)
+        self.mask_decoder = MaskDecoder(config)
+        self.text_encoder = TextEncoder(config, tokenizer)
+        self.checkpoint_id: Optional[str] = None
+        self.vocabulary: list = []  # category names a project checkpoint was trained on
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.norm.weight.device
+
+    @property
+    def tokenizer(self):
+        return self.text_encoder.tokenizer
+
+    def encode_text(self, names: Sequence[str]) -> torch.Tensor:
+        """Category names -> (N, hidden) text embeddings, cached per name."""
+        return self.text_encoder.encode(names)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) -> image embedding (B, hidden, gd, gh, gw)."""
+        return self.image_encoder(image.to(self.device, self.image_encoder.norm.weight.dtype))
+
+    def decode(
+        self,
+        image_embedding: torch.Tensor,
+        text_embedding: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[Points] = None,
+    ) -> torch.Tensor:
+        """Prompts against an image embedding -> low-resolution logits (B, 1, 4gd, 4gh, 4gw); (B,1,32,64,64) officially.
+
+        ``image_embedding`` (1 or B, C, g...); ``text_embedding`` (B, C); ``boxes`` (B, 6) or (B, 1, 6);
+        ``points`` = (coords (B, N, 3), labels (B, N)). B is the number of prompt sets; one image embedding is
+        shared by all of them.
+        """
+        batch = _prompt_batch_size(image_embedding, text_embedding, boxes, points)
+        if boxes is not None:
+            boxes = boxes.to(self.device).reshape(batch, 1, 6)
+        if points is not None:
+            points = (points[0].to(self.device), points[1].to(self.device))
+        if text_embedding is not None:
+            text_embedding = text_embedding.to(self.device)
+        sparse, dense = self.prompt_encoder(points, boxes, text_embedding, batch)
+        image_pe = self.prompt_encoder.dense_positional_encoding()
+        return self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding)
+
+    def upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits -> logits on the input window, trilinear with align_corners=False."""
+        return F.interpolate(low_res_logits, size=self.config.image_size, mode="trilinear", align_corners=False)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: Optional[Sequence[str]] = None,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[Points] = None,
+    ) -> torch.Tensor:
+        """image (B, 1, D, H, W) in [0, 1]; text: B names; boxes (B, 6); points ((B, N, 3), (B, N)).
+
+        Returns logits (B, 1, D, H, W); (B, 1, 32, 256, 256) for the official configuration.
+        """
+        if text is None and boxes is None and points is None:
+            raise ValueError("SegVol needs at least one prompt: text, boxes or points")
+        text_embedding = None
+        if text is not None:
+            names = [text] if isinstance(text, str) else list(text)
+            text_embedding = self.text_encoder(names) if self.training else self.encode_text(names)
+        return self.upsample(self.decode(self.encode_image(image), text_embedding, boxes, points))
+
+
+def _prompt_batch_size(image_embedding, text_embedding, boxes, points) -> int:
+    sizes = {image_embedding.shape[0]}
+    if text_embedding is not None:
+        sizes.add(text_embedding.shape[0])
+    if boxes is not None:
+        sizes.add(boxes.shape[0])
+    if points is not None:
+        if points[0].dim() != 3 or points[0].shape[-1] != 3 or points[1].shape != points[0].shape[:2]:
+            raise ValueError("points must be (coords (B, N, 3), labels (B, N))")
+        sizes.add(points[0].shape[0])
+    sizes.discard(1) if len(sizes) > 1 else None
+    if len(sizes) != 1:
+        raise ValueError(f"prompt batch sizes disagree: {sorted(sizes)}")
+    return sizes.pop()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the full test suite (sets up .venv first when needed). Extra arguments go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+exec python -m pytest tests "$@"

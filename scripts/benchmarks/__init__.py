@@ -1,0 +1,1 @@
+"""Benchmark sub-commands of scripts/benchmark.py (one module each)."""

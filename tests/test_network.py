@@ -1,0 +1,176 @@
+"""Unit tests of the network's load-bearing quirks, on the small configuration (seconds on CPU)."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import segvol
+from segvol.config import SMALL, SegVolConfig
+from segvol.modeling.text_encoder import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_model(tokenizer_dir):
+    torch.manual_seed(0)
+    model = segvol.SegVol(SMALL).eval()
+    model.text_encoder.tokenizer = load_tokenizer(str(tokenizer_dir))
+    return model
+
+
+def test_official_configuration_defaults():
+    config = SegVolConfig()
+    assert config.image_size == (32, 256, 256) and config.patch_size == (4, 16, 16)
+    assert (config.hidden_size, config.num_layers, config.num_heads, config.mlp_dim) == (768, 12, 12, 3072)
+    assert config.grid_size == (8, 16, 16) and config.low_res_size == (32, 64, 64)
+    with pytest.raises(ValueError, match="not divisible"):
+        SegVolConfig(image_size=(30, 256, 256))
+
+
+def test_prompt_position_encoding_keeps_the_official_axis_swap():
+    """(d, h, w) voxel coordinates are normalised by (H, D, W) = (256, 32, 256), as the official weights expect."""
+    encoder = segvol.SegVol(SegVolConfig(num_layers=1, text_num_layers=1)).prompt_encoder
+    gaussian = encoder.pe_layer.positional_encoding_gaussian_matrix
+    coords = torch.tensor([[[16.0, 128.0, 64.0]]])
+    expected_u = torch.tensor([16.0 / 256, 128.0 / 32, 64.0 / 256])
+    projected = 2 * math.pi * ((2 * expected_u - 1) @ gaussian)
+    expected = torch.cat([projected.sin(), projected.cos()])
+    assert torch.allclose(encoder.pe_layer.at_voxels(coords, (32, 256, 256))[0, 0], expected, atol=1e-5)
+
+    dense = encoder.dense_positional_encoding()
+    assert dense.shape == (1, 768, 8, 16, 16)
+    i, j, k = 3, 5, 11  # grid index (d, h, w): features stacked as (h, d, w) fractions
+    u = torch.tensor([(j + 0.5) / 16, (i + 0.5) / 8, (k + 0.5) / 16])
+    projected = 2 * math.pi * ((2 * u - 1) @ gaussian)
+    assert torch.allclose(dense[0, :, i, j, k], torch.cat([projected.sin(), projected.cos()]), atol=1e-5)
+
+
+def test_gaussian_position_buffer_is_persistent(small_model):
+    assert "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in small_model.state_dict()
+    assert "text_encoder.clip_text_model.text_model.embeddings.position_ids" in small_model.state_dict()
+
+
+def test_points_without_box_get_a_padding_point(small_model):
+    encoder = small_model.prompt_encoder
+    coords, labels = torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[1]])
+    sparse, dense = encoder((coords, labels), None, None, batch_size=1)
+    assert sparse.shape == (1, 2, SMALL.hidden_size)
+    assert torch.equal(sparse[0, 1], encoder.not_a_point_embed.weight[0])
+    sparse_with_box, _ = encoder((coords, labels), torch.tensor([[[0.0, 0, 0, 5, 5, 5]]]), None, batch_size=1)
+    assert sparse_with_box.shape == (1, 3, SMALL.hidden_size)  # point + 2 box corners, no padding
+    assert dense.shape == (1, SMALL.hidden_size, *SMALL.grid_size)
+
+
+def test_text_adds_a_similarity_map_to_the_mask(small_model):
+    """Additive text term: logits(text) - logits(no text) = (Linear(text) @ upscaled), independent of the prompts."""
+    torch.manual_seed(1)
+    image = torch.rand(1, 1, *SMALL.image_size)
+    embedding = small_model.encode_image(image)
+    box = torch.tensor([[4.0, 10, 10, 20, 40, 40]])
+    text = small_model.encode_text(["liver"])
+    with torch.no_grad():
+        with_text = small_model.decode(embedding, text, box.clone())
+        without = small_model.decode(embedding, None, box.clone())
+    assert not torch.allclose(with_text, without)
+    decoder = small_model.mask_decoder
+    # Recompute the upscaled features to check the additive form exactly.
+    with torch.no_grad():
+        sparse, dense = small_model.prompt_encoder(None, box.reshape(1, 1, 6), text, 1)
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).unsqueeze(0)
+        tokens = torch.cat([tokens, sparse], dim=1)
+        pe = small_model.prompt_encoder.dense_positional_encoding()
+        _, src = decoder.transformer(embedding + dense, pe, tokens)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(1, -1, *SMALL.grid_size)).flatten(2)
+        hyper = decoder.output_hypernetworks_mlps[0](decoder.transformer(embedding + dense, pe, tokens)[0][:, 1])
+        expected = (hyper + decoder.txt_align_upscaled_embedding(text)).unsqueeze(1) @ upscaled
+    assert torch.allclose(with_text.flatten(2), expected, atol=1e-4)
+
+
+def test_spatial_layernorm_spans_channels_and_space(small_model):
+    norm = small_model.mask_decoder.output_upscaling[1]
+    assert tuple(norm.normalized_shape) == (SMALL.hidden_size // 4, *(2 * g for g in SMALL.grid_size))
+    official = segvol.SegVol(SegVolConfig(num_layers=1, text_num_layers=1)).mask_decoder.output_upscaling[1]
+    assert tuple(official.weight.shape) == (192, 16, 32, 32)
+
+
+def test_text_pooling_uses_the_first_end_of_text_token(small_model):
+    clip = small_model.text_encoder.clip_text_model
+    tokens = small_model.text_encoder.tokenize(["liver", "portal vein and splenic vein"])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    assert ids.shape[0] == 2 and (ids[0] == 49407).sum() > 1  # the short prompt is padded with EOT ids
+    with torch.no_grad():
+        pooled = clip(ids, mask)
+        alone = clip(ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+    assert torch.allclose(pooled[0], alone[0], atol=1e-5)  # padding never changes the pooled state
+
+
+def test_text_embeddings_are_cached_per_name(small_model, monkeypatch):
+    small_model.text_encoder.clear_cache()
+    calls = []
+    original = small_model.text_encoder.forward
+    monkeypatch.setattr(small_model.text_encoder, "forward", lambda names: calls.append(list(names)) or original(names))
+    first = small_model.encode_text(["liver", "spleen"])
+    second = small_model.encode_text(["spleen", "liver", "aorta"])
+    assert calls == [["liver", "spleen"], ["aorta"]]
+    assert torch.equal(first[0], second[1]) and torch.equal(first[1], second[0])
+    with pytest.raises(ValueError, match="non-empty"):
+        small_model.encode_text([])
+
+
+def test_one_image_embedding_serves_many_prompt_sets(small_model):
+    torch.manual_seed(2)
+    embedding = small_model.encode_image(torch.rand(1, 1, *SMALL.image_size))
+    names = ["liver", "spleen", "aorta"]
+    boxes = torch.tensor([[2.0, 4, 4, 20, 30, 30], [0, 0, 0, 31, 63, 63], [10, 20, 20, 12, 40, 40]])
+    with torch.no_grad():
+        together = small_model.decode(embedding, small_model.encode_text(names), boxes)
+        for index, name in enumerate(names):
+            alone = small_model.decode(embedding, small_model.encode_text([name]), boxes[index:index + 1])
+            assert torch.allclose(together[index], alone[0], atol=1e-5)
+    assert together.shape == (3, 1, *SMALL.low_res_size)
+
+
+def test_forward_shapes_and_prompt_requirement(small_model):
+    image = torch.rand(2, 1, *SMALL.image_size)
+    with torch.no_grad():
+        logits = small_model(image, text=["liver", "spleen"])
+    assert logits.shape == (2, 1, *SMALL.image_size)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        small_model(image)
+    with pytest.raises(ValueError, match=r"image must be \(B, 1, 32, 64, 64\)"):
+        small_model(torch.rand(1, 1, 16, 64, 64), text=["liver"])
+
+
+def test_image_encoder_equals_monai_vit_with_the_same_weights():
+    """Our encoder computes what MONAI's ViT (the reference's encoder) computes, with identical parameter names."""
+    from monai.networks.nets import ViT
+
+    config = SegVolConfig(image_size=(16, 64, 64), patch_size=(4, 16, 16), hidden_size=96, num_layers=2,
+                          num_heads=4, mlp_dim=192)
+    torch.manual_seed(3)
+    ours = segvol.SegVol(config).image_encoder.eval()
+    torch.nn.init.normal_(ours.patch_embedding.position_embeddings, std=0.02)
+    monai_vit = ViT(in_channels=1, img_size=config.image_size, patch_size=config.patch_size, hidden_size=96,
+                    mlp_dim=192, num_layers=2, num_heads=4, proj_type="perceptron", classification=False,
+                    dropout_rate=0.0).eval()
+    result = monai_vit.load_state_dict(ours.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all("cross_attn" in key for key in result.missing_keys)  # MONAI >= 1.2 cross-attention extras, unused
+    image = torch.rand(2, 1, *config.image_size)
+    with torch.no_grad():
+        expected = monai_vit(image)[0].transpose(1, 2).reshape(2, 96, *config.grid_size)
+        assert torch.allclose(ours(image), expected, atol=1e-5)
+
+
+def test_library_has_no_hard_coded_cuda_calls():
+    offenders = []
+    for path in (ROOT / "lib").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\.cuda\(\)", line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, offenders

@@ -85,8 +85,8 @@ def test_hugging_face_layout_gives_the_same_outputs(tmp_path, layout, filled_sta
             prompt = goldens["forward"][name]["prompt"]
             ours, _ = run_prompt(model, golden_image_embedding, prompt)
             reference, _ = run_prompt(official_model, golden_image_embedding, prompt)
-            assert torch.equal(ours, reference)
-        assert torch.equal(model.encode_text(["liver"]), official_model.encode_text(["liver"]))
+            assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(model.encode_text(["liver"]), official_model.encode_text(["liver"]), atol=1e-5)
     finally:
         del model
         shutil.rmtree(snapshot)

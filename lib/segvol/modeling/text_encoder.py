@@ -135,10 +135,12 @@ def find_tokenizer_dir(*candidates: Optional[str]) -> Optional[str]:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """The CLIP BPE tokenizer in ``path`` (SegVol always uses CLIP's, whatever the folder's config says)."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
 
+    tokenizer_class = CLIPTokenizerFast if os.path.isfile(os.path.join(path, "tokenizer.json")) else CLIPTokenizer
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return tokenizer_class.from_pretrained(path, local_files_only=True)
     except Exception as error:  # transformers raises several unrelated types here
         raise FileNotFoundError(f"could not load the CLIP tokenizer from {path!r}: {error}") from error
 

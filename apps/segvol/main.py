@@ -1,7 +1,10 @@
-"""SegVol Label: the MONAI Label app serving SegVol.
+"""SegVol Label: the MONAI Label app serving SegVol to OHIF, 3D Slicer and the Python client.
 
 MONAI Label rebuilds this app in every train and scoring subprocess, so nothing heavy happens in the constructor:
-the network is loaded on first use.
+the network is loaded on the first inference (``lib.service.SegVolService``).
+
+Configuration (``--conf key value``): ``weights``, ``tokenizer``, ``device``, ``zoom``, ``labels``, ``cache_mb``,
+``auto_labels`` (see the README).
 """
 from __future__ import annotations
 
@@ -9,21 +12,45 @@ import logging
 import os
 from typing import Dict
 
+from fastapi import HTTPException
+from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer
+from lib.service import SegVolService, WeightsUnavailableError
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from segvol.errors import SegVolInputError
+from segvol.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 PROJECT_DIR = os.path.dirname(os.path.dirname(APP_DIR))
 DEFAULT_MODELS_DIR = os.path.join(PROJECT_DIR, "models")
+MODES = ("zoom_out_zoom_in", "zoom_out")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class SegVolApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.weights = conf.get("weights", DEFAULT_MODELS_DIR)
-        self.tokenizer = conf.get("tokenizer", "")
-        self.device = conf.get("device", "auto")
+        mode = conf.get("zoom", "zoom_out_zoom_in")
+        device = conf.get("device", "auto")
+        if mode not in MODES:
+            raise ValueError(f"--conf zoom must be one of {MODES}, got {mode!r}")
+        if device not in DEVICES and not device.startswith("cuda:"):
+            raise ValueError(f"--conf device must be one of {DEVICES} (or cuda:N), got {device!r}")
+        vocabulary = Vocabulary.load(conf.get("labels") or None)
+        self.service = SegVolService(
+            weights=conf.get("weights", DEFAULT_MODELS_DIR),
+            tokenizer=conf.get("tokenizer", ""),
+            device=device,
+            mode=mode,
+            cache_mb=int(conf.get("cache_mb", 2048)),
+            vocabulary=vocabulary,
+            published=os.path.join(app_dir, "model", "segvol_finetuned.pt"),
+        )
+        auto_labels = conf.get("auto_labels", "")
+        self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -31,7 +58,37 @@ class SegVolApp(MONAILabelApp):
             name="SegVol Label",
             description="Universal volumetric CT segmentation with text, point and box prompts (SegVol)",
             version="0.1.0",
+            labels=vocabulary.labels(),
         )
+        if not self.service.available():
+            logger.warning("SegVol weights not found at %s: infer requests will be refused until they are there",
+                           self.service.weights)
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {}
+        return {
+            "segvol": SegVolPromptInfer(self.service),
+            "segvol_interactive": SegVolInteractiveInfer(self.service),
+            "segvol_auto": SegVolAutoInfer(self.service, self.auto_labels),
+        }
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, with bad input answered 4xx (it would otherwise be a bare 500)."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            try:
+                uri = (datastore or self.datastore()).get_image_uri(image)
+            except Exception:  # datastores raise different types for unknown ids
+                uri = ""
+            if not uri or not os.path.exists(uri):
+                raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except SegVolInputError as error:
+            raise HTTPException(status_code=error.http_status, detail=str(error)) from None
+        except WeightsUnavailableError as error:
+            raise HTTPException(status_code=503, detail=str(error)) from None
+        except MONAILabelException as error:
+            raise HTTPException(status_code=400, detail=error.msg) from None

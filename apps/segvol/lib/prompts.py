@@ -1,0 +1,154 @@
+"""Parsing and validation of the prompt fields clients send, into one neutral form.
+
+All coordinates are voxel indices (i, j, k) of the image as stored in the file or DICOM series, which is what OHIF
+and Slicer send. Malformed input raises ``BadPromptError``/``BadTextError``, which the app answers with HTTP 4xx.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+from segvol.errors import BadPromptError, BadTextError
+from segvol.vocabulary import Vocabulary
+
+Point = Tuple[int, int, int]
+Box = Tuple[int, int, int, int, int, int]  # i0, j0, k0, i1, j1, k1 (inclusive)
+
+# Slicer names new segments "Segment_1", "Segment_2"...: such a name carries no meaning to use as a text prompt.
+_GENERIC_SEGMENT = re.compile(r"^\s*(segment|label|background|foreground)?[\s_-]*\d*\s*$", re.IGNORECASE)
+
+
+@dataclass
+class Prompts:
+    texts: List[str] = field(default_factory=list)  # text prompts (training strings or free text)
+    positive: List[Point] = field(default_factory=list)
+    negative: List[Point] = field(default_factory=list)
+    box: Optional[Box] = None
+    requested: List[Any] = field(default_factory=list)  # what the client asked for, echoed in the response
+
+    def is_empty(self) -> bool:
+        return not (self.texts or self.positive or self.box)
+
+    def to_json(self) -> dict:
+        return {"texts": self.texts, "positive_points": [list(p) for p in self.positive],
+                "negative_points": [list(p) for p in self.negative], "box": list(self.box) if self.box else None}
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def parse_point(value: Any, what: str) -> Point:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise BadPromptError(f"{what} must be [i, j, k] voxel indices, got {value!r}")
+    try:
+        coords = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise BadPromptError(f"{what} must hold three numbers, got {value!r}") from None
+    if any(c != c or c in (float("inf"), float("-inf")) for c in coords):
+        raise BadPromptError(f"{what} must hold finite numbers, got {value!r}")
+    return tuple(int(round(c)) for c in coords)  # type: ignore[return-value]
+
+
+def parse_points(value: Any, what: str) -> List[Point]:
+    if value in (None, "", []):
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise BadPromptError(f"{what} must be a list of [i, j, k] points, got {value!r}")
+    return [parse_point(v, f"{what}[{n}]") for n, v in enumerate(value)]
+
+
+def parse_slicer_roi(value: Any) -> Optional[Box]:
+    """Slicer's ``roi = [i0, i1, j0, j1, k0, k1]``; each pair may come reversed (RAS->IJK flips), so it is sorted."""
+    if value in (None, "", []):
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 6:
+        raise BadPromptError(f"roi must be [i0, i1, j0, j1, k0, k1] (6 voxel indices), got {value!r}")
+    try:
+        numbers = [int(round(float(v))) for v in value]
+    except (TypeError, ValueError):
+        raise BadPromptError(f"roi must hold six numbers, got {value!r}") from None
+    (i0, i1), (j0, j1), (k0, k1) = (sorted(numbers[a:a + 2]) for a in (0, 2, 4))
+    return (i0, j0, k0, i1, j1, k1)
+
+
+def parse_box(value: Any) -> Optional[Box]:
+    """The project's own ``box = [i0, j0, k0, i1, j1, k1]`` (inclusive), for scripts and the Python client."""
+    if value in (None, "", []):
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 6:
+        raise BadPromptError(f"box must be [i0, j0, k0, i1, j1, k1] (6 voxel indices), got {value!r}")
+    try:
+        numbers = [int(round(float(v))) for v in value]
+    except (TypeError, ValueError):
+        raise BadPromptError(f"box must hold six numbers, got {value!r}") from None
+    if any(numbers[a] > numbers[a + 3] for a in range(3)):
+        raise BadPromptError(f"box must have i0 <= i1, j0 <= j1, k0 <= k1, got {value!r}")
+    return tuple(numbers)  # type: ignore[return-value]
+
+
+def parse_texts(request: dict, vocabulary: Vocabulary) -> List[str]:
+    """Explicit ``texts`` (list of names) and ``label_prompt`` (indices into /info labels) -> text prompts."""
+    free_text = _as_bool(request.get("free_text", False))
+    texts: List[str] = []
+    raw_texts = request.get("texts")
+    if raw_texts not in (None, "", []):
+        if isinstance(raw_texts, str):
+            raw_texts = [raw_texts]
+        if not isinstance(raw_texts, (list, tuple)) or not all(isinstance(t, str) for t in raw_texts):
+            raise BadTextError(f"texts must be a list of names, got {raw_texts!r}")
+        texts += [vocabulary.resolve(t, allow_free_text=free_text) for t in raw_texts]
+    label_prompt = request.get("label_prompt")
+    if label_prompt not in (None, "", []):
+        if isinstance(label_prompt, (int, str)):
+            label_prompt = [label_prompt]
+        if not isinstance(label_prompt, (list, tuple)):
+            raise BadTextError(f"label_prompt must be a list of label indices, got {label_prompt!r}")
+        for value in label_prompt:
+            try:
+                index = int(value)
+            except (TypeError, ValueError):
+                raise BadTextError(f"label_prompt entries must be label indices from /info, got {value!r}") from None
+            texts.append(vocabulary.by_index(index).name)
+    return list(dict.fromkeys(texts))
+
+
+def parse_segment_name(name: Any, vocabulary: Vocabulary, free_text: bool) -> List[str]:
+    """Slicer's current segment name as a text prompt; generic names ("Segment_1") give none."""
+    if name in (None, ""):
+        return []
+    if not isinstance(name, str):
+        raise BadTextError(f"label must be a segment name, got {name!r}")
+    if _GENERIC_SEGMENT.match(name):
+        return []
+    return [vocabulary.resolve(name, allow_free_text=free_text)]
+
+
+def vista_points(request: dict) -> Tuple[List[Point], List[Point]]:
+    """OHIF vista3d: ``points`` with ``point_labels`` (1 foreground, 0 background)."""
+    points = parse_points(request.get("points"), "points")
+    labels = request.get("point_labels")
+    if not points:
+        return [], []
+    if not isinstance(labels, (list, tuple)) or len(labels) != len(points):
+        raise BadPromptError(f"point_labels must give one label (1 or 0) per point: {len(points)} points, labels {labels!r}")
+    positive, negative = [], []
+    for point, label in zip(points, labels):
+        if label in (1, "1", True):
+            positive.append(point)
+        elif label in (0, "0", False):
+            negative.append(point)
+        else:
+            raise BadPromptError(f"point_labels entries must be 1 (foreground) or 0 (background), got {label!r}")
+    return positive, negative
+
+
+def requested_free_text(request: dict) -> bool:
+    return _as_bool(request.get("free_text", False))
+
+
+def unique(points: Sequence[Point]) -> List[Point]:
+    return list(dict.fromkeys(points))

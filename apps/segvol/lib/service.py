@@ -83,6 +83,11 @@ class SegVolService:
         logger.info("SegVol loaded from %s on %s in %.1f s", path, model.device, time.perf_counter() - started)
         return SegVolEngine(model, mode=self.mode, cache_mb=self.cache_mb)
 
+    @property
+    def checkpoint_id(self) -> Optional[str]:
+        """Id of the checkpoint the last request ran with (file name and content hash)."""
+        return self._engine.model.checkpoint_id if self._engine is not None else None
+
     def run(self, function):
         """Run ``function(engine)`` under the service lock: one inference at a time on the shared model."""
         engine = self.engine()

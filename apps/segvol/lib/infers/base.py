@@ -17,8 +17,6 @@ from ..service import SegVolService
 
 logger = logging.getLogger(__name__)
 
-_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".nii.gz")
-
 
 class SegVolInferTask(InferTask):
     """Subclasses turn a client's request into ``Prompts`` (``prompts``) and name the label values (``values``)."""
@@ -56,26 +54,28 @@ class SegVolInferTask(InferTask):
             mode=mode))
 
         if self.class_agnostic() or not prompts.texts:
-            labels = (result.labels > 0).astype(np.uint8)
+            labels = (result.label > 0).astype(np.uint8)
             names = {(prompts.texts[0] if prompts.texts else "object"): 1}
         else:
             # Engine values 1..N follow prompts.texts; clients expect the /info label index of each name.
-            vocabulary_index = {c.name: c.index for c in self.service.vocabulary.categories}
-            lookup = np.zeros(len(prompts.texts) + 1, dtype=np.int64)
+            # Free-text names get an index after the vocabulary's, so values never collide with known labels.
+            vocabulary = self.service.vocabulary
+            vocabulary.extend(list(result.labels))
+            lookup = np.zeros(max(result.labels.values(), default=0) + 1, dtype=np.int64)
             names = {}
-            for name, value in result.label_values.items():
-                lookup[value] = vocabulary_index.get(name, value)
+            for name, value in result.labels.items():
+                lookup[value] = vocabulary.find(name).index
                 names[name] = int(lookup[value])
             if lookup.max() > 255:
                 raise BadRequestError("label indices above 255 cannot be returned as uint8")
-            labels = lookup[result.labels].astype(np.uint8)
+            labels = lookup[result.label].astype(np.uint8)
 
         output = self._write(labels, result.affine, request)
         engine_stats = getattr(result, "stats", {}) or {}
         return output, {
             "label_names": names,
             "prompts": {**prompts.to_json(), "requested": prompts.requested},
-            "model": self.service.checkpoint_id(),
+            "model": self.service.checkpoint_id,
             "mode": mode,
             "latencies": {"total": round(time.perf_counter() - started, 3), **engine_stats.get("seconds", {})},
             "stats": engine_stats,

@@ -212,3 +212,12 @@ def test_without_weights_the_server_starts_and_says_how_to_get_them(studies, tmp
         assert "scripts/download_weights.py" in response.json()["detail"]
     finally:
         server.stop()
+
+
+def test_ohif_auto_segmentation_tab_on_the_vista3d_face(server):
+    """OHIF's Auto Segmentation tab sends nearly every /info label; the auto-segmentation set among them is used."""
+    info = requests.get(f"{server.url}/info/", timeout=30).json()["models"]
+    everything = sorted(info["segvol"]["labels"].values())
+    response = server.infer("segvol", "ct_ras", {"label_prompt": everything}, output="json")
+    assert response.status_code == 200, response.text
+    assert set(response.json()["label_names"]) == set(info["segvol_auto"]["labels"])

@@ -4,7 +4,7 @@ MONAI Label rebuilds this app in every train and scoring subprocess, so nothing 
 the network is loaded on the first inference (``lib.service.SegVolService``).
 
 Configuration (``--conf key value``): ``weights``, ``tokenizer``, ``device``, ``zoom``, ``labels``, ``cache_mb``,
-``auto_labels`` (see the README).
+``auto_labels``, ``max_labels`` (see the README).
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class SegVolApp(MONAILabelApp):
         )
         auto_labels = conf.get("auto_labels", "")
         self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
+        self.max_labels = int(conf.get("max_labels", 40))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -65,10 +66,11 @@ class SegVolApp(MONAILabelApp):
                            self.service.weights)
 
     def init_infers(self) -> Dict[str, InferTask]:
+        auto = SegVolAutoInfer(self.service, self.auto_labels)
         return {
-            "segvol": SegVolPromptInfer(self.service),
+            "segvol": SegVolPromptInfer(self.service, auto.auto_labels, self.max_labels),
             "segvol_interactive": SegVolInteractiveInfer(self.service),
-            "segvol_auto": SegVolAutoInfer(self.service, self.auto_labels),
+            "segvol_auto": auto,
         }
 
     def infer(self, request, datastore=None):

@@ -1,0 +1,299 @@
+"""Zoom-out-zoom-in on a 512x512x200 CT: the reference algorithm vs our engine (encoder forwards, seconds, RSS).
+
+The CT is ``example_ct`` of ../shared/data/totalseg-example resampled (trilinear) to ``--shape`` (stored order),
+and the model is the official configuration with the deterministic weights of ../shared/parity/fill.py, built in
+memory. Each measurement runs in its own child process (so its peak RSS is its own), after the CT has been read:
+
+* ``a_reference``: the reference algorithm for "liver" with a box: per category encode the zoom-out view, decode,
+  grow the foreground ROI the reference's way, then a sliding window (overlap 0.5) over the whole ROI with every
+  window encoded and the text re-encoded for every window, constant-weight logit averaging, hard paste;
+* ``b_ours``: ``SegVolEngine.segment(ct, texts=["liver"], box=box)`` on a cold engine;
+* ``c_ours_second_click``: then the same call plus a positive click inside the box (same engine, warm caches);
+* ``d_ours_multi``: one ``segment`` call with ``--categories`` names (text only) on a cold engine, against
+  ``a_reference_multi``: the reference algorithm run for each of those names (text only), one after the other.
+  ``--reference-categories K < N`` times only the first K names and scales to N (flagged in the output).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ._measure import in_child
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared"
+EXAMPLE = SHARED / "data" / "totalseg-example"
+# example_seg.nii.gz labels example_ct_sm, which is slices 82..111 of example_ct (same voxels, same grid otherwise).
+SEG_SLICE_OFFSET = 82
+NAMES = ["liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas", "gallbladder", "aorta",
+         "colon", "urinary_bladder", "esophagus", "duodenum"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 200], help="CT shape (stored order)")
+    parser.add_argument("--categories", type=int, default=10, help="names in the multi-category call (d)")
+    parser.add_argument("--reference-categories", type=int, default=0,
+                        help="names the reference is timed on for (d) (0: all); the rest is extrapolated")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "d"], help="variants to leave out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared helpers (run inside the children)
+# ----------------------------------------------------------------------------------------------------------------
+def _model(threads: int):
+    import torch
+
+    import segvol
+    from segvol.modeling.text_encoder import load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, str(SHARED / "parity"))
+    from fill import fill_state_dict
+
+    manifest = json.loads((SHARED / "parity" / "segvol_keys.json").read_text())["tensors"]
+    with torch.device("meta"):
+        model = segvol.SegVol(segvol.OFFICIAL)
+    model.load_state_dict(fill_state_dict(manifest), strict=True, assign=True)
+    model.text_encoder.tokenizer = load_tokenizer(str(SHARED / "clip-tokenizer"))
+    model.checkpoint_id = "parity-fill"
+    return model.eval()
+
+
+def _volume(path: str):
+    from segvol.io import read_image
+
+    return read_image(path)
+
+
+def make_ct(folder: str, shape) -> dict:
+    """Resample example_ct to ``shape``; -> {"path", "box" (liver, stored indices), "click"}."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    image = nib.load(str(EXAMPLE / "example_ct.nii.gz"))
+    source = np.asarray(image.dataobj).astype(np.float32)
+    resized = F.interpolate(torch.from_numpy(source)[None, None], size=tuple(shape), mode="trilinear",
+                            align_corners=False)[0, 0].round().numpy().astype(np.int16)
+    zooms = np.asarray(source.shape, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
+    affine = image.affine.copy()
+    affine[:3, :3] = affine[:3, :3] * zooms  # same field of view, finer voxels
+    affine[:3, 3] = image.affine[:3, 3] + image.affine[:3, :3] @ (zooms / 2 - 0.5)
+    path = os.path.join(folder, "ct_%dx%dx%d.nii.gz" % tuple(shape))
+    nib.save(nib.Nifti1Image(resized, affine), path)
+    seg = np.asarray(nib.load(str(EXAMPLE / "example_seg.nii.gz")).dataobj)
+    liver = np.argwhere(seg == 5) + np.asarray([0, 0, SEG_SLICE_OFFSET])
+    scale = np.asarray(shape) / np.asarray(source.shape)
+    low = np.floor(liver.min(0) * scale).astype(int)
+    high = np.minimum(np.ceil((liver.max(0) + 1) * scale).astype(int) - 1, np.asarray(shape) - 1)
+    centre = np.round((liver.mean(0) + 0.5) * scale - 0.5).astype(int)
+    return {"path": path, "box": [int(v) for v in list(low) + list(high)], "click": [int(v) for v in centre]}
+
+
+def _rss_now_mb() -> float:
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2 ** 20, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) the reference algorithm, with our (bit-faithful) network and preprocessing
+# ----------------------------------------------------------------------------------------------------------------
+def _reference_windows(size: int, window: int, overlap: float = 0.5):
+    """MONAI 0.9 ``dense_patch_slices`` starts on one axis (interval int(window * (1 - overlap)), last flush)."""
+    if size <= window:
+        return [0]
+    interval = int(window * (1 - overlap)) or 1
+    count = math.ceil((size - window) / interval) + 1
+    return sorted({min(i * interval, size - window) for i in range(count)})
+
+
+def reference_segment(model, prepared, name: str, zoom_box=None, counters=None) -> "object":
+    """The reference demo's zoom-out-zoom-in for one category (inference_demo.py + monai_inferers_utils.py)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    counters = counters if counters is not None else {}
+    counters.setdefault("encoder_forwards", 0)
+    counters.setdefault("windows", 0)
+    window = tuple(model.config.image_size)
+    native = torch.from_numpy(prepared.native)
+
+    def text_embedding():
+        model.text_encoder.clear_cache()  # the reference runs CLIP on every forward
+        return model.encode_text([name])
+
+    def forward(image, box):
+        counters["encoder_forwards"] += 1
+        embedding = model.encode_image(image)
+        boxes = None if box is None else torch.as_tensor(box, dtype=torch.float32).reshape(1, 6)
+        return model.upsample(model.decode(embedding, text_embedding(), boxes))
+
+    logits = forward(prepared.zoom_out, zoom_box)
+    global_logits = F.interpolate(logits, size=tuple(native.shape), mode="nearest")[0, 0]
+    global_preds = torch.sigmoid(global_logits) > 0.5
+    if not global_preds.any():
+        return global_logits  # "Fail to detect foreground!": no zoom-in
+    # logits2roi_coor: tight box of the prediction grown to about one window, clipped, no inward shift.
+    found = torch.nonzero(global_preds)
+    low, high = found.min(0).values.tolist(), found.max(0).values.tolist()
+    for axis in range(3):
+        pad = max(0, window[axis] - (high[axis] - low[axis] + 1))
+        low[axis] = max(0, low[axis] - pad // 2)
+        high[axis] = min(native.shape[axis], high[axis] + pad // 2)
+    roi = tuple(slice(a, b + 1) for a, b in zip(low, high))
+    image, preds = native[roi], global_preds[roi]
+    if zoom_box is not None:  # the user's box cube, nearest-upsampled to native (prompt reflection)
+        cube = torch.zeros(window, dtype=torch.float32)
+        cube[zoom_box[0]:zoom_box[3] + 1, zoom_box[1]:zoom_box[4] + 1, zoom_box[2]:zoom_box[5] + 1] = 1
+        cube = F.interpolate(cube[None, None], size=tuple(native.shape), mode="nearest")[0, 0][roi]
+    shape = tuple(image.shape)
+    pads = [max(w - s, 0) for w, s in zip(window, shape)]
+    padding = []
+    for pad in reversed(pads):
+        padding += [pad // 2, pad - pad // 2]
+    image = F.pad(image, padding)
+    preds = F.pad(preds.float(), padding)
+    padded = tuple(image.shape)
+    starts = [_reference_windows(padded[a], window[a]) for a in range(3)]
+    total = torch.zeros(padded)
+    count = torch.zeros(padded)
+    windows = [(d, h, w) for d in starts[0] for h in starts[1] for w in starts[2]]
+    for start in windows:
+        where = tuple(slice(s, s + w) for s, w in zip(start, window))
+        if zoom_box is not None and len(windows) == 1:
+            source = cube  # the user box (the reference does not pad this map: its bug, kept)
+        else:
+            source = preds[where]
+        box = None
+        if zoom_box is not None:
+            nonzero = torch.nonzero(source > 0)
+            box = [-1] * 6 if len(nonzero) == 0 else nonzero.min(0).values.tolist() + nonzero.max(0).values.tolist()
+        total[where] += forward(image[where][None, None], box)[0, 0]
+        count[where] += 1
+        counters["windows"] += 1
+    averaged = total / count
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))
+    global_logits[roi] = averaged[crop]
+    return global_logits
+
+
+def _run_reference(ct: dict, names, with_box: bool, threads: int) -> dict:
+    import torch
+
+    from segvol.preprocess import preprocess
+
+    model = _model(threads)
+    volume = _volume(ct["path"])
+    counters: dict = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        prepared = preprocess(volume.array, volume.affine, model.config.image_size)
+        zoom_box = None
+        if with_box:
+            native_box = prepared.frames.original_to_native_box(ct["box"])
+            zoom_box = [int(v) for v in prepared.frames.native_to_zoom_box(native_box)]
+        for name in names:
+            reference_segment(model, prepared, name, zoom_box, counters)
+    seconds = time.perf_counter() - start
+    return {"categories": len(names), "seconds": round(seconds, 2), **counters}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ours
+# ----------------------------------------------------------------------------------------------------------------
+def _summary(result, seconds: float) -> dict:
+    stats = result.stats
+    return {"seconds": round(seconds, 2), "encoder_forwards": stats["encoder_forwards"],
+            "decoder_calls": stats["decoder_calls"], "windows": stats["windows"]["used"],
+            "windows_skipped": stats["windows"]["skipped"], "stage_seconds": stats["seconds"]}
+
+
+def _run_ours_single(ct: dict, threads: int) -> dict:
+    from segvol.engine import SegVolEngine
+
+    model = _model(threads)
+    volume = _volume(ct["path"])
+    engine = SegVolEngine(model)
+    start = time.perf_counter()
+    first = engine.segment(volume, texts=["liver"], box=ct["box"])
+    b = _summary(first, time.perf_counter() - start)
+    b["rss_mb_after"] = _rss_now_mb()
+    start = time.perf_counter()
+    second = engine.segment(volume, texts=["liver"], box=ct["box"], points=[ct["click"] + [1]])
+    c = _summary(second, time.perf_counter() - start)
+    c["new_windows_encoded"] = second.stats["encoder_forwards"]
+    return {"b": b, "c": c}
+
+
+def _run_ours_multi(ct: dict, names, threads: int) -> dict:
+    from segvol.engine import SegVolEngine
+
+    model = _model(threads)
+    volume = _volume(ct["path"])
+    engine = SegVolEngine(model)
+    start = time.perf_counter()
+    result = engine.segment(volume, texts=list(names))
+    out = _summary(result, time.perf_counter() - start)
+    out["categories"] = len(names)
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    names = NAMES[: args.categories]
+    result = {"benchmark": "zoom", "device": "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+              "threads": args.threads or torch.get_num_threads(), "model": "official configuration, fill.py weights"}
+    with tempfile.TemporaryDirectory() as folder:
+        ct = make_ct(folder, args.shape)
+        result["ct"] = {"shape": list(args.shape), "liver_box": ct["box"], "click": ct["click"]}
+        if "a" not in args.skip:
+            result["a_reference"] = in_child(_run_reference, ct=ct, names=["liver"], with_box=True,
+                                             threads=args.threads)
+        if "b" not in args.skip:
+            single = in_child(_run_ours_single, ct=ct, threads=args.threads)
+            peak = single.pop("peak_rss_mb")
+            result["b_ours"], result["c_ours_second_click"] = single["b"], single["c"]
+            result["b_ours"]["peak_rss_mb"] = result["c_ours_second_click"]["peak_rss_mb"] = peak
+        if "d" not in args.skip:
+            result["d_ours_multi"] = in_child(_run_ours_multi, ct=ct, names=names, threads=args.threads)
+            timed = names[: args.reference_categories] if args.reference_categories else names
+            reference = in_child(_run_reference, ct=ct, names=timed, with_box=False, threads=args.threads)
+            if len(timed) < len(names):
+                factor = len(names) / len(timed)
+                reference["extrapolated_from_categories"] = len(timed)
+                reference["seconds"] = round(reference["seconds"] * factor, 2)
+                reference["encoder_forwards"] = int(round(reference["encoder_forwards"] * factor))
+                reference["windows"] = int(round(reference["windows"] * factor))
+                reference["categories"] = len(names)
+            result["a_reference_multi"] = reference
+    result["goals"] = _goals(result)
+    return result
+
+
+def _goals(result: dict) -> dict:
+    goals = {}
+    a, b, c = result.get("a_reference"), result.get("b_ours"), result.get("c_ours_second_click")
+    if a and b:
+        goals["b_forwards_le_a"] = b["encoder_forwards"] <= a["encoder_forwards"]
+        goals["b_seconds_le_a"] = b["seconds"] <= a["seconds"]
+    if c:
+        goals["c_under_3s_without_new_window"] = c["encoder_forwards"] == 0 and c["seconds"] < 3.0
+    d, a10 = result.get("d_ours_multi"), result.get("a_reference_multi")
+    if d and a10:
+        goals["d_time_ratio"] = round(d["seconds"] / a10["seconds"], 3)
+        goals["d_le_quarter_of_a"] = d["seconds"] <= a10["seconds"] / 4
+    peaks = [v.get("peak_rss_mb", 0) for v in result.values() if isinstance(v, dict)]
+    goals["peak_rss_mb_max"] = max(peaks) if peaks else None
+    goals["peak_rss_under_6gb"] = bool(peaks) and max(peaks) < 6 * 1024
+    return goals

@@ -41,8 +41,8 @@ Algorithm (``method="fh"``)
    whole volume is smaller than ``min_size``).
 
 ``method="reference"`` replaces step 4 by the reference's global threshold: merge every edge
-whose weight is below the ``percentile``-th (25) percentile of the non-zero weights (read
-from the same histogram, so exact to one bin).  Use ``connectivity=10`` and
+whose weight is below the ``percentile``-th (25) percentile of the non-zero weights (found
+from the histogram, then computed exactly from the edges of its bin).  Use ``connectivity=10`` and
 ``spacing=None, sigma=0.8`` to reproduce the reference's graph and smoothing.
 
 Results are deterministic: the sort is stable with a fixed chunking (independent of the
@@ -501,8 +501,9 @@ def segment(
         internal = meta.view(val_dtype)[:, 1]
         _fh_pass(order, n_edges, values, doff, shift, mask, parent, size, internal, float(k))
     else:
-        n_below = _below_percentile(per_bin, percentile)
+        n_below, extra = _below_percentile(order, per_bin, values, doff, shift, mask, percentile)
         _threshold_pass(order, n_below, doff, shift, mask, parent, size)
+        _threshold_pass(extra, extra.shape[0], doff, shift, mask, parent, size)
     del order
 
     # 3. min-size pass over the edges between components, in the same sorted order
@@ -516,25 +517,37 @@ def segment(
     return labels.reshape(shape)
 
 
-def _below_percentile(per_bin: np.ndarray, percentile: float) -> int:
-    """Number of sorted edges with weight below ``np.percentile(nonzero weights, percentile)``.
+def _below_percentile(order, per_bin, values, doff, shift, mask, percentile):
+    """Edges with weight strictly below ``np.percentile(non-zero weights, percentile)``.
 
-    Exact up to the bin resolution: np.percentile interpolates linearly between the sorted
-    non-zero weights at ranks ``floor(r)`` and ``floor(r)+1`` (``r = (m-1) * percentile/100``);
-    edges strictly below that value are those in bins below the bin of rank ``floor(r)``, plus
-    that bin itself when the interpolated value lies above it.
+    Returns ``(n, extra)``: the first ``n`` sorted edges (whole bins below the threshold's bin)
+    and the ``extra`` edge ids of the threshold's bin(s) whose exact weight is below it.  The
+    threshold is computed exactly as numpy does (linear interpolation between the sorted
+    weights at ranks ``floor(r)`` and ``floor(r)+1``, ``r = (m-1) * percentile / 100``), from
+    the exact float32 weights of the one or two bins that hold those ranks.
     """
+    empty = order[:0]
     nonzero = per_bin[1:]
     total = int(nonzero.sum())
     if total == 0:
-        return 0
+        return 0, empty
     rank = (total - 1) * float(percentile) / 100.0
     lo = int(math.floor(rank))
+    hi = min(lo + 1, total - 1)
     cum = np.cumsum(nonzero)
-    j_lo = 1 + int(np.searchsorted(cum, lo, side="right"))  # bin of the rank-lo weight
-    j_hi = 1 + int(np.searchsorted(cum, min(lo + 1, total - 1), side="right"))
-    last = j_lo + 1 if (rank > lo and j_hi > j_lo) else j_lo
-    return int(per_bin[:last].sum())
+    j_lo = 1 + int(np.searchsorted(cum, lo, side="right"))  # bins of the rank-lo / rank-hi weights
+    j_hi = 1 + int(np.searchsorted(cum, hi, side="right"))
+    before = int(cum[j_lo - 2]) if j_lo >= 2 else 0  # non-zero edges in bins 1 .. j_lo-1
+    n_lo = int(per_bin[:j_lo].sum())
+    n_hi = int(per_bin[: j_hi + 1].sum())
+    ids = order[n_lo:n_hi].astype(np.int64)
+    p = ids >> shift
+    w = np.abs(values[p] - values[p + doff[ids & mask]]).astype(np.float64)
+    ranked = np.sort(w)
+    a, b = ranked[lo - before], ranked[hi - before]
+    t = rank - lo
+    threshold = b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp
+    return n_lo, order[n_lo:n_hi][w < threshold]
 
 
 def _sorted_edges(img, roots, shape, offs, scale, shift):

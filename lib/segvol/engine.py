@@ -185,14 +185,14 @@ class SegVolEngine:
 
     ``model``: a ``segvol.SegVol`` (``segvol.load_model``); ``mode``: ``zoom_out_zoom_in`` (default) or ``zoom_out``
     (fast preview); ``overlap``: of the zoom-in windows (the reference's 0.5); ``cache_mb``: bound of the image
-    embedding + decoder output caches; ``image_cache_mb``: bound of the prepared-image cache; ``roi_margin``: context
+    embedding, decoder output and blending caches together; ``image_cache_mb``: bound of the prepared-image cache; ``roi_margin``: context
     voxels added around the ROI (default 1/8 of the window); ``reorient``: RAS before the reference axis swap (False:
     the stored array order, like the reference demo); ``amp``: autocast on CUDA (default on); ``reuse_windows``: on a
     new call for an image already seen, keep an earlier grid when it covers the new ROI and needs fewer encoder
     forwards (False: every call plans from scratch, so results never depend on earlier calls).
     """
 
-    def __init__(self, model, mode: str = "zoom_out_zoom_in", overlap: float = 0.5, cache_mb: float = 1024,
+    def __init__(self, model, mode: str = "zoom_out_zoom_in", overlap: float = 0.5, cache_mb: float = 2048,
                  image_cache_mb: float = 1024, roi_margin: Optional[Sequence[int]] = None, reorient: bool = True,
                  sigma_scale: float = 0.125, amp: Optional[bool] = None, reuse_windows: bool = True):
         if mode not in MODES:
@@ -209,8 +209,11 @@ class SegVolEngine:
         self.amp = (model.device.type == "cuda") if amp is None else bool(amp) and model.device.type == "cuda"
         self.reuse_windows = bool(reuse_windows)
         self.images = ByteLRU(int(image_cache_mb * 2 ** 20))
-        self.embeddings = ByteLRU(int(cache_mb * 2 ** 20 * 0.8))
-        self.decodes = ByteLRU(int(cache_mb * 2 ** 20 * 0.2))
+        # image embeddings (6 MB per window officially), decoder outputs (0.5 MB each), blending sums (8 bytes per
+        # voxel of a category's windows)
+        self.embeddings = ByteLRU(int(cache_mb * 2 ** 20 * 0.55))
+        self.decodes = ByteLRU(int(cache_mb * 2 ** 20 * 0.1))
+        self.blends = ByteLRU(int(cache_mb * 2 ** 20 * 0.35))
         self._sources: "OrderedDict[str, str]" = OrderedDict()  # file identity -> content key
         self._grids: "OrderedDict[str, List[Grid]]" = OrderedDict()  # content key -> grids used, newest first
         self._model_tag = str(getattr(model, "checkpoint_id", None) or id(model))
@@ -221,7 +224,7 @@ class SegVolEngine:
     # public API
     # ---------------------------------------------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        for cache in (self.images, self.embeddings, self.decodes):
+        for cache in (self.images, self.embeddings, self.decodes, self.blends):
             cache.clear()
         self._sources.clear()
         self._grids.clear()
@@ -297,7 +300,7 @@ class SegVolEngine:
             with clock("zoom_out"):
                 plans = self._zoom_out(prepared, categories, names is not None, prompts)
             zoom_in = ZoomInPlan()
-            window_logits: Dict[Tuple[int, str], torch.Tensor] = {}
+            window_logits: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]] = {}
             if mode == "zoom_out_zoom_in":
                 with clock("plan"):
                     zoom_in = self._plan(prepared, plans, prompts)
@@ -489,9 +492,9 @@ class SegVolEngine:
         return box, points
 
     def _zoom_in(self, prepared: PreparedImage, plans: List[CategoryPlan], prompts: NativePrompts, zoom_in: ZoomInPlan,
-                 with_text: bool, seconds: Dict[str, float]) -> Dict[Tuple[int, str], torch.Tensor]:
+                 with_text: bool, seconds: Dict[str, float]) -> Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]:
         """Run every used window once: encode (or reuse), decode each category needing it. -> low-res logits."""
-        out: Dict[Tuple[int, str], torch.Tensor] = {}
+        out: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]] = {}
         seconds.setdefault("zoom_in_encode", 0.0)
         seconds.setdefault("zoom_in_decode", 0.0)
         if not zoom_in.used:
@@ -511,7 +514,7 @@ class SegVolEngine:
                 cached = self.decodes.get(key)
                 if cached is not None:
                     self._counters["decoder_cache_hits"] += 1
-                    out[(index, plan.name)] = cached
+                    out[(index, plan.name)] = (key, cached)
                 else:
                     requests.append((plan, box, points, key))
             if requests:
@@ -540,7 +543,7 @@ class SegVolEngine:
                     for (plan, _, _, key), logits in zip(group, low_res):
                         logits = logits[None]
                         self.decodes.put(key, logits, _tensor_bytes(logits))
-                        out[(index, plan.name)] = logits
+                        out[(index, plan.name)] = (key, logits)
                 seconds["zoom_in_decode"] += time.perf_counter() - tick
             elapsed = time.perf_counter() - started
             # Per-window progress is INFO once a run is long enough for someone to wait on it, DEBUG before.
@@ -553,9 +556,58 @@ class SegVolEngine:
     # ---------------------------------------------------------------------------------------------------------------
     # blending and merging
     # ---------------------------------------------------------------------------------------------------------------
+    def _window_probability(self, window: Window, low_res: torch.Tensor) -> np.ndarray:
+        """Low-res window logits (1, 1, *low_res_size) -> probabilities on the window's valid voxels (float32)."""
+        logits = self.model.upsample(low_res.to(self.model.device))[0, 0]
+        return torch.sigmoid(logits[window.window_slices]).float().cpu().numpy()
+
+    def _accumulate(self, state: "_BlendState", window: Window, low_res: torch.Tensor, sign: float) -> None:
+        weight = gaussian_weight(window, self.sigma_scale)
+        where = tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, state.box[:3]))
+        contribution = weight * self._window_probability(window, low_res)
+        if sign > 0:
+            state.total[where] += contribution
+        else:
+            state.total[where] -= contribution
+
+    def _blend_windows(self, prepared: PreparedImage, plan: CategoryPlan, windows: List[Window],
+                       outputs: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]) -> "_BlendState":
+        """Gaussian-weighted sums of window probabilities over the windows' bounding box.
+
+        The sums of the last call for this image and category are kept (``reuse_windows``): when the same windows
+        are active again, only the windows whose prompts changed are re-blended (their old contribution removed,
+        the new one added), which is what makes a new click cheap on a large ROI.
+        """
+        box = union_box([np.concatenate([w.start, np.asarray(w.stop) - 1]) for w in windows])
+        starts = tuple(w.start for w in windows)
+        keys = {w.start: outputs[(i, plan.name)][0] for i, w in zip(plan.windows, windows)}
+        logits = {w.start: outputs[(i, plan.name)][1] for i, w in zip(plan.windows, windows)}
+        state_key = (self._model_tag, prepared.key, plan.name)
+        state = self.blends.get(state_key) if self.reuse_windows else None
+        if state is not None and state.starts == starts and np.array_equal(state.box, box):
+            for window in windows:
+                if state.keys[window.start] != keys[window.start]:
+                    self._accumulate(state, window, state.logits[window.start], -1.0)
+                    self._accumulate(state, window, logits[window.start], +1.0)
+            state.keys, state.logits = keys, logits
+            return state
+        shape = tuple(int(b - a + 1) for a, b in zip(box[:3], box[3:]))
+        state = _BlendState(starts, box, keys, logits, np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        for window in windows:
+            self._accumulate(state, window, logits[window.start], +1.0)
+            where = tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, box[:3]))
+            state.weight_sum[where] += gaussian_weight(window, self.sigma_scale)
+        if self.reuse_windows:
+            self.blends.put(state_key, state, state.nbytes)
+        return state
+
     def _blend(self, prepared: PreparedImage, plans: List[CategoryPlan], zoom_in: ZoomInPlan,
-               window_logits: Dict[Tuple[int, str], torch.Tensor], return_probabilities: bool):
-        """-> (native label map, native probabilities per category or None)."""
+               outputs: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]], return_probabilities: bool):
+        """-> (native label map, native probabilities per category or None).
+
+        Per category: window probabilities (Gaussian-blended) where windows ran, zoom-out probabilities elsewhere;
+        a voxel takes the label of the category with the highest probability, when that is above 0.5.
+        """
         frames = prepared.frames
         shape = frames.native_shape
         label = np.zeros(shape, dtype=np.uint8 if len(plans) < 256 else np.uint16)
@@ -563,37 +615,61 @@ class SegVolEngine:
         probabilities = {} if return_probabilities else None
         for plan in plans:
             windows = [zoom_in.windows[i] for i in plan.windows]
-            region = union_box([plan.support] + [np.concatenate([w.start, np.asarray(w.stop) - 1])
-                                                  for w in windows])
+            state = self._blend_windows(prepared, plan, windows, outputs) if windows else None
             if return_probabilities:
-                full = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, [0, 0, 0, *np.subtract(shape, 1)]))
-                probabilities[plan.name] = full.cpu().numpy()
+                full = frames.zoom.upsample_region(plan.zoom_logits, [0, 0, 0, *np.subtract(shape, 1)])
+                probabilities[plan.name] = torch.sigmoid(full).cpu().numpy()
+            # Outside the zoom-out support and the windows every probability is <= 0.5: background for sure.
+            region = union_box([plan.support, None if state is None else state.box])
             if region is None:
                 continue
-            region = clip_box(region, shape)
             region_slices = tuple(slice(a, b + 1) for a, b in zip(region[:3], region[3:]))
-            probability = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, region)).cpu().numpy()
-            if windows:
-                total = np.zeros_like(probability)
-                weight_sum = np.zeros_like(probability)
-                for index, window in zip(plan.windows, windows):
-                    logits = window_logits[(index, plan.name)]
-                    window_probability = torch.sigmoid(self.model.upsample(logits.to(self.model.device))[0, 0])
-                    window_probability = window_probability[window.window_slices].float().cpu().numpy()
-                    weight = gaussian_weight(window, self.sigma_scale)
-                    where = tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, region[:3]))
-                    total[where] += weight * window_probability
-                    weight_sum[where] += weight
-                covered = weight_sum > 0
-                probability[covered] = total[covered] / weight_sum[covered]
-                del total, weight_sum
+            probability = np.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])), np.float32)
+            covered = np.zeros(probability.shape, dtype=bool)
+            if state is not None:
+                where = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(state.box[:3], state.box[3:], region[:3]))
+                inside = state.weight_sum > 0
+                covered[where] = inside
+                blended = probability[where]
+                np.divide(state.total, state.weight_sum, out=blended, where=inside)
+            if plan.support is not None:
+                # zoom-out probabilities where no window ran, computed only over those voxels' bounding box
+                support = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(plan.support[:3], plan.support[3:],
+                                                                            region[:3]))
+                uncovered = np.zeros(probability.shape, dtype=bool)
+                uncovered[support] = True
+                uncovered &= ~covered
+                todo = bounding_box(uncovered)
+                if todo is not None:
+                    todo_slices = tuple(slice(a, b + 1) for a, b in zip(todo[:3], todo[3:]))
+                    native_box = todo + np.tile(region[:3], 2)
+                    base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, native_box)).cpu().numpy()
+                    mask = uncovered[todo_slices]
+                    probability[todo_slices][mask] = base[mask]
             if probabilities is not None:
-                probabilities[plan.name][region_slices] = probability
+                target = probabilities[plan.name][region_slices]
+                target[covered] = probability[covered]
             best_region = best[region_slices]
             wins = (probability > 0.5) & (probability > best_region)
             label[region_slices][wins] = plan.value
             best_region[wins] = probability[wins]
         return label, probabilities
+
+
+@dataclass
+class _BlendState:
+    """Blending sums of one category over the bounding box of its active windows (see ``_blend_windows``)."""
+
+    starts: Tuple[Tuple[int, int, int], ...]
+    box: np.ndarray
+    keys: Dict[Tuple[int, int, int], Hashable]
+    logits: Dict[Tuple[int, int, int], torch.Tensor]
+    total: np.ndarray
+    weight_sum: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.total.nbytes + self.weight_sum.nbytes + sum(_tensor_bytes(t) for t in self.logits.values()))
 
 
 class _Clock:

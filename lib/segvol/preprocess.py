@@ -106,10 +106,10 @@ def zoom_out_view(native: np.ndarray, image_size: Sequence[int]) -> torch.Tensor
 def content_key(array: np.ndarray, axis_map: AxisMap, image_size: Sequence[int]) -> str:
     """A digest of the voxels (and the orientation and window size they are prepared for)."""
     array = np.ascontiguousarray(array)
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha256()  # hardware-accelerated on x86: ~1 GB/s
     digest.update(f"{array.dtype.str}|{array.shape}|{axis_map.axes}|{axis_map.flips}|{tuple(image_size)}".encode())
     digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
 def preprocess(array: np.ndarray, affine: Optional[np.ndarray] = None, image_size: Sequence[int] = (32, 256, 256),

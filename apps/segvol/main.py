@@ -4,7 +4,7 @@ MONAI Label rebuilds this app in every train and scoring subprocess, so nothing 
 the network is loaded on the first inference (``lib.service.SegVolService``).
 
 Configuration (``--conf key value``): ``weights``, ``tokenizer``, ``device``, ``zoom``, ``labels``, ``cache_mb``,
-``auto_labels``, ``max_labels`` (see the README).
+``auto_labels``, ``max_labels``, ``auto_scoring`` (see the README).
 """
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ import os
 from typing import Dict
 
 from fastapi import HTTPException
-from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer
+from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy
+from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer, SegVolScribblesInfer
+from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring
 from lib.service import SegVolService, WeightsUnavailableError
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 
 from segvol.errors import SegVolInputError
 from segvol.vocabulary import Vocabulary
@@ -52,6 +56,10 @@ class SegVolApp(MONAILabelApp):
         auto_labels = conf.get("auto_labels", "")
         self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
         self.max_labels = int(conf.get("max_labels", 40))
+        # Scoring methods MONAI Label re-runs on its own (at start, after training and after each next-sample);
+        # segvol_disagreement runs SegVol on every unlabelled image, so it only runs when asked for by default.
+        auto_scoring = conf.get("auto_scoring", "fg_fraction,fh_novelty")
+        self.auto_scoring = [m.strip() for m in auto_scoring.split(",") if m.strip()]
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -71,7 +79,29 @@ class SegVolApp(MONAILabelApp):
             "segvol": SegVolPromptInfer(self.service, auto.auto_labels, self.max_labels),
             "segvol_interactive": SegVolInteractiveInfer(self.service),
             "segvol_auto": auto,
+            "segvol_scribbles": SegVolScribblesInfer(self.service),
         }
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {  # the first is the clients' default
+            "random_fg": RandomForegroundStrategy(),
+            "disagreement": DisagreementStrategy(),
+            "fh_novelty": FHNoveltyStrategy(),
+        }
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {
+            "fg_fraction": ForegroundScoring(),
+            "segvol_disagreement": DisagreementScoring(self.service),
+            "fh_novelty": FHNoveltyScoring(),
+        }
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label calls this with ``method=None`` to refresh every score; only ``auto_scoring`` ones run then."""
+        if method:
+            return super().async_scoring(method, params)
+        return {m: super(SegVolApp, self).async_scoring(m, params).get(m) for m in self.auto_scoring
+                if m in self._scoring_methods}
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with bad input answered 4xx (it would otherwise be a bare 500)."""

@@ -70,7 +70,7 @@ class SegVolInferTask(InferTask):
                 raise BadRequestError("label indices above 255 cannot be returned as uint8")
             labels = lookup[result.label].astype(np.uint8)
 
-        output = self._write(labels, result.affine, request)
+        output = write_label_file(labels, result.affine, request)
         engine_stats = getattr(result, "stats", {}) or {}
         return output, {
             "label_names": names,
@@ -81,14 +81,16 @@ class SegVolInferTask(InferTask):
             "stats": engine_stats,
         }
 
-    def _write(self, labels: np.ndarray, affine: np.ndarray, request: Dict[str, Any]) -> str:
-        from monailabel.transform.writer import write_itk
 
-        extension = request.get("result_extension") or ".nii.gz"
-        if not isinstance(extension, str) or not extension.startswith(".") or "/" in extension:
-            raise BadRequestError(f"result_extension must look like '.nrrd' or '.nii.gz', got {extension!r}")
-        handle, path = tempfile.mkstemp(suffix=extension, prefix="segvol_")
-        os.close(handle)
-        compress = str(request.get("result_compress", "true")).lower() not in ("false", "0")
-        write_itk(labels, path, np.asarray(affine, dtype=np.float64), np.uint8, compress)
-        return path
+def write_label_file(labels: np.ndarray, affine: np.ndarray, request: Dict[str, Any]) -> str:
+    """A uint8 label on the image grid -> a temp file in the format the client asked for (``result_extension``)."""
+    from monailabel.transform.writer import write_itk
+
+    extension = request.get("result_extension") or ".nii.gz"
+    if not isinstance(extension, str) or not extension.startswith(".") or "/" in extension:
+        raise BadRequestError(f"result_extension must look like '.nrrd' or '.nii.gz', got {extension!r}")
+    handle, path = tempfile.mkstemp(suffix=extension, prefix="segvol_")
+    os.close(handle)
+    compress = str(request.get("result_compress", "true")).lower() not in ("false", "0")
+    write_itk(labels, path, np.asarray(affine, dtype=np.float64), np.uint8, compress)
+    return path

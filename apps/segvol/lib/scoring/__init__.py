@@ -1,0 +1,6 @@
+"""Scoring methods: each writes one per-image score into the datastore for its next-sample strategy."""
+from .disagreement import DisagreementScoring
+from .fh_novelty import FHNoveltyScoring
+from .foreground import ForegroundScoring
+
+__all__ = ["DisagreementScoring", "FHNoveltyScoring", "ForegroundScoring"]

@@ -1,0 +1,65 @@
+"""``segvol_disagreement``: how much SegVol disagrees with itself on an unlabelled image.
+
+For each category of a small set, the zoom-out (global) prediction is compared with the zoom-out-zoom-in prediction;
+the score is 1 - mean Dice over the categories present in either. A model that changes its mind between the coarse
+and the native-resolution view is uncertain there, so the image is worth annotating. Scores are tied to the
+checkpoint: a new checkpoint makes them stale.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .base import ImageScoring
+
+DEFAULT_LABELS = ("liver", "spleen", "kidney left", "kidney right", "pancreas", "stomach", "aorta")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+class DisagreementScoring(ImageScoring):
+    key = "segvol_disagreement"
+
+    def __init__(self, service, labels: Sequence[str] = DEFAULT_LABELS):
+        super().__init__("SegVol zoom-out vs zoom-out-zoom-in disagreement (for the disagreement strategy)")
+        self.service = service
+        self.labels = list(labels)
+
+    def images(self, datastore):
+        return datastore.get_unlabeled_images()
+
+    def __call__(self, request, datastore):
+        if not self.service.available():
+            return {"method": self.key, "scored": 0, "error": "SegVol weights are not available"}
+        return super().__call__(request, datastore)
+
+    def fresh(self, info) -> bool:
+        return self.key in info and info.get(f"{self.key}_model") == self._model_id()
+
+    def _model_id(self):
+        try:
+            path = self.service.weights_file()
+        except Exception:
+            return None
+        import os
+
+        return f"{os.path.basename(path)}:{os.stat(path).st_mtime_ns}"
+
+    def score(self, image_id, path):
+        def both(engine):
+            coarse = engine.segment(path, texts=self.labels, mode="zoom_out")
+            fine = engine.segment(path, texts=self.labels, mode="zoom_out_zoom_in")
+            return coarse, fine
+
+        coarse, fine = self.service.run(both)
+        scores = []
+        for name, value in fine.labels.items():
+            a, b = coarse.label == coarse.labels[name], fine.label == value
+            if a.any() or b.any():
+                scores.append(dice(a, b))
+        disagreement = 1.0 - (float(np.mean(scores)) if scores else 1.0)
+        return {self.key: round(disagreement, 6), f"{self.key}_model": self._model_id()}

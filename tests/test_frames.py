@@ -216,9 +216,14 @@ def test_grow_roi_grows_to_a_window_and_shifts_inward_at_borders():
     # at the border: shifted inward, never smaller than a window
     start, stop = grow_roi([0, 390, 0, 3, 399, 5], shape, window, margin)
     assert start == (0, 144, 0) and stop == (32, 400, 256)
-    # a large object: core + margin, clipped
+    # a large object: core + margin, clipped to the volume, and to what the core's windows cover
     start, stop = grow_roi([10, 20, 30, 90, 380, 290], shape, window, margin)
-    assert start == (6, 0, 0) and stop == (95, 400, 300)
+    assert start == (6, 9, 0) and stop == (95, 393, 300)
+    # the margin never adds a window: a core just under one window stays one window
+    start, stop = grow_roi([10, 0, 0, 40, 10, 10], shape, window, margin)
+    assert (start[0], stop[0]) == (10, 42)
+    for roi_start, roi_stop, size in zip(start, stop, window):
+        assert len(axis_starts(roi_start, roi_stop, size, 0.5)) == 1
     # an axis shorter than the window: the whole axis (the window is padded)
     start, stop = grow_roi([3, 20, 30, 5, 40, 50], (20, 400, 100), window, margin)
     assert start[0] == 0 and stop[0] == 20 and start[2] == 0 and stop[2] == 100

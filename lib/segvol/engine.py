@@ -437,7 +437,7 @@ class SegVolEngine:
         core = union_box([p.foreground_box for p in plans] + [prompts.extent])
         if core is None:
             return ZoomInPlan()
-        roi = grow_roi(core, shape, self.window_size, self.roi_margin)
+        roi = grow_roi(core, shape, self.window_size, self.roi_margin, self.overlap)
         candidates: List[Tuple[Grid, bool]] = []
         if self.reuse_windows:
             candidates += [(grid, True) for grid in self._grids.get(prepared.key, []) if grid.covers(core)]

@@ -24,27 +24,34 @@ def union_box(boxes: Iterable[Optional[np.ndarray]]) -> Optional[np.ndarray]:
     return np.concatenate([stacked[:, :3].min(0), stacked[:, 3:].max(0)])
 
 
-def grow_roi(core_box, shape: Sequence[int], window: Sequence[int], margin: Sequence[int]) -> Tuple[Triple, Triple]:
-    """Core box (inclusive) -> ROI ``(start, stop)``: the core plus ``margin`` voxels of context on each side, kept
-    inside the volume, and at least one window large wherever the volume allows (grown symmetrically, shifted
-    inward at the borders; the reference instead stayed smaller than a window at borders and had no margin).
+def grow_roi(core_box, shape: Sequence[int], window: Sequence[int], margin: Sequence[int],
+             overlap: float = 0.5) -> Tuple[Triple, Triple]:
+    """Core box (inclusive) -> ROI ``(start, stop)``: the core plus up to ``margin`` voxels of context on each side,
+    at least one window large wherever the volume allows, kept inside the volume (grown symmetrically and shifted
+    inward at the borders; the reference stayed smaller than a window at borders and had no margin).
+
+    The margin never costs a window: per axis, the ROI is at most as long as the windows needed for the core alone
+    can cover at the grid's stride.
     """
     box = as_box(core_box)
     start, stop = [], []
     for axis in range(3):
         n, w, m = int(shape[axis]), int(window[axis]), int(margin[axis])
-        low = max(int(box[axis]) - m, 0)
-        high = min(int(box[axis + 3]) + 1 + m, n)
+        low, high = max(int(box[axis]), 0), min(int(box[axis + 3]) + 1, n)
         if n <= w:
-            low, high = 0, n  # the whole axis fits one (padded) window
-        elif high - low < w:
-            extra = w - (high - low)
-            low -= extra // 2
-            high += extra - extra // 2
-            if low < 0:
-                low, high = 0, high - low
-            if high > n:
-                low, high = low - (high - n), n
+            start.append(0)
+            stop.append(n)  # the whole axis fits one (padded) window
+            continue
+        stride = max(int(w * (1.0 - overlap)), 1)
+        core = high - low
+        count = 1 if core <= w else math.ceil((core - w) / stride) + 1
+        length = min(max(min(core + 2 * m, w + (count - 1) * stride), w, core), n)
+        low -= (length - core) // 2
+        high = low + length
+        if low < 0:
+            low, high = 0, length
+        if high > n:
+            low, high = n - length, n
         start.append(low)
         stop.append(high)
     return tuple(start), tuple(stop)  # type: ignore[return-value]

@@ -174,3 +174,14 @@ def test_library_has_no_hard_coded_cuda_calls():
             if re.search(r"\.cuda\(\)", line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}")
     assert not offenders, offenders
+
+
+def test_mismatched_prompt_batches_are_rejected(small_model):
+    embedding = torch.zeros(2, SMALL.hidden_size, *SMALL.grid_size)
+    texts = small_model.encode_text(["liver", "spleen", "aorta"])
+    with pytest.raises(ValueError, match="2 image embeddings for 3 prompt sets"):
+        small_model.decode(embedding, texts)
+    with pytest.raises(ValueError, match="disagree"):
+        small_model.decode(embedding[:1], texts, boxes=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="points must be"):
+        small_model.decode(embedding[:1], points=(torch.zeros(1, 2, 3), torch.zeros(1, 3)))

@@ -99,16 +99,15 @@ class SegVol(nn.Module):
 
 
 def _prompt_batch_size(image_embedding, text_embedding, boxes, points) -> int:
-    sizes = {image_embedding.shape[0]}
-    if text_embedding is not None:
-        sizes.add(text_embedding.shape[0])
-    if boxes is not None:
-        sizes.add(boxes.shape[0])
-    if points is not None:
-        if points[0].dim() != 3 or points[0].shape[-1] != 3 or points[1].shape != points[0].shape[:2]:
-            raise ValueError("points must be (coords (B, N, 3), labels (B, N))")
-        sizes.add(points[0].shape[0])
-    sizes.discard(1) if len(sizes) > 1 else None
-    if len(sizes) != 1:
+    """Number of prompt sets B; the image embedding's batch must be B, or 1 (shared by all B)."""
+    if points is not None and (points[0].dim() != 3 or points[0].shape[-1] != 3
+                               or tuple(points[1].shape) != tuple(points[0].shape[:2])):
+        raise ValueError("points must be (coords (B, N, 3), labels (B, N))")
+    prompts = [t for t in (text_embedding, boxes, None if points is None else points[0]) if t is not None]
+    sizes = {int(t.shape[0]) for t in prompts}
+    if len(sizes) > 1:
         raise ValueError(f"prompt batch sizes disagree: {sorted(sizes)}")
-    return sizes.pop()
+    batch = sizes.pop() if sizes else int(image_embedding.shape[0])
+    if image_embedding.shape[0] not in (1, batch):
+        raise ValueError(f"{image_embedding.shape[0]} image embeddings for {batch} prompt sets (expected 1 or {batch})")
+    return batch

@@ -411,27 +411,48 @@ def official_filled_model(filled_state_dict):
 
 
 @pytest.mark.slow
-def test_end_to_end_official_size_on_example_ct(official_filled_model):
-    path = need(EXAMPLE / "example_ct.nii.gz")
+def test_end_to_end_official_size_on_example_ct_sm(official_filled_model):
+    """The official-size network (parity weights) on a real CT file: shapes, affine, and where zoom-in ran."""
+    path = need(EXAMPLE / "example_ct_sm.nii.gz")
     image = nib.load(str(path))
     engine = SegVolEngine(official_filled_model)
-    box = [40, 30, 85, 100, 85, 110]
-    result = engine.segment(str(path), texts=["liver"], box=box, points=[[70, 50, 95, 1]])
+    box, click = [40, 30, 5, 100, 85, 25], [70, 50, 15]
+    result = engine.segment(str(path), texts=["liver"], box=box, points=[click + [1]])
     assert result.label.shape == image.shape and np.array_equal(result.affine, image.affine)
     assert result.labels == {"liver": 1} and result.label.any()
     plan = result.plan
-    # zoom-in work only in windows the ROI touches: those holding zoom-out foreground or a prompt
-    zoom_out = engine.segment(str(path), texts=["liver"], box=box, points=[[70, 50, 95, 1]], mode="zoom_out")
+    zoom_out = engine.segment(str(path), texts=["liver"], box=box, points=[click + [1]], mode="zoom_out")
     assert zoom_out.stats["encoder_forwards"] == 0  # the zoom-out encoding was cached
     prepared, _ = engine.prepare(str(path))
     foreground = native_mask(prepared, zoom_out.label == 1)
     native_box = prepared.frames.original_to_native_box(box)
     expected = [i for i, w in enumerate(plan.windows)
                 if foreground[w.native_slices].any() or w.box_to_window(native_box) is not None]
-    assert plan.used == expected
+    assert plan.used == expected and len(plan.used) >= 1
     assert all(plan.windows[i].box_to_window(plan.core) is not None for i in plan.used)
     assert result.stats["encoder_forwards"] == 1 + len(plan.used)
     assert set(result.stats["seconds"]) >= {"preprocess", "zoom_out", "zoom_in_encode", "zoom_in_decode", "blend"}
+
+
+def test_end_to_end_real_ct_with_official_window_size_runs_only_where_the_roi_is():
+    """example_ct (112 slices) at the official window size, with the oracle: a box low in the volume is zoomed
+    in by the windows that touch it only, and comes back on the file's grid."""
+    path = need(EXAMPLE / "example_ct.nii.gz")
+    image = nib.load(str(path))
+    engine = SegVolEngine(OracleModel(segvol.OFFICIAL))
+    box = [40, 30, 85, 100, 85, 110]
+    result = engine.segment(str(path), box=box)
+    assert result.label.shape == image.shape and np.array_equal(result.affine, image.affine)
+    prepared, _ = engine.prepare(str(path))
+    native_box = prepared.frames.original_to_native_box(box)
+    plan = result.plan
+    assert plan.used == [i for i, w in enumerate(plan.windows) if w.box_to_window(native_box) is not None]
+    covered = np.zeros(prepared.frames.native_shape[0], bool)
+    for i in plan.used:
+        covered[plan.windows[i].native_slices[0]] = True
+    assert not covered[:40].any() and covered[native_box[0]:native_box[3] + 1].all()
+    truth = box_mask(image.shape, box) & (np.asarray(image.dataobj) > np.asarray(image.dataobj).min())
+    assert iou(result.label == 1, truth) > 0.85
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")

@@ -103,6 +103,17 @@ class SegVolApp(MONAILabelApp):
         return {m: super(SegVolApp, self).async_scoring(m, params).get(m) for m in self.auto_scoring
                 if m in self._scoring_methods}
 
+    def info(self):
+        """``/info`` with the app-level ``labels`` as a list of names in index order (each model keeps its
+        ``{name: index}`` dict). OHIF v3's MONAI Label panel (the build shipped in monailabel 0.8.5) does
+        ``response.data.labels.push(...)`` when Connect is pressed, so a dict there crashes the whole panel
+        (``TypeError: all_labels.push is not a function``); tests/e2e/test_ohif_e2e.py covers it."""
+        meta = super().info()
+        labels = meta.get("labels")
+        if isinstance(labels, dict):
+            meta["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+        return meta
+
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with bad input answered 4xx (it would otherwise be a bare 500)."""
         model = request.get("model")

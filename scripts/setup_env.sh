@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[setup] installing requirements (first run takes about 7 minutes)" >&2
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  # Keep Python 3.11's bundled pip: newer pips crash in `pip check` on itk's wheel tags.
   "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
   "$VENV/bin/python" -m pip install --quiet --no-deps -e "$ROOT"
   echo "$WANT" > "$STAMP"

@@ -101,7 +101,7 @@ const SAVE_LABEL = async ({ server, series }) => {
   for (let i = 0; i < bytes.length; i++) if (bytes[i]) present.add(bytes[i]);
   const segments = segmentationService.getSegmentation('1').segments;
   const labelInfo = [...present].sort((a, b) => a - b).map(idx => {
-    const info = { name: segments[idx].label, idx };
+    const info = { name: segments[idx].label, idx, model_name: 'SegVol Label' };
     const color = segmentationService.getSegmentColor('mpr-axial', '1', idx);
     if (color && color.length >= 3) info.color = Array.from(color).slice(0, 3);
     return info;
@@ -120,9 +120,12 @@ const SAVE_LABEL = async ({ server, series }) => {
 
 /* ---- helpers ---- */
 
-async function notifications(page) {
-  return page.evaluate(() => Array.from(document.querySelectorAll('[data-sonner-toast], .sonner-toast, [role="status"], [data-cy="notification"], [class*="notification"]'))
-    .map(e => e.innerText).filter(Boolean));
+const notificationsSince = (page, t) => page.evaluate(t => window.__notifications.filter(n => n.t >= t), t);
+
+async function waitForNotification(page, since, type, timeoutMs) {
+  await page.waitForFunction(({ since, type }) => window.__notifications.some(n => n.t >= since && n.type === type),
+    { since, type }, { timeout: timeoutMs, polling: 100 });
+  return (await notificationsSince(page, since)).filter(n => n.type === type);
 }
 
 async function waitForText(page, texts, timeoutMs) {
@@ -145,6 +148,19 @@ async function openStudy(page) {
     const volume = cs.cache.getVolume(vp.getVolumeId());
     return !!(volume && volume.loadStatus && volume.loadStatus.loaded);
   }, null, { timeout: 120000, polling: 500 });
+  // Record every notification OHIF shows the user (title, message, type), to assert on what the user was told.
+  await page.evaluate(() => {
+    const service = window.services.uiNotificationService;
+    if (service.__recorded) return;
+    window.__notifications = [];
+    const show = service.show.bind(service);
+    service.show = options => {
+      window.__notifications.push({ title: options.title, message: String(options.message), type: options.type,
+        t: Date.now() });
+      return show(options);
+    };
+    service.__recorded = true;
+  });
   const hide = page.getByRole('button', { name: 'Confirm and Hide' });
   if (await hide.count()) await hide.first().click().catch(() => {});
   await page.waitForTimeout(1500);
@@ -249,13 +265,15 @@ async function annotate(page) {
   const exportSeg = async description => {
     page.evaluate(() => {
       window.__storeDone = null;
-      Promise.resolve(window.commandsManager.runCommand('storeSegmentationCommand', { segmentationId: '1' }))
+      // The CORNERSTONE context's storeSegmentation (storeSegmentationCommand): report dialog, DICOM SEG written by
+      // dcmjs, stored through the active DICOMweb data source, then shown -- what OHIF's segmentation panel runs.
+      Promise.resolve(window.commandsManager.runCommand('storeSegmentation', { segmentationId: '1' }, 'CORNERSTONE'))
         .then(() => { window.__storeDone = 'resolved'; }, e => { window.__storeDone = 'rejected: ' + e.message; });
     });
-    await page.getByRole('button', { name: 'Save', exact: true }).waitFor({ timeout: 30000 });
-    const input = page.locator('input[type="text"]:visible').last();
-    await input.fill(description);
-    await page.getByRole('button', { name: 'Save', exact: true }).click();
+    const dialog = page.locator('.DraggableItem').filter({ has: page.locator('h6', { hasText: 'Create Report' }) });
+    await dialog.waitFor({ timeout: 30000 });
+    await dialog.locator('input[type="text"]').fill(description);
+    await dialog.locator('button[data-cy="Save-btn"]').click();
     await page.waitForFunction(() => window.__storeDone !== null, null, { timeout: 120000, polling: 250 });
     return page.evaluate(() => window.__storeDone);
   };
@@ -268,19 +286,18 @@ async function annotate(page) {
       return route.fulfill({ status: 503, contentType: 'text/plain', body: 'PACS unavailable (simulated by the e2e test)' });
     });
     const before = await page.evaluate(LABELMAP_STATS);
+    const since = await page.evaluate(() => Date.now());
     const outcome = await exportSeg('SegVol e2e (must fail)');
-    const shown = await waitForText(page, ['Failed to store', 'Request failed', 'status code 503', 'Segmentation saved successfully', 'HTTP'], 20000)
-      .catch(() => null);
-    const screenshot = await shot(page, 'save-failed');
+    const errors = await waitForNotification(page, since, 'error', 20000);
+    const screenshot = await shot(page, 'save-failed');  // the error toast is on screen now
     await page.unroute(stowPattern);
     const after = await page.evaluate(LABELMAP_STATS);
-    const texts = await notifications(page);
     if (!outcome.startsWith('rejected')) throw new Error(`store did not fail: ${outcome}`);
     if (!after) throw new Error('the labelmap is gone after the failed save');
     const totals = s => s.segments.map(x => [x.index, x.total]).sort().join(';');
     if (totals(before) !== totals(after)) throw new Error('the labelmap changed after the failed save');
     await page.waitForTimeout(6500); // let the error toast go
-    return { outcome, stow_requests: stowRequests, shown, notifications: texts, screenshot };
+    return { outcome, stow_requests: stowRequests, errors, stats: after, screenshot };
   });
 
   await step('export DICOM SEG from OHIF (STOW through /proxy/dicom to the PACS)', async () => {
@@ -291,12 +308,13 @@ async function annotate(page) {
       }
     };
     page.on('response', listener);
+    const since = await page.evaluate(() => Date.now());
     const outcome = await exportSeg('SegVol e2e OHIF export');
     page.off('response', listener);
-    const shown = await waitForText(page, ['Segmentation saved successfully'], 20000).catch(() => null);
-    await page.waitForTimeout(3000);
+    const shown = await waitForNotification(page, since, 'success', 20000);
+    const screenshot = await shot(page, 'exported');
     if (outcome !== 'resolved') throw new Error(`store failed: ${outcome}`);
-    return { outcome, stow: stored, shown, screenshot: await shot(page, 'exported') };
+    return { outcome, stow: stored, shown, screenshot };
   });
 }
 
@@ -325,7 +343,15 @@ async function reopen(page) {
     });
     const page = context.pages()[0] || await context.newPage();
     page.setDefaultTimeout(60000);
-    page.on('console', m => { if (m.type() === 'error' && !/fonts\.googleapis|ERR_NAME_NOT_RESOLVED/.test(m.text())) result.console_errors.push(m.text().slice(0, 300)); });
+    const recent = [];
+    page.on('console', m => {
+      const text = m.text();
+      if (/Set value to model directly|Crosshairs mapping|GL Driver Message|measurement mapping/.test(text)) return;
+      recent.push(`${m.type()}: ${text.slice(0, 400)}`);
+      if (recent.length > 80) recent.shift();
+      if (m.type() === 'error') result.console_errors.push(text.slice(0, 300));
+    });
+    result.console_tail = recent;
     page.on('pageerror', e => result.console_errors.push('pageerror: ' + String(e).slice(0, 300)));
     // Nothing may leave the machine: the OHIF build asks fonts.googleapis.com for a web font.
     await page.route(/^https?:\/\/(?!127\.0\.0\.1|localhost)/, route => route.abort());

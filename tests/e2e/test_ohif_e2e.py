@@ -1,0 +1,453 @@
+"""OHIF end to end: Orthanc (DICOMweb) + the SegVol Label server + OHIF v3 in headless Chromium.
+
+Real parts only: Orthanc with its DICOMweb plugin started by scripts/orthanc.py (deploy/orthanc/orthanc.json) and
+filled with the CT studies of ../shared/data/dicom through its REST API; the app started by scripts/serve_dicomweb.sh
+with ``--studies http://127.0.0.1:<port>/dicom-web``; OHIF v3 as shipped inside the monailabel package (``/ohif/``),
+driven by tests/e2e/ohif_driver.js (Playwright on /usr/bin/chromium). The network is a small-configuration SegVol with
+random weights: the test proves the plumbing (grids, orientation, storage, counts), not segmentation quality.
+
+Screenshots and the driver's step records go to tests/e2e/artifacts/ (or $SEGVOL_E2E_ARTIFACTS).
+System dependencies: ``bash scripts/install_system_deps.sh`` (Debian: orthanc, orthanc-dicomweb, chromium, npm).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+E2E = Path(__file__).resolve().parent
+ROOT = E2E.parents[1]
+SHARED = ROOT.parent / "shared"
+DICOM = SHARED / "data" / "dicom"
+TOKENIZER = SHARED / "clip-tokenizer"
+ARTIFACTS = Path(os.environ.get("SEGVOL_E2E_ARTIFACTS", E2E / "artifacts"))
+CHROMIUM = os.environ.get("SEGVOL_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+CT_STUDY = "1.3.6.1.4.1.14519.5.2.1.9203.8273.319461848560755521018609264462"  # CRLM-CT-1004, abdominal CT
+CT_SERIES = "1.3.6.1.4.1.14519.5.2.1.9203.8273.254242588659825836950462054011"
+STS_SERIES = "1.3.6.1.4.1.14519.5.2.1.5168.1900.449841255123215696894565592289"  # sarcoma CT (with an RTSTRUCT)
+AUTO_LABELS = ["liver", "spleen", "kidney left"]
+CLASS_LABEL = "aorta"
+PAINT_LABEL = "liver"
+REST_SEG = "SegVol Label"  # SeriesDescription of the SEG MONAI Label writes for PUT /datastore/label (model_name)
+OHIF_SEG = "SegVol e2e OHIF export"
+FAILED_SEG = "SegVol e2e (must fail)"
+
+
+def _missing_requirements():
+    if not DICOM.is_dir():
+        return f"sample DICOM studies not available: {DICOM} is missing (tests read them from ../shared)"
+    if not TOKENIZER.is_dir():
+        return f"CLIP tokenizer not available: {TOKENIZER} is missing"
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import orthanc
+        orthanc.find_orthanc()
+        orthanc.find_plugin()
+    except Exception as error:  # OrthancError
+        return f"{error} (bash scripts/install_system_deps.sh installs it)"
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    if not os.path.exists(CHROMIUM):
+        return "chromium is not installed (bash scripts/install_system_deps.sh installs it)"
+    if not shutil.which("node") or not (E2E / "node_modules" / "playwright-core").is_dir():
+        return "node or tests/e2e/node_modules/playwright-core missing (bash scripts/install_system_deps.sh)"
+    return None
+
+
+_REASON = _missing_requirements()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _orthanc_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "orthanc.py"), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Orthanc:
+    def __init__(self, storage: Path):
+        self.port = _free_port()
+        self.storage = storage
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+
+    def start(self, samples=True):
+        args = ["start", "--port", str(self.port), "--storage", str(self.storage)] + ([] if samples else
+                                                                                       ["--no-samples"])
+        done = _orthanc_cli(*args)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def stop(self):
+        _orthanc_cli("stop", "--storage", str(self.storage))
+
+    def qido(self, path, **params):
+        response = requests.get(f"{self.dicomweb}/{path}", params=params, timeout=30)
+        response.raise_for_status()
+        return response.json() if response.content else []
+
+    def seg_series(self):
+        """{SeriesDescription: SeriesInstanceUID} of the SEG series in the CT study."""
+        found = {}
+        for item in self.qido(f"studies/{CT_STUDY}/series", Modality="SEG", includefield="0008103E"):
+            found[item.get("0008103E", {}).get("Value", [""])[0]] = item["0020000E"]["Value"][0]
+        return found
+
+    def series_file(self, series_uid):
+        """The (single) instance of a series, as a pydicom dataset (Orthanc REST)."""
+        import io
+
+        import pydicom
+
+        ids = requests.post(f"{self.url}/tools/lookup", data=series_uid, timeout=30).json()
+        series_id = [item["ID"] for item in ids if item["Type"] == "Series"][0]
+        instances = requests.get(f"{self.url}/series/{series_id}/instances", timeout=30).json()
+        assert len(instances) == 1, instances
+        raw = requests.get(f"{self.url}/instances/{instances[0]['ID']}/file", timeout=60).content
+        return pydicom.dcmread(io.BytesIO(raw))
+
+
+class App:
+    """scripts/serve_dicomweb.sh in its own process group."""
+
+    def __init__(self, orthanc: Orthanc, weights: Path, cache: Path, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = dict(os.environ, SEGVOL_PORT=str(self.port), SEGVOL_DICOMWEB=orthanc.dicomweb,
+                   MONAI_LABEL_DICOMWEB_CACHE_PATH=str(cache), MONAI_LABEL_DICOMWEB_CACHE_EXPIRY="2",
+                   MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
+                   PYTHONUNBUFFERED="1")
+        args = ["bash", str(ROOT / "scripts" / "serve_dicomweb.sh"), "--conf", "weights", str(weights),
+                "--conf", "device", "cpu", "--conf", "zoom", "zoom_out", "--conf", "auto_labels", ",".join(AUTO_LABELS),
+                "--conf", "max_labels", "3", "--conf", "retrain_threshold", "1000"]
+        self._log = open(log, "a")
+        self.process = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait(self, timeout=240):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def info(self):
+        return requests.get(f"{self.url}/info/", timeout=60).json()
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    import torch
+
+    import segvol
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    segvol.save_checkpoint(str(folder / "segvol_label.pt"), segvol.SegVol(segvol.SMALL), vocabulary=[])
+    for item in TOKENIZER.iterdir():
+        shutil.copy(item, folder / item.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def app(orthanc, weights, tmp_path_factory, artifacts):
+    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache"), artifacts / "server.log").wait()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def annotate(app, artifacts):
+    """One OHIF session (driver phase "annotate"); its step records, keyed by step name."""
+    return _drive(app, "annotate", artifacts)
+
+
+def _drive(app, phase, artifacts, timeout=420):
+    config = {"phase": phase, "server": app.url, "study": CT_STUDY, "series": CT_SERIES, "artifacts": str(artifacts),
+              "chromium": CHROMIUM, "timeout_s": 240, "auto_model": "segvol_auto", "class_model": "segvol",
+              "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL}
+    path = artifacts / f"{phase}-config.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run(["node", str(E2E / "ohif_driver.js"), str(path)], cwd=str(E2E), capture_output=True,
+                          text=True, timeout=timeout)
+    (artifacts / f"{phase}-driver.log").write_text(done.stdout + done.stderr)
+    result = json.loads((artifacts / f"{phase}.json").read_text())
+    failed = [s for s in result["steps"] if not s["ok"]]
+    assert done.returncode == 0 and result["ok"], (
+        f"OHIF driver phase {phase} failed at {failed[0]['name'] if failed else '?'}:\n"
+        f"{(failed[0].get('error') if failed else result.get('error'))}\n"
+        "console:\n" + "\n".join(result.get("console_tail", [])[-30:]))
+    return {s["name"]: s for s in result["steps"]}
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+def _colored(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return rgb
+
+
+def _overlay_pixels(before: Path, after: Path) -> int:
+    """Pixels that changed and are coloured in ``after`` (the CT renders grey; segmentations are coloured)."""
+    a, b = _colored(before), _colored(after)
+    assert a.shape == b.shape
+    saturation = b.max(axis=2) - b.min(axis=2)
+    changed = np.abs(b - a).sum(axis=2) > 30
+    return int(np.count_nonzero(changed & (saturation > 40)))
+
+
+def _changed_pixels(before: Path, after: Path) -> int:
+    a, b = _colored(before), _colored(after)
+    return int(np.count_nonzero(np.abs(b - a).sum(axis=2) > 30))
+
+
+def _labelmap(stats) -> dict:
+    """{(label, SOPInstanceUID): (count, sum_i, sum_j)} from the driver's OHIF labelmap statistics."""
+    table = {}
+    for segment in stats["segments"]:
+        for sop, s in segment["slices"].items():
+            table[(segment["label"], sop)] = (s["count"], s["sum_i"], s["sum_j"])
+    return table
+
+
+def _seg_table(ds, positions=None) -> dict:
+    """The same table from a DICOM SEG (frames of BINARY or FRACTIONAL segments, any frame order)."""
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
+    pixels = ds.pixel_array
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    table = {}
+    for index, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        if "DerivationImageSequence" in item:
+            sop = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        else:
+            z = tuple(round(float(v), 2) for v in item.PlanePositionSequence[0].ImagePositionPatient)
+            sop = positions[z]
+        frame = pixels[index] > 0
+        js, is_ = np.nonzero(frame)
+        if len(js) == 0:
+            continue
+        key = (names[number], sop)
+        count, si, sj = table.get(key, (0, 0, 0))
+        table[key] = (count + len(js), si + int(is_.sum()), sj + int(js.sum()))
+    return table
+
+
+def _ct_positions(orthanc) -> dict:
+    meta = requests.get(f"{orthanc.dicomweb}/studies/{CT_STUDY}/series/{CT_SERIES}/metadata", timeout=60).json()
+    return {tuple(round(float(v), 2) for v in m["00200032"]["Value"]): m["00080018"]["Value"][0] for m in meta}
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+
+def test_orthanc_holds_the_sample_studies_and_takes_any_dicom_folder(orthanc, tmp_path):
+    studies = orthanc.qido("studies")
+    assert len(studies) == 2
+    modalities = sorted(s["00080060"]["Value"][0] for s in orthanc.qido("series"))
+    assert modalities == ["CT", "CT", "RTSTRUCT"]
+    # a folder a user points at (here: one series copied with a non-DICOM file beside it); re-uploading is harmless
+    folder = tmp_path / "user"
+    shutil.copytree(DICOM / "STS_001", folder / "STS_001")
+    (folder / "notes.txt").write_text("not DICOM")
+    done = _orthanc_cli("upload", "--port", str(orthanc.port), str(folder))
+    assert done.returncode == 0, done.stderr
+    assert "uploaded 60/60 DICOM files" in done.stderr  # 59 CT slices + the RTSTRUCT
+    assert len(orthanc.qido("series")) == 3
+    # loopback-only configuration: remote access refused, DICOM (DIMSE) port disabled
+    system = requests.get(f"{orthanc.url}/system", timeout=10).json()
+    assert "dicom-web" in requests.get(f"{orthanc.url}/plugins", timeout=10).json()
+    config = (ROOT / "deploy" / "orthanc" / "orthanc.json").read_text()
+    assert '"RemoteAccessAllowed" : false' in config and '"DicomServerEnabled" : false' in config
+    assert system["Name"] == "SegVolLabel"
+
+
+def test_app_serves_dicomweb_studies_ohif_and_the_proxy(app, orthanc, tmp_path):
+    info = app.info()
+    assert info["datastore"]["total"] == 2  # the two CT series (the RTSTRUCT is not an image)
+    assert isinstance(info["labels"], list) and "liver" in info["labels"]  # OHIF's panel needs a list here
+    page = requests.get(f"{app.url}/ohif/", timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    studies = requests.get(f"{app.url}/proxy/dicom/qido/studies", timeout=30).json()
+    assert {s["0020000D"]["Value"][0] for s in studies} >= {CT_STUDY}
+    # the second study works too (REST, the request the OHIF Class Prompts tab sends)
+    liver = info["models"]["segvol"]["labels"]["liver"]
+    params = {"label_prompt": [liver], "result_extension": ".nrrd", "result_dtype": "uint8",
+              "result_compress": False, "restore_label_idx": False}
+    response = requests.post(f"{app.url}/infer/segvol", params={"image": STS_SERIES, "output": "image"},
+                             data={"params": json.dumps(params)}, timeout=600)
+    assert response.status_code == 200, response.text
+    import SimpleITK as sitk
+
+    (tmp_path / "sts.nrrd").write_bytes(response.content)
+    label = sitk.ReadImage(str(tmp_path / "sts.nrrd"))
+    assert label.GetSize() == (198, 202, 59) and label.GetPixelID() == sitk.sitkUInt8
+
+
+def test_ohif_auto_and_class_segmentation_appear(annotate, app):
+    auto, klass = annotate["auto-segmentation"], annotate["class prompt"]
+    labels = {s["label"]: s["total"] for s in auto["stats"]["segments"]}
+    assert set(labels) <= set(AUTO_LABELS) and sum(labels.values()) > 0
+    assert auto["stats"]["dtype"] == "Uint8Array" and auto["stats"]["dimensions"] == [512, 512, 41]
+    added = {s["label"]: s["total"] for s in klass["stats"]["segments"]}
+    assert added.get(CLASS_LABEL, 0) > 0
+    # pixels: the overlay is on screen (coloured pixels that were not there before)
+    opened = Path(annotate["open study in OHIF (monai-label mode)"]["screenshot"])
+    area = _colored(opened).shape[0] * _colored(opened).shape[1]
+    assert _overlay_pixels(opened, Path(auto["screenshot"])) > 0.01 * area
+    assert _changed_pixels(Path(auto["screenshot"]), Path(klass["screenshot"])) > 100
+
+
+def test_ohif_brush_correction_is_saved_to_the_datastore_as_dicom_seg(annotate, app, orthanc):
+    klass, brush = annotate["class prompt"], annotate["correct with the brush"]
+    before = {s["label"]: s["total"] for s in klass["stats"]["segments"]}
+    after = {s["label"]: s["total"] for s in brush["stats"]["segments"]}
+    assert after[PAINT_LABEL] > before[PAINT_LABEL]
+    assert _changed_pixels(Path(klass["screenshot"]), Path(brush["screenshot"])) > 50
+
+    saved = annotate["save the corrected label to MONAI Label (PUT /datastore/label)"]
+    assert saved["response"]["image"] == CT_SERIES
+    trainers = app.info().get("trainers", {})
+    if trainers:  # the app counts saved final labels toward --conf retrain_threshold
+        assert saved["response"]["retrain"]["counted"] is True
+        assert saved["response"]["retrain"]["threshold"] == 1000
+
+    # the DICOM SEG in Orthanc holds exactly what OHIF showed: same voxels per segment, per source slice, same place
+    segs = orthanc.seg_series()
+    assert REST_SEG in segs, segs
+    ds = orthanc.series_file(segs[REST_SEG])
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == CT_SERIES
+    shown = _labelmap(saved["stats"])
+    stored = _seg_table(ds, _ct_positions(orthanc))
+    assert stored == shown
+
+
+def test_failed_ohif_export_is_reported_and_nothing_is_lost_then_succeeds(annotate, orthanc):
+    failed = annotate["export DICOM SEG from OHIF while the PACS fails: error shown, nothing lost"]
+    assert failed["stow_requests"] == 1 and failed["outcome"].startswith("rejected")
+    assert failed["errors"] and all(e["type"] == "error" for e in failed["errors"])
+    assert failed["stats"]["segments"]  # the labelmap is still in the viewer
+    segs = orthanc.seg_series()
+    assert FAILED_SEG not in segs
+
+    exported = annotate["export DICOM SEG from OHIF (STOW through /proxy/dicom to the PACS)"]
+    assert exported["outcome"] == "resolved" and exported["stow"][0]["status"] == 200
+    assert any("saved successfully" in n["message"] for n in exported["shown"])
+    assert OHIF_SEG in segs
+    ds = orthanc.series_file(segs[OHIF_SEG])
+    assert _seg_table(ds, _ct_positions(orthanc)) == _labelmap(failed["stats"])
+
+
+def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotate, app, orthanc, weights, artifacts,
+                                                                         tmp_path_factory):
+    time.sleep(3)  # MONAI Label's cached list of labelled series expires after 2 s here
+    assert app.info()["datastore"]["completed"] == 1
+    train = requests.get(f"{app.url}/datastore/", params={"output": "train"}, timeout=300).json()
+    assert [item for item in train if os.path.basename(item["image"]).startswith(CT_SERIES)]
+
+    app.stop()  # a new server with an empty DICOMweb cache: everything must come back from Orthanc
+    again = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log").wait()
+    try:
+        info = again.info()
+        assert info["datastore"]["total"] == 2 and info["datastore"]["completed"] == 1
+        train = requests.get(f"{again.url}/datastore/", params={"output": "train"}, timeout=300).json()
+        labelled = [item for item in train if os.path.basename(item["image"]).startswith(CT_SERIES)]
+        assert len(labelled) == 1 and os.path.exists(labelled[0]["label"])
+        reopened = _drive(again, "reopen", artifacts)["reopen the study after the server restart"]
+        descriptions = {s["description"] for s in reopened["series"] if s["modality"] == "SEG"}
+        assert {REST_SEG, OHIF_SEG} <= descriptions
+    finally:
+        again.stop()
+
+
+def test_rest_save_while_the_pacs_is_down_fails_loudly_and_loses_nothing(orthanc, weights, artifacts,
+                                                                         tmp_path_factory, tmp_path):
+    import SimpleITK as sitk
+
+    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-3"), artifacts / "server.log").wait()
+    try:
+        before = orthanc.seg_series()
+        # a label on the series grid (the .bin form OHIF's MonaiLabelClient.save_label sends: raw uint8, i fastest)
+        label = np.zeros((41, 512, 512), np.uint8)
+        label[20, 200:260, 150:230] = 1
+        params = {"label_info": [{"name": "liver", "idx": 1, "model_name": "SegVol retry"}]}
+
+        def put():
+            return requests.put(f"{server.url}/datastore/label", params={"image": CT_SERIES},
+                                data={"params": json.dumps(params)},
+                                files={"label": ("label.bin", label.tobytes(), "application/octet-stream")},
+                                timeout=300)
+
+        # the image must be in the server's cache before the PACS goes away (the user has it open)
+        assert requests.post(f"{server.url}/infer/segvol_auto", params={"image": CT_SERIES, "output": "json"},
+                             data={"params": "{}"}, timeout=600).status_code == 200
+        orthanc.stop()
+        try:
+            response = put()
+            assert response.status_code >= 500, response.text  # reported to the client, not silently dropped
+            assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200  # and the server keeps serving
+        finally:
+            orthanc.start(samples=False)  # same storage folder: what was stored before is still there
+        assert orthanc.seg_series() == before
+        response = put()
+        assert response.status_code == 200, response.text
+        after = orthanc.seg_series()
+        assert "SegVol retry" in after and set(before.items()) <= set(after.items())
+        ds = orthanc.series_file(after["SegVol retry"])
+        table = _seg_table(ds, _ct_positions(orthanc))
+        assert sum(v[0] for v in table.values()) == 60 * 80
+    finally:
+        server.stop()

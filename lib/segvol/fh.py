@@ -67,7 +67,9 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from scipy import ndimage
 
 __all__ = [
@@ -102,7 +104,7 @@ CONNECTIVITIES = (6, 10, 18, 26)
 DEFAULT_MIN_FRACTION = 0.001
 
 _NBINS = 65536
-_AHEAD = 16  # edges ahead whose voxels are loaded early in the union-find loops
+_AHEAD = 32  # prefetch distance (edges) of the union-find loop
 _NCHUNKS = 16  # fixed chunking of the parallel counting sort: results never depend on thread count
 
 
@@ -236,6 +238,31 @@ def _edge_scatter(img, X, Y, Z, dx, dy, dz, scale, nbins, nchunks, starts, shift
                         pos[b] += 1
 
 
+def _prefetch_codegen(context, builder, signature, args):
+    from llvmlite import ir
+
+    aryty, _ = signature.args
+    ary, index = args
+    array = context.make_array(aryty)(context, builder, ary)
+    ptr = cgutils.get_item_pointer(context, builder, aryty, array, [index], wraparound=False)
+    byte_ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [byte_ptr.type, i32, i32, i32])
+    name = "llvm.prefetch.p0" if getattr(__import__("llvmlite"), "opaque_pointers_enabled", False) else "llvm.prefetch.p0i8"
+    function = cgutils.get_or_insert_function(builder.module, fnty, name)
+    # (address, write=1, locality=3: keep in all cache levels, data cache=1)
+    builder.call(function, [byte_ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Software prefetch of ``array[index]`` (index: int64); a hint, never a fault."""
+    if not isinstance(array, types.Array) or index != types.int64:
+        return None
+    return types.void(array, index), _prefetch_codegen
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _find(parent, x):
     # path halving
@@ -264,13 +291,18 @@ def _fh_pass(order, n_edges, img, doff, shift, mask, parent, size, internal, k):
     ``parent``/``img`` and ``size``/``internal`` are column views of two interleaved buffers, so
     each union-find step touches one cache line per voxel and one per root.
     """
-    touch = 0
     for i in range(n_edges):
+        # the loop is bound by cache misses in random order: prefetch the voxels of the edge
+        # _AHEAD places ahead, and their parents (usually the roots) for the one _AHEAD/2 ahead
         if i + _AHEAD < n_edges:
-            # software prefetch by plain loads: start the cache misses of a later edge now
             f = np.int64(order[i + _AHEAD])
             g = f >> shift
-            touch += parent[g] + parent[g + doff[f & mask]]
+            _prefetch(parent, g)
+            _prefetch(parent, g + doff[f & mask])
+            f = np.int64(order[i + _AHEAD // 2])
+            g = f >> shift
+            _prefetch(parent, np.int64(parent[g]))
+            _prefetch(parent, np.int64(parent[g + doff[f & mask]]))
         e = np.int64(order[i])
         p = e >> shift
         q = p + doff[e & mask]
@@ -294,12 +326,16 @@ def _fh_pass(order, n_edges, img, doff, shift, mask, parent, size, internal, k):
             parent[c] = a
             size[a] = sa + sc
             internal[a] = max(ia, ic, w)
-    return touch
 
 
 @njit(cache=True, nogil=True)
 def _threshold_pass(order, n_edges, doff, shift, mask, parent, size):
     for i in range(n_edges):
+        if i + _AHEAD < n_edges:
+            f = np.int64(order[i + _AHEAD])
+            g = f >> shift
+            _prefetch(parent, g)
+            _prefetch(parent, g + doff[f & mask])
         e = np.int64(order[i])
         p = e >> shift
         a = _find(parent, p)

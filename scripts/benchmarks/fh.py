@@ -14,9 +14,11 @@ Variants:
     min_size=1000)``, our compiled version of the reference's thresholded algorithm;
   * ``reference_python``: the reference's algorithm in pure Python (section 5.2 of
     segvol-reference.md): 10-neighbourhood, argsort, 25th-percentile threshold, two Python
-    union-find sweeps.  It is run only when its extrapolated time (from a timed run on a
-    64x64x32 crop-sized volume) is below ``--reference-limit-s``; otherwise it is reported as
-    skipped with the extrapolated seconds.
+    union-find sweeps.  It runs only when its time, extrapolated per voxel from the largest
+    volume it has run on so far (first a 64x64x32 calibration volume), is below
+    ``--reference-limit-s`` and its memory (~230 B/voxel) below half of the available memory;
+    otherwise it is reported as skipped with the extrapolated seconds.  Where it ran, the ARI
+    between its labels and ``ours_reference_mode`` is reported (1.0 = identical partitions).
 """
 from __future__ import annotations
 
@@ -173,6 +175,32 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0; else a no-op).
+
+    ``ru_maxrss`` (what ``_measure`` reports as ``peak_rss_mb``) survives fork+exec, so a spawned
+    child inherits the parent's RSS as its floor; VmHWM does not, and can be reset.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _measure_ours(path: str, spacing, kwargs: Dict[str, Any], labels_out: str = "") -> Dict[str, Any]:
     from segvol import fh
 
@@ -181,18 +209,21 @@ def _measure_ours(path: str, spacing, kwargs: Dict[str, Any], labels_out: str = 
     fh.segment(np.zeros((8, 8, 8), np.float32), spacing, **kwargs)  # compile, or load the cache
     warmup = time.perf_counter() - t0
     baseline = _rss_mb()
-    t0 = time.perf_counter()
+    _reset_peak()
+    load = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     labels = fh.segment(volume, spacing, **kwargs)
-    seconds = time.perf_counter() - t0
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = _peak_mb()
     if labels_out:
         np.save(labels_out, labels)
     return {
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+        "load_avg_1m_before": round(load, 2),
         "compile_or_cache_load_s": round(warmup, 3),
         "baseline_rss_mb": round(baseline, 1),
+        "peak_during_call_mb": round(peak, 1),
         "bytes_per_voxel": round((peak - baseline) * 2**20 / volume.size, 1),
         "regions": int(labels.max()) + 1,
     }
@@ -201,17 +232,20 @@ def _measure_ours(path: str, spacing, kwargs: Dict[str, Any], labels_out: str = 
 def _measure_reference(path: str, labels_out: str = "") -> Dict[str, Any]:
     volume = np.load(path)
     baseline = _rss_mb()
-    t0 = time.perf_counter()
+    _reset_peak()
+    load = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     labels = reference_felzenszwalb(volume)
-    seconds = time.perf_counter() - t0
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = _peak_mb()
     if labels_out:
         np.save(labels_out, labels)
     return {
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+        "load_avg_1m_before": round(load, 2),
         "baseline_rss_mb": round(baseline, 1),
+        "peak_during_call_mb": round(peak, 1),
         "bytes_per_voxel": round((peak - baseline) * 2**20 / volume.size, 1),
         "regions": int(labels.max()) + 1,
     }
@@ -284,7 +318,7 @@ def run(args) -> Dict[str, Any]:
             np.save(small_path, small)
             calibration = in_child(_measure_reference, path=small_path)
             reference_us_per_voxel = calibration["seconds"] / small.size * 1e6
-            result["reference_python_us_per_voxel"] = round(reference_us_per_voxel, 2)
+            result["reference_python_us_per_voxel_64x64x32"] = round(reference_us_per_voxel, 2)
         for shape in sizes:
             key = "x".join(map(str, shape))
             volume, vox_spacing = _resampled(source, spacing, shape)
@@ -300,7 +334,7 @@ def run(args) -> Dict[str, Any]:
             if args.no_reference:
                 entry["reference_python"] = {"skipped": True, "reason": "--no-reference"}
             else:
-                estimate = reference_us_per_voxel * np.prod(shape) / 1e6
+                estimate = reference_us_per_voxel * np.prod(shape) / 1e6  # from the largest run so far
                 memory_gb = REFERENCE_BYTES_PER_VOXEL * np.prod(shape) / 2**30
                 available_gb = _available_gb()
                 if estimate > args.reference_limit_s or memory_gb > 0.5 * available_gb:
@@ -319,10 +353,19 @@ def run(args) -> Dict[str, Any]:
                     ref_labels = os.path.join(tmp, f"{key}-ref.npy")
                     entry["reference_python"] = in_child(_measure_reference, path=path, labels_out=ref_labels)
                     entry["reference_python"]["extrapolated_seconds"] = round(estimate, 1)
+                    reference_us_per_voxel = entry["reference_python"]["seconds"] / np.prod(shape) * 1e6
                     entry["agreement_ari_reference_mode_vs_python"] = round(
                         adjusted_rand_index(np.load(ours_ref_labels), np.load(ref_labels)), 4
                     )
                 ref_seconds = entry["reference_python"].get("seconds", entry["reference_python"]["extrapolated_seconds"])
                 entry["speedup_ours_vs_reference_python"] = round(ref_seconds / max(entry["ours"]["seconds"], 1e-9), 1)
             result["sizes"][key] = entry
+    if reference_us_per_voxel is not None:
+        result["reference_python_us_per_voxel_used_for_extrapolation"] = round(reference_us_per_voxel, 2)
+    result["note"] = (
+        "seconds are wall time of the call in a fresh child process (numba kernels loaded from the on-disk cache "
+        "beforehand); cpu_seconds sums all threads; bytes_per_voxel = (peak RSS during the call (VmHWM, reset before it) - RSS before it) / voxels; peak_rss_mb is ru_maxrss of the child, which on Linux starts at the parent's RSS. "
+        "reference_python is our pure-Python re-implementation of the reference algorithm; the original code was "
+        "measured at 57-81 us/voxel (segvol-reference.md 5.5), slower than this one."
+    )
     return result

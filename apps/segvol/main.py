@@ -20,6 +20,7 @@ from lib.service import SegVolService, WeightsUnavailableError
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
@@ -113,6 +114,26 @@ class SegVolApp(MONAILabelApp):
         if isinstance(labels, dict):
             meta["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
         return meta
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        from lib.trainers import RetrainCounter, SegVolFinetune
+
+        model_dir = os.path.join(self.app_dir, "model")
+        self.retrain = RetrainCounter(os.path.join(model_dir, "retrain_state.json"),
+                                      int(self.conf.get("retrain_threshold", 0)), SegVolFinetune.NAME)
+        return {SegVolFinetune.NAME: SegVolFinetune(self.service, model_dir, self.conf, self.labels)}
+
+    def on_save_label(self, image_id, label_id):
+        """Final labels count toward ``--conf retrain_threshold``; reaching it queues one training run."""
+        super().on_save_label(image_id, label_id)
+        retrain = getattr(self, "retrain", None)
+        if retrain is None or not retrain.enabled:
+            return {}
+        from lib.trainers.retrain import train_pending
+
+        return retrain.on_save_label(self.datastore(), image_id, label_id,
+                                     queue=lambda: self.async_training(retrain.model, enqueue=True),
+                                     pending=lambda: train_pending(retrain.model))
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with bad input answered 4xx (it would otherwise be a bare 500)."""

@@ -1,0 +1,4 @@
+from .retrain import RetrainCounter
+from .segvol_finetune import SegVolFinetune
+
+__all__ = ["RetrainCounter", "SegVolFinetune"]

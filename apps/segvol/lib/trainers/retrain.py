@@ -1,0 +1,113 @@
+"""Incremental retraining: final labels saved through the datastore API count toward a threshold; reaching it queues
+one training run through MONAI Label's own train queue (one worker: runs never overlap).
+
+The count lives in ``<app>/model/retrain_state.json`` (written atomically under a lock), so a restart keeps it.
+``on_save_label`` does not tell which tag was saved, so a save counts when the image's *final* label carries a
+newer timestamp (``ts``, set by the datastore on every save) than the last one counted for that image; saves of other
+tags (e.g. ``original`` predictions) leave it unchanged. Datastores without label timestamps count every save.
+
+When the threshold is reached and no run is already waiting in the queue, one run is queued and the count restarts
+from zero; if a run is already waiting (not yet started), nothing more is queued: that run will read the datastore,
+new labels included, when it starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+logger = logging.getLogger(__name__)
+
+
+class RetrainCounter:
+    FRESH_S = 120  # a final label saved by this request carries the current time
+
+    def __init__(self, path: str, threshold: int, model: str = "segvol_finetune"):
+        self.path = path
+        self.threshold = int(threshold)
+        self.model = model
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+    def read(self) -> Dict[str, Any]:
+        try:
+            with open(self.path) as handle:
+                state = json.load(handle)
+            if isinstance(state, dict):
+                state.setdefault("count", 0)
+                state.setdefault("seen", {})
+                state.setdefault("queued", [])
+                return state
+        except (OSError, ValueError):
+            pass
+        return {"count": 0, "total": 0, "seen": {}, "queued": []}
+
+    def _write(self, state: Dict[str, Any]) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as handle:
+            json.dump(state, handle, indent=1)
+        os.replace(tmp, self.path)
+
+    def on_save_label(self, datastore, image_id: str, label_id: str,
+                      queue: Callable[[], Optional[Dict[str, Any]]], pending: Callable[[], bool]) -> Dict[str, Any]:
+        """Count a final-label save; queue a run (``queue()``) when the threshold is reached and ``pending()`` says no
+        run is waiting. -> a summary merged into the save-label response."""
+        if not self.enabled:
+            return {}
+        with self._lock:
+            state = self.read()
+            stamp = _final_stamp(datastore, label_id or image_id)
+            key = str(label_id or image_id)
+            if stamp is not None and (state["seen"].get(key) == stamp or time.time() - stamp > self.FRESH_S):
+                # the final label did not change: another tag was saved (or the same final within one second)
+                return {"retrain": {"counted": False, "count": state["count"], "threshold": self.threshold}}
+            if stamp is not None:
+                state["seen"][key] = stamp
+            state["count"] = int(state["count"]) + 1
+            state["total"] = int(state.get("total", 0)) + 1
+            summary: Dict[str, Any] = {"counted": True, "count": state["count"], "threshold": self.threshold,
+                                       "queued": False}
+            if state["count"] >= self.threshold:
+                if pending():
+                    summary["queued"] = False
+                    summary["reason"] = "a training run is already waiting in the queue; it will use these labels"
+                    state["count"] = 0
+                else:
+                    task = queue()
+                    if task:
+                        state["count"] = 0
+                        record = {"id": task.get("id") if isinstance(task, dict) else None, "ts": int(time.time()),
+                                  "labels": state["total"]}
+                        state["queued"] = (state["queued"] + [record])[-50:]
+                        summary.update({"queued": True, "task": record["id"]})
+                        logger.info("retrain threshold %d reached: queued training run %s", self.threshold,
+                                    record["id"])
+                    else:
+                        summary["reason"] = "the train request was not accepted"
+                summary["count"] = state["count"]
+            self._write(state)
+            return {"retrain": summary}
+
+
+def _final_stamp(datastore, label_id: str) -> Optional[int]:
+    try:
+        info = datastore.get_label_info(label_id, "final") or {}
+    except Exception:  # remote datastores: no label info
+        return None
+    stamp = info.get("ts")
+    return int(stamp) if isinstance(stamp, (int, float)) else None
+
+
+def train_pending(model: str) -> bool:
+    """True when a train task of MONAI Label's queue has been submitted but has not started yet."""
+    from monailabel.utils.async_tasks.utils import tasks
+
+    return any(t.get("status") == "SUBMITTED" and (t.get("request") or {}).get("model") in (model, None)
+               for t in tasks("train"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -131,17 +132,24 @@ class CategoryPlan:
     foreground_box: Optional[np.ndarray] = None  # tight native box of the zoom-out foreground
     windows: List[int] = field(default_factory=list)  # indices into ZoomInPlan.windows
 
-    def foreground_in(self, window: Window) -> Optional[np.ndarray]:
-        """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
-        if self.foreground_box is None:
-            return None
+    def _overlap(self, window: Window):
+        """(low, high) native corners of the window's part inside ``support``, or None."""
         low = np.maximum(np.asarray(window.start), self.support[:3])
         high = np.minimum(np.asarray(window.stop), self.support[3:] + 1)
-        if np.any(high <= low):
+        return None if np.any(high <= low) else (low, high)
+
+    def has_foreground(self, window: Window) -> bool:
+        if self.foreground_box is None or window.box_to_window(self.foreground_box) is None:
+            return False
+        low, high = self._overlap(window)
+        return bool(self.foreground[tuple(slice(a - s, b - s) for a, b, s in zip(low, high, self.support[:3]))].any())
+
+    def foreground_in(self, window: Window) -> Optional[np.ndarray]:
+        """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
+        if not self.has_foreground(window):
             return None
+        low, high = self._overlap(window)
         part = self.foreground[tuple(slice(a - s, b - s) for a, b, s in zip(low, high, self.support[:3]))]
-        if not part.any():
-            return None
         out = np.zeros(window.valid_shape, dtype=bool)
         out[tuple(slice(a - w, b - w) for a, b, w in zip(low, high, window.start))] = part
         return out
@@ -219,6 +227,7 @@ class SegVolEngine:
         self._model_tag = str(getattr(model, "checkpoint_id", None) or id(model))
         self._counters: Dict[str, int] = {}
         self.progress_after_s = 2.0
+        self._lock = threading.RLock()  # one segment() at a time: the caches and counters are shared
 
     # ---------------------------------------------------------------------------------------------------------------
     # public API
@@ -279,6 +288,10 @@ class SegVolEngine:
         call, applied to every text); ``points``: ``[(i, j, k, label), ...]`` or ``(coords (N, 3), labels (N,))``
         with label 1 (positive) or 0 (negative). With no text, the result is the single label ``"object"``.
         """
+        with self._lock:
+            return self._segment(image, texts, box, points, affine, mode, return_probabilities)
+
+    def _segment(self, image, texts, box, points, affine, mode, return_probabilities) -> SegmentationResult:
         mode = mode or self.mode
         if mode not in MODES:
             raise BadRequestError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -297,8 +310,7 @@ class SegVolEngine:
                                          "intensity): nothing there to segment")
                 raise BadRequestError("nothing to segment: give at least one text, a box or a point")
             categories = [OBJECT_LABEL] if names is None else names
-            with clock("zoom_out"):
-                plans = self._zoom_out(prepared, categories, names is not None, prompts)
+            plans = self._zoom_out(prepared, categories, names is not None, prompts, clock)
             zoom_in = ZoomInPlan()
             window_logits: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]] = {}
             if mode == "zoom_out_zoom_in":
@@ -397,10 +409,17 @@ class SegVolEngine:
     # ---------------------------------------------------------------------------------------------------------------
     # zoom-out
     # ---------------------------------------------------------------------------------------------------------------
-    def _zoom_out(self, prepared: PreparedImage, categories: List[str], with_text: bool,
-                  prompts: NativePrompts) -> List[CategoryPlan]:
+    def _zoom_out(self, prepared: PreparedImage, categories: List[str], with_text: bool, prompts: NativePrompts,
+                  clock: "_Clock") -> List[CategoryPlan]:
+        """Encode the zoom-out view (or reuse it), decode every category, and find each one's foreground."""
+        with clock("zoom_out_encode"):
+            embedding = self._embedding(prepared, "zoom_out", prepared.zoom_out)
+        with clock("zoom_out_decode"):
+            return self._zoom_out_decode(prepared, embedding, categories, with_text, prompts)
+
+    def _zoom_out_decode(self, prepared: PreparedImage, embedding: torch.Tensor, categories: List[str],
+                         with_text: bool, prompts: NativePrompts) -> List[CategoryPlan]:
         frames = prepared.frames
-        embedding = self._embedding(prepared, "zoom_out", prepared.zoom_out)
         count = len(categories)
         device = self.model.device
         text = self._text(categories) if with_text else None
@@ -469,8 +488,7 @@ class SegVolEngine:
                 active.append(index)
             elif len(prompts.positive) and window.contains(prompts.positive).any():
                 active.append(index)
-            elif plan.foreground_box is not None and window.box_to_window(plan.foreground_box) is not None \
-                    and plan.foreground_in(window) is not None:
+            elif plan.has_foreground(window):
                 active.append(index)
         return active
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
@@ -109,10 +109,6 @@ def list_images(folder: str) -> List[str]:
     if not found and is_dicom_folder(folder):
         found.append(folder)
     return found
-
-
-def iter_images(folder: str) -> Iterator[str]:
-    yield from list_images(folder)
 
 
 def source_signature(path: str) -> Optional[str]:

@@ -192,7 +192,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--storage", type=Path, default=Path(os.environ.get("ORTHANC_STORAGE_DIR", DEFAULT_STORAGE)))
     parser.add_argument("--no-samples", action="store_true", help="do not upload ../shared/data/dicom")
     parser.add_argument("--foreground", action="store_true", help="run Orthanc in this process (Ctrl-C stops it)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.command == "stop":
             print("[orthanc] stopped" if stop(args.storage) else "[orthanc] not running (no pid file)",

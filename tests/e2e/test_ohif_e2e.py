@@ -254,6 +254,21 @@ def _changed_pixels(before: Path, after: Path) -> int:
     return int(np.count_nonzero(np.abs(b - a).sum(axis=2) > 30))
 
 
+def _on_slice(stats, label, k=20) -> int:
+    """Voxels of ``label`` on slice ``k`` (the axial viewport shows the middle slice, 21 of 41)."""
+    for segment in stats["segments"]:
+        if segment["label"] == label:
+            return sum(s["count"] for s in segment["slices"].values() if s["k"] == k)
+    return 0
+
+
+def _visible(voxels: int, screenshot: Path) -> float:
+    """About how many screen pixels ``voxels`` voxels of a 512 x 512 slice cover when the slice fills the viewport
+    width."""
+    width = _colored(screenshot).shape[1]
+    return voxels * (width / 512) ** 2
+
+
 def _labelmap(stats) -> dict:
     """{(label, SOPInstanceUID): (count, sum_i, sum_j)} from the driver's OHIF labelmap statistics."""
     table = {}
@@ -348,7 +363,10 @@ def test_ohif_auto_and_class_segmentation_appear(annotate, app):
     opened = Path(annotate["open study in OHIF (monai-label mode)"]["screenshot"])
     area = _colored(opened).shape[0] * _colored(opened).shape[1]
     assert _overlay_pixels(opened, Path(auto["screenshot"])) > 0.01 * area
-    assert _changed_pixels(Path(auto["screenshot"]), Path(klass["screenshot"])) > 100
+    # the class prompt only fills voxels no other segment holds (OHIF's merge rule), so few are new on this slice
+    new = _on_slice(klass["stats"], CLASS_LABEL) - _on_slice(auto["stats"], CLASS_LABEL)
+    assert new > 0
+    assert _changed_pixels(Path(auto["screenshot"]), Path(klass["screenshot"])) > 0.5 * _visible(new, opened)
 
 
 def test_ohif_brush_correction_is_saved_to_the_datastore_as_dicom_seg(annotate, app, orthanc):
@@ -356,7 +374,10 @@ def test_ohif_brush_correction_is_saved_to_the_datastore_as_dicom_seg(annotate, 
     before = {s["label"]: s["total"] for s in klass["stats"]["segments"]}
     after = {s["label"]: s["total"] for s in brush["stats"]["segments"]}
     assert after[PAINT_LABEL] > before[PAINT_LABEL]
-    assert _changed_pixels(Path(klass["screenshot"]), Path(brush["screenshot"])) > 50
+    painted = _on_slice(brush["stats"], PAINT_LABEL) - _on_slice(klass["stats"], PAINT_LABEL)
+    assert painted == after[PAINT_LABEL] - before[PAINT_LABEL]  # all on the slice on screen
+    assert _changed_pixels(Path(klass["screenshot"]), Path(brush["screenshot"])) > 0.5 * _visible(painted, Path(
+        klass["screenshot"]))
 
     saved = annotate["save the corrected label to MONAI Label (PUT /datastore/label)"]
     assert saved["response"]["image"] == CT_SERIES
@@ -391,21 +412,32 @@ def test_failed_ohif_export_is_reported_and_nothing_is_lost_then_succeeds(annota
     assert _seg_table(ds, _ct_positions(orthanc)) == _labelmap(failed["stats"])
 
 
+def _assert_labelled(server):
+    """The CT series is labelled: in the training datalist (its label file on disk) and never the next sample."""
+    info = server.info()
+    # MONAI Label's DICOMweb datastore counts SEG series referencing an image as "completed" (here two SEGs of the
+    # same series: the REST save and the OHIF export), not distinct images
+    assert info["datastore"]["total"] == 2 and info["datastore"]["completed"] >= 1
+    train = requests.get(f"{server.url}/datastore/", params={"output": "train"}, timeout=300).json()
+    labelled = [item for item in train if os.path.basename(item["image"]).startswith(CT_SERIES)]
+    assert len(labelled) == 1 and os.path.exists(labelled[0]["label"]), train
+    assert not [item for item in train if os.path.basename(item["image"]).startswith(STS_SERIES)]
+    strategy = next(iter(info["strategies"]))  # the clients' default active-learning strategy
+    for seed in range(3):
+        response = requests.post(f"{server.url}/activelearning/{strategy}", json={"seed": seed}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["id"] == STS_SERIES
+
+
 def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotate, app, orthanc, weights, artifacts,
                                                                          tmp_path_factory):
     time.sleep(3)  # MONAI Label's cached list of labelled series expires after 2 s here
-    assert app.info()["datastore"]["completed"] == 1
-    train = requests.get(f"{app.url}/datastore/", params={"output": "train"}, timeout=300).json()
-    assert [item for item in train if os.path.basename(item["image"]).startswith(CT_SERIES)]
+    _assert_labelled(app)
 
     app.stop()  # a new server with an empty DICOMweb cache: everything must come back from Orthanc
     again = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log").wait()
     try:
-        info = again.info()
-        assert info["datastore"]["total"] == 2 and info["datastore"]["completed"] == 1
-        train = requests.get(f"{again.url}/datastore/", params={"output": "train"}, timeout=300).json()
-        labelled = [item for item in train if os.path.basename(item["image"]).startswith(CT_SERIES)]
-        assert len(labelled) == 1 and os.path.exists(labelled[0]["label"])
+        _assert_labelled(again)
         reopened = _drive(again, "reopen", artifacts)["reopen the study after the server restart"]
         descriptions = {s["description"] for s in reopened["series"] if s["modality"] == "SEG"}
         assert {REST_SEG, OHIF_SEG} <= descriptions
@@ -438,12 +470,17 @@ def test_rest_save_while_the_pacs_is_down_fails_loudly_and_loses_nothing(orthanc
         try:
             response = put()
             assert response.status_code >= 500, response.text  # reported to the client, not silently dropped
-            assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200  # and the server keeps serving
+            # and the server keeps running (MONAI Label answers /info and /infer from the PACS's series list, so
+            # those wait for the PACS once its cached copy expires; the viewer itself is still served)
+            assert server.process.poll() is None
+            assert requests.get(f"{server.url}/ohif/", timeout=30).status_code == 200
         finally:
             orthanc.start(samples=False)  # same storage folder: what was stored before is still there
         assert orthanc.seg_series() == before
         response = put()
         assert response.status_code == 200, response.text
+        if server.info().get("trainers"):
+            assert response.json()["retrain"]["counted"] is True
         after = orthanc.seg_series()
         assert "SegVol retry" in after and set(before.items()) <= set(after.items())
         ds = orthanc.series_file(after["SegVol retry"])

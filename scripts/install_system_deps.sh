@@ -28,7 +28,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
   fi
-  trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
+  trap 'if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi' EXIT
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # In case a service was started anyway (no policy-rc.d honoured), stop it: it would hold port 8042.
@@ -39,5 +39,5 @@ fi
 
 if [ ! -d "$ROOT/tests/e2e/node_modules/playwright-core" ]; then
   echo "[deps] npm install (tests/e2e: playwright-core, no browser download)" >&2
-  (cd "$ROOT/tests/e2e" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --loglevel=error >/dev/null)
+  (cd "$ROOT/tests/e2e" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

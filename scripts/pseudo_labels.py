@@ -173,7 +173,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--connectivity", type=int, default=6, choices=(6, 10, 18, 26))
     parser.add_argument("--method", default="fh", choices=("fh", "reference"))
     parser.add_argument("--min-fraction", type=float, default=None, help="cleaning threshold, fraction of the volume (default 0.001)")
-    parser.add_argument("--working-shape", default=None, help="run FH on this XxYxZ grid (e.g. 256x256x32) instead of the native one")
+    parser.add_argument("--working-shape", default=None, help="run FH on this XxYxZ grid (e.g. 256x256x32)")
+    parser.add_argument(
+        "--max-voxels",
+        type=int,
+        default=None,
+        help="run FH on a uniformly shrunk grid for volumes with more voxels (default 256*256*32; 0: native)",
+    )
     return parser.parse_args(argv)
 
 
@@ -185,6 +191,8 @@ def _params(args) -> Dict[str, Any]:
         params["sigma"] = args.sigma
     if args.min_fraction is not None:
         params["min_fraction"] = args.min_fraction
+    if args.max_voxels is not None:
+        params["max_voxels"] = args.max_voxels or None
     if args.working_shape:
         params["working_shape"] = tuple(int(v) for v in args.working_shape.lower().split("x"))
         if len(params["working_shape"]) != 3:

@@ -243,11 +243,17 @@ def test_pseudo_labels_ground_truth_override_and_id_scheme():
         fh.pseudo_labels(volume, None, np.full(volume.shape, fh.FH_ID_OFFSET))
 
 
-def test_pseudo_labels_working_shape():
+def test_pseudo_labels_working_grid():
+    assert fh.working_grid((512, 512, 200)) == (175, 175, 68)  # <= 256*256*32 voxels, same factor per axis
+    assert fh.working_grid((122, 101, 112)) == (122, 101, 112)
+    assert fh.working_grid((512, 512, 200), max_voxels=None) == (512, 512, 200)
+    assert fh.working_grid((50, 40, 30), working_shape=(10, 10, 10)) == (10, 10, 10)
     volume = _noisy_blobs((32, 30, 16), seed=6)
-    out = fh.pseudo_labels(volume, (1.0, 1.0, 2.0), working_shape=(16, 15, 8), normalize=False, k=0.3)
-    assert out.shape == volume.shape
-    assert out.max() > fh.FH_ID_OFFSET
+    for kwargs in ({"working_shape": (16, 15, 8)}, {"max_voxels": 2000}):
+        out = fh.pseudo_labels(volume, (1.0, 1.0, 2.0), normalize=False, k=0.3, **kwargs)
+        assert out.shape == volume.shape
+        assert out.max() > fh.FH_ID_OFFSET
+        assert set(np.unique(out)) <= {0} | set(range(fh.FH_ID_OFFSET + 1, out.max() + 1))
 
 
 # ----------------------------------------------------------------------------------------------

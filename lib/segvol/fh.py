@@ -75,6 +75,8 @@ from scipy import ndimage
 __all__ = [
     "CONNECTIVITIES",
     "DEFAULT_K",
+    "DEFAULT_MAX_VOXELS",
+    "DEFAULT_MIN_FRACTION",
     "DEFAULT_MIN_SIZE",
     "DEFAULT_PERCENTILE",
     "DEFAULT_SIGMA",
@@ -86,6 +88,7 @@ __all__ = [
     "resize_labels",
     "segment",
     "smooth",
+    "working_grid",
 ]
 
 #: FH scale parameter ``k`` (intensity units x voxels), for intensities normalised to [0, 1].
@@ -102,6 +105,8 @@ FH_ID_OFFSET = 1000
 CONNECTIVITIES = (6, 10, 18, 26)
 #: Default fraction of the volume below which :func:`clean_labels` drops a region or component.
 DEFAULT_MIN_FRACTION = 0.001
+#: :func:`pseudo_labels` runs FH on a grid of at most this many voxels (the reference's 256x256x32).
+DEFAULT_MAX_VOXELS = 256 * 256 * 32
 
 _NBINS = 65536
 _AHEAD = 32  # prefetch distance (edges) of the union-find loop
@@ -922,6 +927,21 @@ def _gt_label_map(ground_truth: np.ndarray, shape: Tuple[int, ...]) -> np.ndarra
     return np.maximum(gt, 0)
 
 
+def working_grid(shape: Sequence[int], working_shape=None, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> Tuple[int, ...]:
+    """The grid :func:`pseudo_labels` runs FH on (see its ``working_shape`` and ``max_voxels``)."""
+    shape = tuple(int(s) for s in shape)
+    if working_shape is not None:
+        wshape = tuple(int(s) for s in working_shape)
+        if len(wshape) != len(shape) or min(wshape) < 1:
+            raise ValueError(f"bad working_shape {working_shape!r} for a volume of shape {shape}")
+        return wshape
+    n = int(np.prod(shape))
+    if not max_voxels or n <= max_voxels:
+        return shape
+    factor = (float(max_voxels) / n) ** (1.0 / len(shape))
+    return tuple(max(1, int(round(s * factor))) for s in shape)
+
+
 def pseudo_labels(
     volume: np.ndarray,
     spacing: Optional[Sequence[float]] = None,
@@ -935,14 +955,15 @@ def pseudo_labels(
     min_fraction: float = DEFAULT_MIN_FRACTION,
     fh_offset: int = FH_ID_OFFSET,
     working_shape: Optional[Sequence[int]] = None,
+    max_voxels: Optional[int] = DEFAULT_MAX_VOXELS,
     normalize: bool = True,
 ) -> np.ndarray:
     """SegVol pseudo-label map: FH regions, cleaned, with ground truth taking precedence.
 
     Steps: intensities are clipped to their 0.5-99.5 percentiles and scaled to [0, 1]
-    (``normalize``); FH regions are computed by :func:`segment` (optionally on a
-    ``working_shape`` grid: the image is resampled linearly, the labels come back with
-    :func:`resize_labels`, i.e. nearest); voxels of the ground truth are removed from the FH
+    (``normalize``); FH regions are computed by :func:`segment`, on a coarser grid for volumes
+    over ``max_voxels`` (the image is anti-aliased and resampled linearly, the labels come back
+    with :func:`resize_labels`, i.e. nearest); voxels of the ground truth are removed from the FH
     map; the remainder is cleaned by :func:`clean_labels` (drop < ``min_fraction`` of the
     volume, opening + closing, drop small components); finally the ground truth is written
     on top.  Deterministic.
@@ -966,7 +987,12 @@ def pseudo_labels(
             grid FH runs on, so the FH pass itself leaves no region that the cleaning would drop.
         min_fraction: cleaning threshold as a fraction of the volume (default 0.001).
         fh_offset: first FH id minus one.
-        working_shape: run FH on this grid instead of the native one (faster, coarser).
+        working_shape: run FH on this grid instead of the native one.
+        max_voxels: without ``working_shape``, volumes with more voxels than this run FH on a
+            grid shrunk by the same factor on every axis to fit (default ``DEFAULT_MAX_VOXELS``
+            = 256*256*32, the reference's FH grid size; ``None``: always native).  This keeps
+            the meaning of ``k`` and ``min_size`` (in voxels) comparable across resolutions and
+            bounds the cost (~1 s); the cleaning always runs at the native resolution.
         normalize: apply :func:`normalize_intensity` first (default True; the default ``k``
             assumes [0, 1] intensities).
     """
@@ -983,9 +1009,11 @@ def pseudo_labels(
             raise ValueError(f"ground-truth id {int(gt.max())} collides with FH ids (> {fh_offset}); raise fh_offset")
 
     work_sp = sp
-    if working_shape is not None and tuple(int(s) for s in working_shape) != shape:
-        wshape = tuple(int(s) for s in working_shape)
+    wshape = working_grid(shape, working_shape, max_voxels)
+    if wshape != shape:
         factors = [w / s for w, s in zip(wshape, shape)]
+        if min(factors) < 1:  # anti-aliasing before down-sampling (as skimage.transform.rescale)
+            img = ndimage.gaussian_filter(img, [max(0.0, (1 / f - 1) / 2) for f in factors], output=np.float32)
         img = ndimage.zoom(img, factors, order=1, mode="nearest", grid_mode=True)
         work_sp = tuple(s / f for s, f in zip(sp, factors))
     if min_size is None:

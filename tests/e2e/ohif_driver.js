@@ -128,14 +128,14 @@ async function waitForNotification(page, since, type, timeoutMs) {
   return (await notificationsSince(page, since)).filter(n => n.type === type);
 }
 
-async function waitForText(page, texts, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    const body = await page.evaluate(() => document.body.innerText);
-    for (const text of texts) if (body.includes(text)) return text;
-    await page.waitForTimeout(250);
-  }
-  throw new Error(`none of ${JSON.stringify(texts)} appeared within ${timeoutMs / 1000} s`);
+// Wait for one of the notifications ``texts`` (by message) shown since ``since`` (ms); -> its message.
+async function waitForMessage(page, since, texts, timeoutMs) {
+  const handle = await page.waitForFunction(({ since, texts }) => {
+    const hit = window.__notifications.find(n => n.t >= since && texts.includes(n.message));
+    return hit ? hit.message : null;
+  }, { since, texts }, { timeout: timeoutMs, polling: 100 }).catch(() => null);
+  if (!handle) throw new Error(`none of ${JSON.stringify(texts)} was shown within ${timeoutMs / 1000} s`);
+  return handle.jsonValue();
 }
 
 async function openStudy(page) {
@@ -148,18 +148,19 @@ async function openStudy(page) {
     const volume = cs.cache.getVolume(vp.getVolumeId());
     return !!(volume && volume.loadStatus && volume.loadStatus.loaded);
   }, null, { timeout: 120000, polling: 500 });
-  // Record every notification OHIF shows the user (title, message, type), to assert on what the user was told.
+  // Record every notification OHIF shows the user (title, message, type), to assert on what the user was told. The
+  // MONAI Label tabs use their own UINotificationService instances, so the class's show() is wrapped.
   await page.evaluate(() => {
-    const service = window.services.uiNotificationService;
-    if (service.__recorded) return;
+    const proto = Object.getPrototypeOf(window.services.uiNotificationService);
+    if (proto.__recorded) return;
     window.__notifications = [];
-    const show = service.show.bind(service);
-    service.show = options => {
+    const show = proto.show;
+    proto.show = function (options) {
       window.__notifications.push({ title: options.title, message: String(options.message), type: options.type,
         t: Date.now() });
-      return show(options);
+      return show.call(this, options);
     };
-    service.__recorded = true;
+    proto.__recorded = true;
   });
   const hide = page.getByRole('button', { name: 'Confirm and Hide' });
   if (await hide.count()) await hide.first().click().catch(() => {});
@@ -189,8 +190,10 @@ async function annotate(page) {
 
   await step('connect the MONAI Label panel', async () => {
     await page.fill('#monailabelServerURL', `${cfg.server}/`);
+    const since = await page.evaluate(() => Date.now());
     await page.locator('table.settingsTable button.actionButton').first().click();
-    const seen = await waitForText(page, ['Connected to MONAI Label - Successful', 'Failed to Connect'], 60000);
+    const seen = await waitForMessage(page, since, ['Connected to MONAI Label - Successful',
+      'Failed to Connect to MONAI Label'], 60000);
     if (seen !== 'Connected to MONAI Label - Successful') throw new Error(seen);
     await page.locator('label.tab-label', { hasText: 'Auto-Segmentation' }).waitFor({ timeout: 30000 });
     await page.waitForFunction(() => !!window.services.segmentationService.getLabelmapVolume('1'), null,
@@ -202,8 +205,9 @@ async function annotate(page) {
   await step('auto-segmentation', async () => {
     const auto = tab(page, 'Auto-Segmentation');
     await auto.locator('select.selectBox').selectOption(cfg.auto_model);
+    const since = await page.evaluate(() => Date.now());
     await auto.locator('button[title="Run Segmentation"]').click();
-    const seen = await waitForText(page, ['Running Segmentation - Successful', 'Failed to Run Segmentation'],
+    const seen = await waitForMessage(page, since, ['Running Segmentation - Successful', 'Failed to Run Segmentation'],
       cfg.timeout_s * 1000);
     if (seen !== 'Running Segmentation - Successful') throw new Error(seen);
     await page.waitForTimeout(2000);
@@ -216,9 +220,10 @@ async function annotate(page) {
     await classes.locator('select.selectBox').selectOption(cfg.class_model);
     const row = classes.locator('tr').filter({ has: page.locator('td', { hasText: new RegExp(`^${cfg.class_label}$`) }) });
     await row.locator('input[type="checkbox"]').check();
+    const since = await page.evaluate(() => Date.now());
     await classes.locator('button[title="Run Segmentation VISTA"]').click();
-    const seen = await waitForText(page, ['Run Class Based Inference - Successful', 'Failed to Run Class Based Inference'],
-      cfg.timeout_s * 1000);
+    const seen = await waitForMessage(page, since, ['Run Class Based Inference - Successful',
+      'Failed to Run Class Based Inference'], cfg.timeout_s * 1000);
     if (seen !== 'Run Class Based Inference - Successful') throw new Error(seen);
     await page.waitForTimeout(2000);
     return { stats: await page.evaluate(LABELMAP_STATS), segment_index: await page.evaluate(SEGMENT_INDEX, cfg.class_label),

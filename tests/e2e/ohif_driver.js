@@ -333,6 +333,27 @@ async function reopen(page) {
     })));
     return { series, screenshot: await shot(page, 'reopened') };
   });
+
+  await step('load the saved DICOM SEG back into OHIF', async () => {
+    // double-click its thumbnail: OHIF reads the SEG (DICOMweb through the server's proxy) into a labelmap
+    await page.getByText(cfg.seg_description, { exact: true }).first().dblclick();
+    const handle = await page.waitForFunction(description => {
+      const { segmentationService } = window.services;
+      const segmentation = segmentationService.getSegmentations().find(s => s.label === description);
+      const volume = segmentation && segmentationService.getLabelmapVolume(segmentation.segmentationId);
+      if (!volume) return null;
+      const data = volume.voxelManager.getCompleteScalarDataArray();
+      const counts = {};
+      for (let i = 0; i < data.length; i++) if (data[i]) counts[data[i]] = (counts[data[i]] || 0) + 1;
+      const totals = {};
+      for (const [index, count] of Object.entries(counts)) totals[segmentation.segments[index].label] = count;
+      return { segments: Object.values(segmentation.segments).filter(Boolean).map(x => [x.segmentIndex, x.label]),
+        totals, dimensions: volume.dimensions };
+    }, cfg.seg_description, { timeout: 60000, polling: 500 });
+    const loaded = await handle.jsonValue();
+    await page.waitForTimeout(1500);
+    return { loaded, screenshot: await shot(page, 'seg-loaded') };
+  });
 }
 
 (async () => {

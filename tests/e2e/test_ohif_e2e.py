@@ -216,7 +216,7 @@ def annotate(app, artifacts):
 def _drive(app, phase, artifacts, timeout=420):
     config = {"phase": phase, "server": app.url, "study": CT_STUDY, "series": CT_SERIES, "artifacts": str(artifacts),
               "chromium": CHROMIUM, "timeout_s": 240, "auto_model": "segvol_auto", "class_model": "segvol",
-              "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL}
+              "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL, "seg_description": REST_SEG}
     path = artifacts / f"{phase}-config.json"
     path.write_text(json.dumps(config))
     done = subprocess.run(["node", str(E2E / "ohif_driver.js"), str(path)], cwd=str(E2E), capture_output=True,
@@ -438,9 +438,14 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
     again = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log").wait()
     try:
         _assert_labelled(again)
-        reopened = _drive(again, "reopen", artifacts)["reopen the study after the server restart"]
+        steps = _drive(again, "reopen", artifacts)
+        reopened = steps["reopen the study after the server restart"]
         descriptions = {s["description"] for s in reopened["series"] if s["modality"] == "SEG"}
         assert {REST_SEG, OHIF_SEG} <= descriptions
+        # the saved label, read back by OHIF from the PACS, holds what the annotator saved
+        saved = annotate["save the corrected label to MONAI Label (PUT /datastore/label)"]
+        loaded = steps["load the saved DICOM SEG back into OHIF"]["loaded"]
+        assert loaded["totals"] == {s["label"]: s["total"] for s in saved["stats"]["segments"]}
     finally:
         again.stop()
 

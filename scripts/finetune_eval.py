@@ -71,13 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="eval", help="'eval' (64^3 window, default), 'small', or a JSON file")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--patch-lr-scale", type=float, default=1.0,
+                        help="learning-rate multiplier of the patch embedding (CT contrasts are ~0.01 after the "
+                             "[0, 1] normalisation; a faster-growing patch projection shortens the initial plateau)")
     parser.add_argument("--epochs", type=int, default=1000, help="upper bound; the budget decides")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--zoom-out-prob", type=float, default=0.5)
     parser.add_argument("--val-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained baseline (quick experiments)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: time a training step with 1 thread and with all cores, take the "
+                             "faster: on a busy machine one thread often wins)")
+    parser.add_argument("--loss-resolution", choices=("low", "full"), default="low",
+                        help="loss on the decoder's grid against area-averaged targets (low, ~3x cheaper on CPU) "
+                             "or on upsampled logits (full, the reference)")
     return parser
 
 
@@ -93,6 +101,42 @@ def evaluate_all(model, store, texts, only_targets: bool = False) -> dict:
                                    "mean_target": round(sum(targets) / len(targets), 4) if targets else None,
                                    "seconds": result["seconds"]}
     return out
+
+
+def pick_threads(config, tokenizer, cores: int, log) -> int:
+    """Time a representative training step (image encode + 24 prompt decodes, forward and backward) with one
+    thread and with every core; on an oversubscribed machine the multi-threaded kernels can be several times slower."""
+    import torch
+
+    from segvol.modeling.segvol import SegVol
+    from segvol.training.losses import dice_bce_loss
+
+    if cores <= 1:
+        return 1
+    torch.manual_seed(0)
+    model = SegVol(config)
+    image = torch.rand(1, 1, *config.image_size)
+    pairs = 24
+    text = torch.randn(pairs, config.hidden_size)
+    boxes = torch.tensor([[2.0, 3.0, 3.0, 20.0, 30.0, 30.0]]).expand(pairs, 6)
+    target = (torch.rand(pairs, 1, *config.low_res_size) > 0.9).float()
+
+    def step():
+        embedding = model.encode_image(image)
+        logits = model.decode(embedding.expand(pairs, -1, -1, -1, -1), text, boxes, None)
+        dice_bce_loss(logits, target).mean().backward()
+
+    timings = {}
+    for threads in (1, cores):
+        torch.set_num_threads(threads)
+        step()
+        tick = time.time()
+        for _ in range(2):
+            step()
+        timings[threads] = (time.time() - tick) / 2
+    best = min(timings, key=timings.get)
+    log.info("step time by thread count: %s -> %d thread(s)", {k: round(v, 2) for k, v in timings.items()}, best)
+    return best
 
 
 def plot(history, baseline_mean, path: str, texts) -> None:
@@ -141,8 +185,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cores = torch.get_num_threads()
     from segvol.config import SegVolConfig
     from segvol.modeling.segvol import SegVol
     from segvol.modeling.text_encoder import load_tokenizer
@@ -179,6 +222,9 @@ def main(argv=None) -> int:
         val_store[index]
     log.info("prepared %d validation cases in %.1fs", len(val_store), time.time() - started)
 
+    threads = args.threads or pick_threads(config, args.tokenizer, cores, log)
+    torch.set_num_threads(threads)
+
     # 2. the untrained baseline (same seed -> the same initial weights as training starts from)
     torch.manual_seed(args.seed)
     baseline_model = SegVol(config, load_tokenizer(args.tokenizer))
@@ -195,9 +241,10 @@ def main(argv=None) -> int:
     options = TrainOptions(
         output_dir=os.path.join(out, "run"), init="scratch", config=config.to_dict(), tokenizer=args.tokenizer,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        lr_scale={"image_encoder.patch_embedding": args.patch_lr_scale} if args.patch_lr_scale != 1 else {},
         warmup_epochs=1.0, freeze=(), seed=args.seed, zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
         val_prompt="text+box", val_mode="zoom_out", time_budget_s=train_budget, fit_budget=True, resume=False,
-        publish="best", pseudo_weight=0.0, progress=False)
+        publish="best", pseudo_weight=0.0, progress=False, loss_resolution=args.loss_resolution)
     train_started = time.time()
     result = run_training(options, train_cases, val_cases)
     train_seconds = time.time() - train_started
@@ -230,7 +277,7 @@ def main(argv=None) -> int:
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "training": {"status": result.status, "epochs": result.epoch, "steps": result.steps,
                      "seconds": round(train_seconds, 1), "lr": args.lr, "batch_size": args.batch_size,
-                     "threads": torch.get_num_threads(),
+                     "threads": threads, "loss_resolution": args.loss_resolution,
                      "final_loss": result.history[-1].get("loss") if result.history else None,
                      "best_val_epoch": result.best_epoch,
                      "best_val_mean_text_box_zoom_out": round(result.best_metric, 4)

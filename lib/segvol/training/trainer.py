@@ -79,6 +79,7 @@ class TrainOptions:
     batch_size: int = 1
     repeats: int = 1  # views per case per epoch
     lr: float = 1e-4
+    lr_scale: Dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr multiplier
     weight_decay: float = 1e-5
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -98,6 +99,8 @@ class TrainOptions:
     max_categories: int = 8  # categories trained per view (a random subset when more are present)
     pseudo_weight: float = 0.1
     pseudo_passes: int = 2  # pseudo-label decoder passes per view, alternating point / box
+    loss_resolution: str = "full"  # "full": logits upsampled to the window (the reference); "low": the decoder's
+    # grid against area-averaged targets (several times cheaper on CPU; what inference upsamples is the same logits)
     val_every: int = 1
     val_prompt: str = "text+box"
     val_mode: str = "zoom_out_zoom_in"
@@ -130,6 +133,8 @@ class TrainOptions:
             raise ValueError(f"val_prompt must be one of {PROMPTS}")
         if self.val_mode not in ("zoom_out", "zoom_out_zoom_in"):
             raise ValueError("val_mode must be zoom_out or zoom_out_zoom_in")
+        if self.loss_resolution not in ("full", "low"):
+            raise ValueError("loss_resolution must be 'full' or 'low'")
         if self.publish not in ("best", "last"):
             raise ValueError("publish must be 'best' or 'last'")
         if int(self.epochs) < 1 or int(self.batch_size) < 1 or int(self.repeats) < 1:
@@ -216,9 +221,11 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
 class TrainStep(nn.Module):
     """``forward(batch) -> (loss, parts)`` for one batch; the module DDP wraps."""
 
-    def __init__(self, model: SegVol, freeze: Sequence[str], combinations: Sequence[str], pseudo_weight: float):
+    def __init__(self, model: SegVol, freeze: Sequence[str], combinations: Sequence[str], pseudo_weight: float,
+                 loss_resolution: str = "full"):
         super().__init__()
         self.model = model
+        self.loss_resolution = loss_resolution
         self.freeze = set(freeze)
         self.combinations = tuple(combinations)
         self.pseudo_weight = float(pseudo_weight)
@@ -254,8 +261,17 @@ class TrainStep(nn.Module):
         boxes = stack_boxes(prompts, device) if use_box else None
         points = stack_points(prompts, device) if use_points else None
         low_res = self.model.decode(embedding[index], text, boxes, points)
-        logits = self.model.upsample(low_res)
+        logits = low_res if self.loss_resolution == "low" else self.model.upsample(low_res)
         return dice_bce_loss(logits, truth).mean()
+
+    def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
+        """(N, 1, *image_size) float targets, area-averaged to the decoder's grid for ``loss_resolution='low'``."""
+        truth = torch.from_numpy(np.stack(masks)[:, None]).to(device=device, dtype=torch.float32)
+        if self.loss_resolution == "low":
+            factor = [s // l for s, l in zip(self.model.config.image_size, self.model.config.low_res_size)]
+            if any(f > 1 for f in factor):
+                truth = torch.nn.functional.avg_pool3d(truth, kernel_size=factor, stride=factor)
+        return truth
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         model = self.model
@@ -268,7 +284,7 @@ class TrainStep(nn.Module):
         parts: Dict[str, float] = {}
         losses = []
         if batch.targets:
-            truth = torch.from_numpy(np.stack([t.mask for t in batch.targets])[:, None]).to(images.device)
+            truth = self._truth([t.mask for t in batch.targets], images.device)
             names = list(dict.fromkeys(t.text for t in batch.targets))
             table = self.text_embeddings(names)
             text_index = torch.as_tensor([names.index(t.text) for t in batch.targets], device=images.device)
@@ -283,7 +299,7 @@ class TrainStep(nn.Module):
                 group = [t for k, t in batch.pseudo if k == kind]
                 if not group:
                     continue
-                truth = torch.from_numpy(np.stack([t.mask for t in group])[:, None]).to(images.device)
+                truth = self._truth([t.mask for t in group], images.device)
                 loss = self._decode_loss(embedding, group, False, kind == "box", kind == "point", None, None, truth)
                 losses.append(self.pseudo_weight * loss)
                 parts[f"pseudo_{kind}"] = float(loss.detach())
@@ -353,6 +369,18 @@ def freeze_parameters(model: SegVol, freeze: Sequence[str]) -> Dict[str, int]:
         module.requires_grad_(False)
     return {name: sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
             for name, modules in groups.items()}
+
+
+def _parameter_groups(model: SegVol, lr: float, scales: Dict[str, float]) -> List[Dict[str, Any]]:
+    """Trainable parameters in groups by learning-rate multiplier (the longest matching name prefix wins)."""
+    groups: Dict[float, List[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        matches = [prefix for prefix in scales if name.startswith(prefix)]
+        scale = float(scales[max(matches, key=len)]) if matches else 1.0
+        groups.setdefault(scale, []).append(parameter)
+    return [{"params": params, "lr": lr * scale} for scale, params in sorted(groups.items())]
 
 
 def _set_modes(model: SegVol, freeze: Sequence[str]) -> None:
@@ -498,7 +526,8 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError(f"nothing to train: every part is frozen ({', '.join(options.freeze)})")
-    optimizer = torch.optim.AdamW(parameters, lr=float(options.lr), weight_decay=float(options.weight_decay))
+    optimizer = torch.optim.AdamW(_parameter_groups(model, float(options.lr), options.lr_scale),
+                                  lr=float(options.lr), weight_decay=float(options.weight_decay))
     per_epoch = len(train_store) * int(options.repeats)
     steps_per_epoch = max(1, math.ceil(per_epoch / (world * int(options.batch_size))))
     total_epochs = int(options.epochs)
@@ -525,7 +554,8 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
             scheduler.set_total(total_epochs * steps_per_epoch)
         meta = None  # free the optimizer copy
 
-    step_module = TrainStep(model, options.freeze, options.combinations, options.pseudo_weight)
+    step_module = TrainStep(model, options.freeze, options.combinations, options.pseudo_weight,
+                            options.loss_resolution)
     runner: nn.Module = step_module
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

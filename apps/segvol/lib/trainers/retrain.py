@@ -3,8 +3,9 @@ one training run through MONAI Label's own train queue (one worker: runs never o
 
 The count lives in ``<app>/model/retrain_state.json`` (written atomically under a lock), so a restart keeps it.
 ``on_save_label`` does not tell which tag was saved, so a save counts when the image's *final* label carries a
-newer timestamp (``ts``, set by the datastore on every save) than the last one counted for that image; saves of other
-tags (e.g. ``original`` predictions) leave it unchanged. Datastores without label timestamps count every save.
+fresh timestamp (``ts``, set by the datastore on every save: within the last two minutes) newer than the last one
+counted for that image; saves of other tags (e.g. ``original`` predictions) leave it unchanged, as does a save for an
+image without a final label. Datastores without label info count every save.
 
 When the threshold is reached and no run is already waiting in the queue, one run is queued and the count restarts
 from zero; if a run is already waiting (not yet started), nothing more is queued: that run will read the datastore,
@@ -20,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 logger = logging.getLogger(__name__)
+MISSING = object()
 
 
 class RetrainCounter:
@@ -65,6 +67,8 @@ class RetrainCounter:
             state = self.read()
             stamp = _final_stamp(datastore, label_id or image_id)
             key = str(label_id or image_id)
+            if stamp is MISSING:  # another tag was saved for an image without a final label
+                return {"retrain": {"counted": False, "count": state["count"], "threshold": self.threshold}}
             if stamp is not None and (state["seen"].get(key) == stamp or time.time() - stamp > self.FRESH_S):
                 # the final label did not change: another tag was saved (or the same final within one second)
                 return {"retrain": {"counted": False, "count": state["count"], "threshold": self.threshold}}
@@ -96,11 +100,14 @@ class RetrainCounter:
             return {"retrain": summary}
 
 
-def _final_stamp(datastore, label_id: str) -> Optional[int]:
+def _final_stamp(datastore, label_id: str):
+    """The final label's save time; ``MISSING`` when the image has no final label; None when unknown."""
     try:
-        info = datastore.get_label_info(label_id, "final") or {}
-    except Exception:  # remote datastores: no label info
+        info = datastore.get_label_info(label_id, "final")
+    except Exception:  # a datastore without label info: every save counts
         return None
+    if not info:
+        return MISSING
     stamp = info.get("ts")
     return int(stamp) if isinstance(stamp, (int, float)) else None
 

@@ -104,6 +104,43 @@ class SegVolApp(MONAILabelApp):
         return {m: super(SegVolApp, self).async_scoring(m, params).get(m) for m in self.auto_scoring
                 if m in self._scoring_methods}
 
+    def init_remote_datastore(self):
+        """DICOMweb datastore (``--studies http(s)://...``), offline and failing clearly.
+
+        ``deploy/dcmqi`` (a pydicom-seg DICOM SEG writer) goes on PATH so MONAI Label does not try to download dcmqi;
+        a save the DICOMweb server refuses is answered 502 with the reason (nothing stored, the client keeps the
+        label); ``/info`` (also called by ``/infer``) survives an unreachable server with the last known status.
+        """
+        import shutil
+        import sys
+
+        tools = os.path.join(PROJECT_DIR, "deploy", "dcmqi")
+        if not shutil.which("itkimage2segimage") and os.path.isdir(tools):
+            os.environ["PATH"] = os.pathsep.join([tools, os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        datastore = super().init_remote_datastore()
+        save_label, status, last = datastore.save_label, datastore.status, {}
+
+        def save_label_or_502(image_id, label_filename, label_tag, label_info, label_id=""):
+            try:
+                return save_label(image_id, label_filename, label_tag, label_info, label_id)
+            except HTTPException:
+                raise
+            except Exception as error:
+                logger.exception("label of %s not saved", image_id)
+                raise HTTPException(status_code=502, detail=f"label of {image_id} not saved: the DICOMweb server "
+                                    f"{self.studies} did not take it ({type(error).__name__}: {error}); nothing was "
+                                    "stored, keep the label and save again") from None
+
+        def status_or_last():
+            try:
+                last.update(status())
+                return dict(last)
+            except Exception as error:
+                return {**last, "error": f"DICOMweb server {self.studies} unreachable: {error}"}
+
+        datastore.save_label, datastore.status = save_label_or_502, status_or_last
+        return datastore
+
     def info(self):
         """``/info`` with the app-level ``labels`` as a list of names in index order (each model keeps its
         ``{name: index}`` dict). OHIF v3's MONAI Label panel (the build shipped in monailabel 0.8.5) does

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(ROOT / "runs" / "finetune_eval"), help="output folder")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="CLIP tokenizer folder")
     parser.add_argument("--config", default="eval", help="'eval' (64^3 window, default), 'small', or a JSON file")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--patch-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the patch embedding (CT contrasts are ~0.01 after the "
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=1000, help="upper bound; the budget decides")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--zoom-out-prob", type=float, default=0.5)
+    parser.add_argument("--max-categories", type=int, default=8, help="categories trained per view")
     parser.add_argument("--val-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained baseline (quick experiments)")
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
         output_dir=os.path.join(out, "run"), init="scratch", config=config.to_dict(), tokenizer=args.tokenizer,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         lr_scale={"image_encoder.patch_embedding": args.patch_lr_scale} if args.patch_lr_scale != 1 else {},
-        warmup_epochs=1.0, freeze=(), seed=args.seed, zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
+        warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
+        zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
         val_prompt="text+box", val_mode="zoom_out", time_budget_s=train_budget, fit_budget=True, resume=False,
         publish="best", pseudo_weight=0.0, progress=False, loss_resolution=args.loss_resolution)
     train_started = time.time()

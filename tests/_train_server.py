@@ -3,6 +3,7 @@ real ``monailabel start_server``, plus helpers to save labels and wait for train
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,13 +26,18 @@ def copy_app(destination: Path) -> Path:
 class AppServer(Server):
     """``_server.Server`` for another app folder."""
 
-    def __init__(self, app: Path, studies: Path, conf: Dict[str, str], log: Path):
-        original = _server.APP
+    def __init__(self, app: Path, studies: Path, conf: Dict[str, str], log: Path, threads: int = 1):
+        original, environ = _server.APP, os.environ.get("OMP_NUM_THREADS")
         _server.APP = app
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # tiny networks: one thread (also in the train subprocesses)
         try:
             super().__init__(studies, conf, log)
         finally:
             _server.APP = original
+            if environ is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = environ
         self.app = app
 
     def save_label(self, image: str, path: Path, tag: str = "final", params: Optional[dict] = None) -> dict:

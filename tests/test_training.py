@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -22,18 +23,30 @@ from _train_data import TINY, write_dataset
 NAMES = {1: "zorblax gland", 2: "Brainstem"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks train fastest on one thread (and a busy 2-core machine makes two threads much slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     write_dataset(root / "train", 4, NAMES, seed=1, pseudo=True)
     write_dataset(root / "val", 2, NAMES, seed=2, start=10)
+    # the learning test: more variety, one named structure (the dark ball's value 2 has no name: it is ignored)
+    write_dataset(root / "more", 12, {1: "zorblax gland"}, seed=3, start=20)
+    write_dataset(root / "more_val", 2, {1: "zorblax gland"}, seed=2, start=10)
     return root
 
 
 def options(tmp_path, tokenizer_dir, **overrides) -> TrainOptions:
     values = dict(output_dir=str(tmp_path / "run"), init="scratch", config=TINY.to_dict(),
                   tokenizer=str(tokenizer_dir), epochs=2, lr=2e-3, freeze=(), val_prompt="text", val_mode="zoom_out",
-                  resume=False, progress=False, warmup_epochs=0.5)
+                  resume=False, progress=False, warmup_epochs=0.5, loss_resolution="low")
     values.update(overrides)
     return TrainOptions(**values)
 
@@ -241,23 +254,26 @@ def test_a_new_label_name_becomes_a_working_text_prompt(tmp_path, dataset, token
 
     vocabulary = Vocabulary.load()
     assert vocabulary.find("zorblax gland") is None
-    cases = load_dataset(str(dataset / "train"))
-    result = run_training(options(tmp_path, tokenizer_dir, epochs=8, lr=3e-3, zoom_out_prob=0.7), cases,
-                          load_dataset(str(dataset / "val")))
-    model = segvol.load_model(str(tmp_path / "run" / "best.pt"), tokenizer=str(tokenizer_dir))
+    val = load_dataset(str(dataset / "more_val"))
+    run_training(options(tmp_path, tokenizer_dir, epochs=20, repeats=2, zoom_out_prob=0.7, val_every=10),
+                 load_dataset(str(dataset / "more")), val)
+    model = segvol.load_model(str(tmp_path / "run" / "last.pt"), tokenizer=str(tokenizer_dir))
     assert "zorblax gland" in model.vocabulary
     vocabulary.extend(model.vocabulary)  # what the app's service does when it loads the checkpoint
     assert vocabulary.resolve("Zorblax_Gland") == "zorblax gland"
-    store = CaseStore(load_dataset(str(dataset / "val")), TINY.image_size,
-                      lambda n: vocabulary.resolve(n, allow_free_text=True), keep_original_label=True)
-    scores = evaluate(model, store, prompt="text", mode="zoom_out")["per_label"]
-    assert scores["zorblax gland"] > 0.5, (scores, [h.get("val") for h in result.history])
-    untrained = segvol.SegVol(TINY, model.tokenizer)
-    assert evaluate(untrained, store, prompt="text", mode="zoom_out")["per_label"]["zorblax gland"] < 0.3
-    label = SegVolEngine(model, mode="zoom_out_zoom_in").segment(str(dataset / "val" / "case_10_ct.nii.gz"),
-                                                                  texts=["zorblax gland"]).label
-    truth = np.asarray(__import__("nibabel").load(str(dataset / "val" / "case_10_seg.nii.gz")).dataobj) == 1
-    assert 2 * (label.astype(bool) & truth).sum() / (label.astype(bool).sum() + truth.sum()) > 0.5
+    store = CaseStore(val, TINY.image_size, lambda n: vocabulary.resolve(n, allow_free_text=True),
+                      keep_original_label=True)
+    trained = evaluate(model, store, prompt="text", mode="zoom_out")["per_label"]["zorblax gland"]
+    torch.manual_seed(0)
+    untrained = evaluate(segvol.SegVol(TINY, model.tokenizer), store, prompt="text",
+                         mode="zoom_out")["per_label"]["zorblax gland"]
+    assert trained > 0.35 and trained > untrained + 0.25, (trained, untrained)
+    result = SegVolEngine(model).segment(str(dataset / "more_val" / "case_10_ct.nii.gz"), texts=["zorblax gland"],
+                                         return_probabilities=True)
+    truth = np.asarray(nib.load(str(dataset / "more_val" / "case_10_seg.nii.gz")).dataobj)
+    probability = result.probabilities["zorblax gland"]
+    assert result.labels == {"zorblax gland": 1} and result.label.any()
+    assert probability[truth == 1].mean() > 0.3 > 0.05 > probability[truth == 2].mean()  # the bright ball, only
 
 
 def test_ddp_two_cpu_processes(tmp_path, dataset, tokenizer_dir):

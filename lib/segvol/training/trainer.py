@@ -349,6 +349,20 @@ def tokenizer_dir(options: TrainOptions) -> str:
     return found
 
 
+def init_text_tower_like_clip(model: SegVol) -> None:
+    """CLIP's own initialisation of the token and position embeddings (std 0.02 / 0.01) for a from-scratch model.
+
+    With PyTorch's default N(0, 1) embeddings the pooled end-of-text state is dominated by that token's own
+    embedding: same-length names such as "parotid gland left" / "parotid gland right" come out identical (cosine
+    1.000), so a text prompt could not tell them apart until the tower had been retrained. CLIP's small embeddings
+    let the attention over the name's tokens dominate instead."""
+    embeddings = model.text_encoder.clip_text_model.embeddings
+    with torch.no_grad():
+        nn.init.normal_(embeddings.token_embedding.weight, std=0.02)
+        nn.init.normal_(embeddings.position_embedding.weight, std=0.01)
+    model.text_encoder.clear_cache()
+
+
 def freeze_parameters(model: SegVol, freeze: Sequence[str]) -> Dict[str, int]:
     """Set ``requires_grad`` by the freeze list (plus the never-used parameters); -> trainable counts per part."""
     for parameter in model.parameters():
@@ -500,7 +514,9 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
                         resumed_from["step"], meta.get("status"))
     elif options.init == "scratch":
         torch.manual_seed(options.seed)
-        model = SegVol(resolve_config(options.config), load_tokenizer(tokenizer)).to(device)
+        model = SegVol(resolve_config(options.config), load_tokenizer(tokenizer))
+        init_text_tower_like_clip(model)
+        model = model.to(device)
         model.vocabulary = []
     else:
         model = load_model(init_path(options), device=str(device), tokenizer=tokenizer)

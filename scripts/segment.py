@@ -122,6 +122,7 @@ def main(argv=None) -> int:
                 "seconds": {**stats["seconds"], "wall": round(time.perf_counter() - start, 3)},
                 "encoder_forwards": stats["encoder_forwards"],
                 "decoder_calls": stats["decoder_calls"],
+                "decoded_prompts": stats["decoded_prompts"],
                 "windows_used": stats["windows"]["used"],
                 "windows_skipped": stats["windows"]["skipped"],
                 "prompts_dropped": stats["prompts_dropped"],

@@ -8,7 +8,8 @@ windows, prompt mapping, blending, mapping back) can be checked voxel by voxel:
 * a box keeps only voxels inside it; positive points add a ball, negative points remove one;
 * logits are +8 inside the selection and -8 outside, at low resolution, then upsampled like SegVol.
 
-Every encode and decode is recorded, with the embedding's identity, so tests can see which window got which prompt.
+Every encode and every decoded prompt set is recorded with the encoding's serial number, so tests can see which
+window got which prompt.
 """
 from __future__ import annotations
 
@@ -49,34 +50,38 @@ class OracleModel(nn.Module):
         return torch.tensor(rows)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        embedding = F.interpolate(image.float(), size=self.config.low_res_size, mode="area")
-        self.encoded.append({"id": id(embedding), "image": image.detach().clone()})
-        return embedding
+        """-> (B, 2, *low_res): channel 0 the image at low resolution, channel 1 a serial number identifying the
+        encoding (it survives the engine batching several windows' embeddings together)."""
+        low = F.interpolate(image.float(), size=self.config.low_res_size, mode="area")
+        serial = len(self.encoded)
+        self.encoded.append({"id": serial, "image": image.detach().clone()})
+        return torch.cat([low, torch.full_like(low, float(serial))], dim=1)
 
     def decode(self, image_embedding, text_embedding=None, boxes=None, points=None) -> torch.Tensor:
         sizes = [t.shape[0] for t in (text_embedding, boxes) if t is not None]
         if points is not None:
             sizes.append(points[0].shape[0])
         batch = max(sizes + [image_embedding.shape[0]])
-        self.decoded.append({
-            "id": id(image_embedding),
-            "names": None if text_embedding is None else [self.names[int(v)] for v in text_embedding[:, 0]],
-            "boxes": None if boxes is None else boxes.reshape(batch, 6).clone().numpy(),
-            "points": None if points is None else (points[0].clone().numpy(), points[1].clone().numpy()),
-        })
         low = self.config.low_res_size
         scale = torch.tensor(self.config.image_size, dtype=torch.float32) / torch.tensor(low, dtype=torch.float32)
         grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in low], indexing="ij")
         coords = torch.stack([(g + 0.5) * s - 0.5 for g, s in zip(grids, scale)], dim=-1)  # window voxel coords
         out = []
         for b in range(batch):
-            image = image_embedding[min(b, image_embedding.shape[0] - 1), 0]
+            embedding = image_embedding[min(b, image_embedding.shape[0] - 1)]
+            image = embedding[0]
+            box = None if boxes is None else boxes.reshape(batch, 6)[b]
+            self.decoded.append({
+                "id": int(embedding[1].flatten()[0]),
+                "name": None if text_embedding is None else self.names[int(text_embedding[b, 0])],
+                "box": None if box is None else box.clone().numpy(),
+                "points": None if points is None else (points[0][b].clone().numpy(), points[1][b].clone().numpy()),
+            })
             region = torch.ones(low, dtype=torch.bool)
             if text_embedding is not None:
                 value = self.values[self.names[int(text_embedding[b, 0])]]
                 region &= (image - value).abs() < self.tolerance
-            if boxes is not None:
-                box = boxes.reshape(batch, 6)[b]
+            if box is not None:
                 region &= ((coords >= box[:3] - 0.5) & (coords <= box[3:] + 0.5)).all(-1)
             if points is not None:
                 balls = [((coords - p).norm(dim=-1) <= BALL_RADIUS, int(l)) for p, l in zip(points[0][b], points[1][b])]
@@ -90,8 +95,9 @@ class OracleModel(nn.Module):
     def upsample(self, low_res):
         return F.interpolate(low_res, size=self.config.image_size, mode="trilinear", align_corners=False)
 
-    def decodes_for(self, embedding_id: int) -> List[dict]:
-        return [d for d in self.decoded if d["id"] == embedding_id]
+    def decodes_for(self, serial: int) -> List[dict]:
+        """The prompt sets decoded against encoding ``serial`` (one record per prompt set)."""
+        return [d for d in self.decoded if d["id"] == serial]
 
     def reset(self):
         self.encoded.clear()

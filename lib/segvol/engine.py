@@ -227,6 +227,8 @@ class SegVolEngine:
         self._model_tag = str(getattr(model, "checkpoint_id", None) or id(model))
         self._counters: Dict[str, int] = {}
         self.progress_after_s = 2.0
+        self.window_block = 8  # windows encoded before their decodes run together
+        self.decode_batch = 4  # prompt sets per decoder call (bounds the decoder's activation memory)
         self._lock = threading.RLock()  # one segment() at a time: the caches and counters are shared
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ class SegVolEngine:
         if mode not in MODES:
             raise BadRequestError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
         names = _check_texts(texts)
-        self._counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoder_cache_hits": 0,
+        self._counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoded_prompts": 0, "decoder_cache_hits": 0,
                           "embedding_cache_hits": 0}
         seconds: Dict[str, float] = {}
         clock = _Clock(seconds)
@@ -401,6 +403,7 @@ class SegVolEngine:
         with self._autocast():
             low_res = self.model.decode(embedding, text_embedding, boxes, points).float()
         self._counters["decoder_calls"] += 1
+        self._counters["decoded_prompts"] += low_res.shape[0]
         return low_res
 
     def _text(self, names: Sequence[str]) -> torch.Tensor:
@@ -432,7 +435,12 @@ class SegVolEngine:
             coords = torch.as_tensor(frames.native_to_zoom_points(prompts.points), dtype=torch.float32, device=device)
             labels = torch.as_tensor(prompts.labels, dtype=torch.float32, device=device)
             point_prompt = (coords[None].expand(count, -1, -1), labels[None].expand(count, -1))
-        low_res = self._decode(embedding, text, boxes, point_prompt)
+        low_res = torch.cat([
+            self._decode(embedding, None if text is None else text[i:i + self.decode_batch],
+                         None if boxes is None else boxes[i:i + self.decode_batch],
+                         None if point_prompt is None else (point_prompt[0][i:i + self.decode_batch],
+                                                            point_prompt[1][i:i + self.decode_batch]))
+            for i in range(0, count, self.decode_batch)])
         logits = self.model.upsample(low_res)[:, 0]  # (B, Z0, Z1, Z2)
         plans = []
         for index, name in enumerate(categories):
@@ -511,65 +519,79 @@ class SegVolEngine:
 
     def _zoom_in(self, prepared: PreparedImage, plans: List[CategoryPlan], prompts: NativePrompts, zoom_in: ZoomInPlan,
                  with_text: bool, seconds: Dict[str, float]) -> Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]:
-        """Run every used window once: encode (or reuse), decode each category needing it. -> low-res logits."""
+        """Run every used window once: encode (or reuse), decode each category needing it. -> low-res logits.
+
+        Windows go in blocks of ``window_block``: encode the block's windows, then decode all their requests
+        together, batched across windows and categories (a batch of prompt sets costs about half per set on CPU).
+        """
         out: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]] = {}
         seconds.setdefault("zoom_in_encode", 0.0)
         seconds.setdefault("zoom_in_decode", 0.0)
         if not zoom_in.used:
             return out
-        device = self.model.device
         text_embeddings = dict(zip([p.name for p in plans], self._text([p.name for p in plans]))) if with_text else {}
         started = time.perf_counter()
-        for step, index in enumerate(zoom_in.used):
-            window = zoom_in.windows[index]
-            needing = [p for p in plans if index in p.windows]
-            requests = []
-            for plan in needing:
-                box, points = self._window_prompts(plan, window, prompts)
-                key = (self._model_tag, prepared.key, window.start, plan.name if with_text else None,
-                       None if box is None else tuple(int(v) for v in box),
-                       None if points is None else (points[0].round(4).tobytes(), points[1].tobytes()))
-                cached = self.decodes.get(key)
-                if cached is not None:
-                    self._counters["decoder_cache_hits"] += 1
-                    out[(index, plan.name)] = (key, cached)
-                else:
-                    requests.append((plan, box, points, key))
-            if requests:
-                tick = time.perf_counter()
-                image = torch.from_numpy(window.extract(prepared.native))[None, None]
-                embedding = self._embedding(prepared, window.start, image)
-                seconds["zoom_in_encode"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                # One decoder call per prompt structure (with / without a box); points are the same for all.
-                for has_box in (True, False):
-                    group = [r for r in requests if (r[1] is not None) == has_box]
-                    if not group:
-                        continue
-                    text = torch.stack([text_embeddings[r[0].name] for r in group]) if with_text else None
-                    boxes = None
-                    if has_box:
-                        boxes = torch.as_tensor(np.stack([r[1] for r in group]), dtype=torch.float32, device=device)
-                    point_prompt = None
-                    if group[0][2] is not None:
-                        coords = torch.as_tensor(group[0][2][0], dtype=torch.float32, device=device)
-                        labels = torch.as_tensor(group[0][2][1], dtype=torch.float32, device=device)
-                        point_prompt = (coords[None].expand(len(group), -1, -1), labels[None].expand(len(group), -1))
-                    if text is None and boxes is None and point_prompt is None:
-                        continue  # cannot happen for an active window; guard against a prompt-less decode
-                    low_res = self._decode(embedding, text, boxes, point_prompt)
-                    for (plan, _, _, key), logits in zip(group, low_res):
-                        logits = logits[None]
-                        self.decodes.put(key, logits, _tensor_bytes(logits))
-                        out[(index, plan.name)] = (key, logits)
-                seconds["zoom_in_decode"] += time.perf_counter() - tick
-            elapsed = time.perf_counter() - started
-            # Per-window progress is INFO once a run is long enough for someone to wait on it, DEBUG before.
-            logger.log(logging.INFO if elapsed > self.progress_after_s else logging.DEBUG,"zoom-in window %d/%d at %s for %s: %s, %.1fs elapsed, about %.0fs left", step + 1,
-                        len(zoom_in.used), window.start, ", ".join(p.name for p in needing),
-                        "decoded" if requests else "all cached", elapsed,
-                        elapsed / (step + 1) * (len(zoom_in.used) - step - 1))
+        for first in range(0, len(zoom_in.used), self.window_block):
+            block = zoom_in.used[first:first + self.window_block]
+            requests = []  # (window index, plan, box, points, cache key, embedding)
+            for step, index in enumerate(block, start=first):
+                window = zoom_in.windows[index]
+                needing = [p for p in plans if index in p.windows]
+                pending = []
+                for plan in needing:
+                    box, points = self._window_prompts(plan, window, prompts)
+                    key = (self._model_tag, prepared.key, window.start, plan.name if with_text else None,
+                           None if box is None else tuple(int(v) for v in box),
+                           None if points is None else (points[0].round(4).tobytes(), points[1].tobytes()))
+                    cached = self.decodes.get(key)
+                    if cached is not None:
+                        self._counters["decoder_cache_hits"] += 1
+                        out[(index, plan.name)] = (key, cached)
+                    elif box is not None or points is not None or with_text:
+                        pending.append((index, plan, box, points, key))
+                if pending:
+                    tick = time.perf_counter()
+                    image = torch.from_numpy(window.extract(prepared.native))[None, None]
+                    embedding = self._embedding(prepared, window.start, image)
+                    requests += [request + (embedding,) for request in pending]
+                    seconds["zoom_in_encode"] += time.perf_counter() - tick
+                elapsed = time.perf_counter() - started
+                # Per-window progress is INFO once a run is long enough for someone to wait on it, DEBUG before.
+                logger.log(logging.INFO if elapsed > self.progress_after_s else logging.DEBUG,
+                           "zoom-in window %d/%d at %s for %s: %s, %.1fs elapsed, about %.0fs left", step + 1,
+                           len(zoom_in.used), window.start, ", ".join(p.name for p in needing),
+                           "to decode" if pending else "all cached", elapsed,
+                           elapsed / (step + 1) * (len(zoom_in.used) - step - 1))
+            tick = time.perf_counter()
+            self._decode_requests(requests, text_embeddings if with_text else None, out)
+            seconds["zoom_in_decode"] += time.perf_counter() - tick
         return out
+
+    def _decode_requests(self, requests, text_embeddings, out) -> None:
+        """Decode window requests in batches of the same prompt structure (box or not, number of points)."""
+        device = self.model.device
+        groups: Dict[Tuple[bool, int], list] = {}
+        for request in requests:
+            points = request[3]
+            groups.setdefault((request[2] is not None, 0 if points is None else len(points[1])), []).append(request)
+        for (has_box, point_count), group in groups.items():
+            for start in range(0, len(group), self.decode_batch):
+                chunk = group[start:start + self.decode_batch]
+                embedding = torch.cat([r[5] for r in chunk])
+                text = torch.stack([text_embeddings[r[1].name] for r in chunk]) if text_embeddings else None
+                boxes = None
+                if has_box:
+                    boxes = torch.as_tensor(np.stack([r[2] for r in chunk]), dtype=torch.float32, device=device)
+                point_prompt = None
+                if point_count:
+                    coords = torch.as_tensor(np.stack([r[3][0] for r in chunk]), dtype=torch.float32, device=device)
+                    labels = torch.as_tensor(np.stack([r[3][1] for r in chunk]), dtype=torch.float32, device=device)
+                    point_prompt = (coords, labels)
+                low_res = self._decode(embedding, text, boxes, point_prompt)
+                for (index, plan, _, _, key, _), logits in zip(chunk, low_res):
+                    logits = logits[None].clone()  # its own storage: the cache must not pin the whole batch
+                    self.decodes.put(key, logits, _tensor_bytes(logits))
+                    out[(index, plan.name)] = (key, logits)
 
     # ---------------------------------------------------------------------------------------------------------------
     # blending and merging

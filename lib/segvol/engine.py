@@ -120,6 +120,20 @@ class NativePrompts:
         return self.box is not None or len(self.points) > 0
 
 
+class PackedMask:
+    """A 3-D boolean mask stored 8 voxels per byte (a category's zoom-out foreground can span the whole CT)."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape = tuple(mask.shape)
+        self.bits = np.packbits(mask, axis=-1)
+
+    def region(self, low, high) -> np.ndarray:
+        """The mask on ``[low, high)`` (per axis) as a bool array."""
+        (d0, h0, w0), (d1, h1, w1) = [int(v) for v in low], [int(v) for v in high]
+        packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8]
+        return np.unpackbits(packed, axis=-1)[..., w0 % 8:w0 % 8 + (w1 - w0)].astype(bool)
+
+
 @dataclass
 class CategoryPlan:
     """Zoom-out outcome of one category: its logits in the zoom frame and its foreground at native resolution."""
@@ -128,7 +142,7 @@ class CategoryPlan:
     value: int
     zoom_logits: torch.Tensor  # (Z0, Z1, Z2) on the model device
     support: Optional[np.ndarray] = None  # native box where zoom-out logits can be > 0
-    foreground: Optional[np.ndarray] = None  # bool mask over ``support``
+    foreground: Optional["PackedMask"] = None  # over ``support``
     foreground_box: Optional[np.ndarray] = None  # tight native box of the zoom-out foreground
     windows: List[int] = field(default_factory=list)  # indices into ZoomInPlan.windows
 
@@ -142,14 +156,14 @@ class CategoryPlan:
         if self.foreground_box is None or window.box_to_window(self.foreground_box) is None:
             return False
         low, high = self._overlap(window)
-        return bool(self.foreground[tuple(slice(a - s, b - s) for a, b, s in zip(low, high, self.support[:3]))].any())
+        return bool(self.foreground.region(low - self.support[:3], high - self.support[:3]).any())
 
     def foreground_in(self, window: Window) -> Optional[np.ndarray]:
         """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
         if not self.has_foreground(window):
             return None
         low, high = self._overlap(window)
-        part = self.foreground[tuple(slice(a - s, b - s) for a, b, s in zip(low, high, self.support[:3]))]
+        part = self.foreground.region(low - self.support[:3], high - self.support[:3])
         out = np.zeros(window.valid_shape, dtype=bool)
         out[tuple(slice(a - w, b - w) for a, b, w in zip(low, high, window.start))] = part
         return out
@@ -449,8 +463,10 @@ class SegVolEngine:
             if zoom_box is not None:
                 plan.support = frames.zoom.native_support(zoom_box)
                 native_logits = frames.zoom.upsample_region(plan.zoom_logits, plan.support)
-                plan.foreground = (native_logits > 0).cpu().numpy()
-                tight = bounding_box(plan.foreground)
+                mask = (native_logits > 0).cpu().numpy()
+                del native_logits
+                tight = bounding_box(mask)
+                plan.foreground = PackedMask(mask)
                 if tight is not None:
                     plan.foreground_box = tight + np.tile(plan.support[:3], 2)
             plans.append(plan)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--zoom-out-prob", type=float, default=0.5)
     parser.add_argument("--max-categories", type=int, default=8, help="categories trained per view")
+    parser.add_argument("--combinations-per-step", type=int, default=0,
+                        help="decode a random k of the six prompt combinations per step (0: all six)")
     parser.add_argument("--val-every", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained baseline (quick experiments)")
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         lr_scale={"image_encoder.patch_embedding": args.patch_lr_scale} if args.patch_lr_scale != 1 else {},
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
+        combinations_per_step=args.combinations_per_step,
         zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
         val_prompt="text+box", val_mode="zoom_out", time_budget_s=train_budget, fit_budget=True, resume=False,
         publish="best", pseudo_weight=0.0, progress=False, loss_resolution=args.loss_resolution)

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--combinations", default=",".join(defaults.combinations))
     prompts.add_argument("--max-categories", type=int, default=defaults.max_categories)
     prompts.add_argument("--pseudo-weight", type=float, default=defaults.pseudo_weight)
+    prompts.add_argument("--loss-resolution", choices=("full", "low"), default=defaults.loss_resolution,
+                         help="full: logits upsampled to the window (the reference); low: the decoder's grid "
+                              "against area-averaged targets (several times cheaper on CPU)")
     val = parser.add_argument_group("validation")
     val.add_argument("--val-every", type=int, default=defaults.val_every)
     val.add_argument("--val-prompt", default=defaults.val_prompt, choices=("text", "text+box", "box"))
@@ -120,6 +123,7 @@ def main(argv=None) -> int:
         pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,
         max_negative=args.max_negative, boundary_fraction=args.boundary_fraction, combinations=args.combinations,
         max_categories=args.max_categories, pseudo_weight=args.pseudo_weight, val_every=args.val_every,
+        loss_resolution=args.loss_resolution,
         val_prompt=args.val_prompt, val_mode=args.val_mode,
         time_budget_s=args.minutes * 60 if args.minutes > 0 else None,
         resume={"auto": "auto", "yes": True, "no": False}[args.resume], publish_path=args.publish,

@@ -29,6 +29,7 @@ joins a process group that ``torchrun`` set up.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -63,6 +64,7 @@ logger = logging.getLogger("segvol.training")
 FREEZABLE = ("image_encoder", "text_encoder", "dim_align", "prompt_encoder", "mask_decoder")
 DEFAULT_FREEZE = ("image_encoder", "text_encoder")  # the SegVol maintainers' advice for fine-tuning
 LAST = "last.pt"
+DDP_TIMEOUT = datetime.timedelta(hours=2)  # other ranks wait while rank 0 validates
 BEST = "best.pt"
 
 
@@ -96,6 +98,7 @@ class TrainOptions:
     max_negative: int = 10
     boundary_fraction: float = 0.5
     combinations: Tuple[str, ...] = COMBINATIONS
+    combinations_per_step: int = 0  # 0: every combination every step; k: a random k of them per step (cheaper steps)
     max_categories: int = 8  # categories trained per view (a random subset when more are present)
     pseudo_weight: float = 0.1
     pseudo_passes: int = 2  # pseudo-label decoder passes per view, alternating point / box
@@ -194,9 +197,11 @@ class Batch:
     targets: List[Target]
     pseudo: List[Tuple[str, Target]] = field(default_factory=list)  # (kind, target)
     kinds: List[str] = field(default_factory=list)
+    combinations: Optional[Tuple[str, ...]] = None  # this step's prompt combinations (None: all)
 
 
-def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, pseudo_passes: int) -> Batch:
+def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, pseudo_passes: int,
+                combinations: Sequence[str] = COMBINATIONS, per_step: int = 0) -> Batch:
     targets: List[Target] = []
     pseudo: List[Tuple[str, Target]] = []
     for index, (view, rng) in enumerate(zip(views, rngs)):
@@ -215,7 +220,10 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
                 if found is not None:
                     pseudo.append((kind, Target(index, None, found[0], found[1])))
     images = torch.stack([v.image for v in views])
-    return Batch(images=images, targets=targets, pseudo=pseudo, kinds=[v.kind for v in views])
+    chosen = None
+    if 0 < per_step < len(combinations):
+        chosen = tuple(combinations[i] for i in sorted(rngs[0].choice(len(combinations), per_step, replace=False)))
+    return Batch(images=images, targets=targets, pseudo=pseudo, kinds=[v.kind for v in views], combinations=chosen)
 
 
 class TrainStep(nn.Module):
@@ -288,7 +296,7 @@ class TrainStep(nn.Module):
             names = list(dict.fromkeys(t.text for t in batch.targets))
             table = self.text_embeddings(names)
             text_index = torch.as_tensor([names.index(t.text) for t in batch.targets], device=images.device)
-            for combination in self.combinations:
+            for combination in batch.combinations or self.combinations:
                 use_text, use_box, use_points = combination_parts(combination)
                 loss = self._decode_loss(embedding, batch.targets, use_text, use_box, use_points, table, text_index,
                                          truth)
@@ -659,7 +667,8 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
                 rngs = [view_rng(options.seed, epoch, p, rank) for p in positions]
                 views = [sample_view(train_store[int(mine[p])], r, view_config) for p, r in zip(positions, rngs)]
                 return build_batch(views, rngs, prompt_config, options.max_categories,
-                                   options.pseudo_passes if options.pseudo_weight > 0 else 0)
+                                   options.pseudo_passes if options.pseudo_weight > 0 else 0, options.combinations,
+                                   int(options.combinations_per_step))
 
             if main and (options.progress or (options.progress is None and _stderr_is_tty())):
                 from tqdm import tqdm
@@ -734,7 +743,11 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
             if options.time_budget_s and options.fit_budget and not stopping and epoch < total_epochs:
                 remaining = float(options.time_budget_s) - (time.time() - started)
                 mean_epoch = float(np.mean(epoch_seconds[-3:]))
-                planned = max(min(total_epochs, epoch + max(int(remaining // max(mean_epoch, 1e-6)), 0)), epoch)
+                # the plan may grow back (up to the requested epochs) when epochs got faster, and shrinks when slower
+                planned = max(min(int(options.epochs), epoch + max(int(remaining // max(mean_epoch, 1e-6)), 0)),
+                              epoch)
+                if abs(planned - total_epochs) <= 1 and planned >= epoch + 1 and planned > total_epochs:
+                    planned = total_epochs  # no jitter from one epoch's noise
                 if _distributed()[1] > 1:  # every rank must agree on the plan
                     tensor = torch.tensor([float(planned)], device=device)
                     dist.broadcast(tensor, 0)
@@ -819,7 +832,7 @@ def _worker(rank: int, world: int, options: TrainOptions, train_cases, val_cases
                         format=f"[%(asctime)s] [rank {rank}] %(levelname)s %(name)s: %(message)s")
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=DDP_TIMEOUT)
     try:
         train(options, train_cases, val_cases)
     finally:
@@ -835,7 +848,7 @@ def run_training(options: TrainOptions, train_cases: Sequence[Case], val_cases: 
         backend = options.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=DDP_TIMEOUT)
         try:
             return train(options, train_cases, val_cases, callback)
         finally:

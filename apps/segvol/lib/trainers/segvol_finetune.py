@@ -6,6 +6,7 @@ Request keys (shown to clients by ``config()``, defaults from ``--conf train_*``
 prompt_encoder, mask_decoder; "none" trains everything), ``init`` ("auto": the published fine-tuned checkpoint when
 there is one, else the served weights; "official"; "scratch"; or a checkpoint path), ``scratch_config`` (small |
 official), ``device``, ``amp``, ``minutes`` (time budget, 0 = none), ``val_mode``, ``val_prompt``, ``pseudo_weight``,
+``loss_resolution`` (full | low),
 ``resume`` ("auto" continues an interrupted run), ``multi_gpu`` + ``gpus`` (MONAI Label's options: one DDP process
 per GPU), ``name`` (run folder under ``<app>/model/``).
 
@@ -65,6 +66,7 @@ class SegVolFinetune(TrainTask):
             "val_mode": conf.get("train_val_mode", "zoom_out_zoom_in"),
             "val_prompt": conf.get("train_val_prompt", "text+box"),
             "pseudo_weight": float(conf.get("train_pseudo_weight", 0.1)),
+            "loss_resolution": conf.get("train_loss_resolution", "full"),
             "pseudo_tag": conf.get("train_pseudo_tag", "fh"),
             "repeats": int(conf.get("train_repeats", 1)),
             "seed": int(conf.get("train_seed", 0)),
@@ -141,6 +143,7 @@ class SegVolFinetune(TrainTask):
             amp=_bool(values["amp"]), device=str(values["device"]), seed=int(values["seed"]),
             val_mode=str(values["val_mode"]), val_prompt=str(values["val_prompt"]),
             pseudo_weight=float(values["pseudo_weight"]), time_budget_s=minutes * 60 if minutes > 0 else None,
+            loss_resolution=str(values["loss_resolution"]),
             resume=resume, publish_path=self.service.published, publish="best",
             publish_if_better_than_init=init == self.service.published, world_size=max(world, 1),
             progress=False,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import segvol
-from segvol.engine import ByteLRU, SegVolEngine
+from segvol.engine import ByteLRU, PackedMask, SegVolEngine
 from segvol.errors import BadImageError, BadPromptError, BadRequestError, BadTextError, SegVolInputError
 from segvol.frames import bounding_box
 
@@ -281,6 +281,29 @@ def test_byte_lru_is_bounded_in_bytes():
     assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3 and cache.nbytes == 80
     cache.put("huge", 4, 1000)
     assert "huge" not in cache and cache.nbytes <= 100
+
+
+def test_packed_mask_regions_equal_the_mask():
+    rng = np.random.default_rng(0)
+    mask = rng.random((7, 9, 37)) > 0.6
+    packed = PackedMask(mask)
+    assert packed.bits.nbytes * 7 < mask.nbytes
+    for _ in range(100):
+        low = [int(rng.integers(0, n)) for n in mask.shape]
+        high = [int(rng.integers(a + 1, n + 1)) for a, n in zip(low, mask.shape)]
+        assert np.array_equal(packed.region(low, high), mask[tuple(slice(a, b) for a, b in zip(low, high))])
+
+
+def test_progress_is_logged_per_window_on_long_runs(ct, oracle, caplog):
+    array, affine, _ = ct
+    oracle.config = TINY
+    engine = SegVolEngine(oracle)
+    engine.progress_after_s = 0.0  # every run counts as long
+    with caplog.at_level("INFO", logger="segvol.engine"):
+        result = engine.segment(array, affine=affine, texts=["sphere", "cube"])
+    lines = [r.getMessage() for r in caplog.records if "zoom-in window" in r.getMessage()]
+    assert len(lines) == len(result.plan.used) > 1
+    assert lines[-1].startswith(f"zoom-in window {len(result.plan.used)}/{len(result.plan.used)}")
 
 
 def test_tiny_cache_still_segments_and_stays_within_bound(ct, small_model):

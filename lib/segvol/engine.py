@@ -37,10 +37,9 @@ import numpy as np
 import torch
 
 from .errors import BadImageError, BadPromptError, BadRequestError, BadTextError
-from .frames import Window, as_box, bounding_box, clip_box
+from .frames import AxisMap, Window, bounding_box, clip_box
 from .io import Volume, read_image, source_signature
 from .preprocess import PreparedImage, check_volume, content_key, preprocess
-from .frames import AxisMap
 from .windows import Grid, gaussian_weight, grow_roi, union_box
 
 MODES = ("zoom_out", "zoom_out_zoom_in")
@@ -207,11 +206,12 @@ class SegVolEngine:
 
     ``model``: a ``segvol.SegVol`` (``segvol.load_model``); ``mode``: ``zoom_out_zoom_in`` (default) or ``zoom_out``
     (fast preview); ``overlap``: of the zoom-in windows (the reference's 0.5); ``cache_mb``: bound of the image
-    embedding, decoder output and blending caches together; ``image_cache_mb``: bound of the prepared-image cache; ``roi_margin``: context
-    voxels added around the ROI (default 1/8 of the window); ``reorient``: RAS before the reference axis swap (False:
-    the stored array order, like the reference demo); ``amp``: autocast on CUDA (default on); ``reuse_windows``: on a
-    new call for an image already seen, keep an earlier grid when it covers the new ROI and needs fewer encoder
-    forwards (False: every call plans from scratch, so results never depend on earlier calls).
+    embedding, decoder output and blending caches together; ``image_cache_mb``: bound of the prepared-image cache;
+    ``roi_margin``: context voxels added around the ROI (default 1/8 of the window); ``reorient``: RAS before the
+    reference axis swap (False: the stored array order, like the reference demo); ``amp``: float16 autocast on CUDA
+    (default on); ``reuse_windows``: on a new call for an image already seen, keep an earlier grid when it covers
+    the new ROI and needs fewer encoder forwards, and re-blend only the windows whose prompts changed (False: every
+    call plans and blends from scratch, so results never depend on earlier calls). ``segment`` calls are serialised.
     """
 
     def __init__(self, model, mode: str = "zoom_out_zoom_in", overlap: float = 0.5, cache_mb: float = 2048,

@@ -120,6 +120,7 @@ class TrainOptions:
     ddp_backend: Optional[str] = None  # default nccl on CUDA, gloo on CPU
     prefetch: bool = True
     progress: Optional[bool] = None  # tqdm bar: None = when stderr is a terminal
+    threads: int = 0  # torch intra-op threads per process (0: leave as is)
 
     def __post_init__(self):
         if isinstance(self.freeze, str):
@@ -497,6 +498,8 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
     from it stops after a checkpoint.
     """
     started = time.time()
+    if int(options.threads) > 0:
+        torch.set_num_threads(int(options.threads))
     rank, world = _distributed()
     main = rank == 0
     os.makedirs(options.output_dir, exist_ok=True)

@@ -218,6 +218,10 @@ def main(argv=None) -> int:
     config = SegVolConfig(**EVAL_CONFIG) if args.config == "eval" else resolve_config(args.config)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    ignore = os.path.join(out, ".gitignore")
+    if not os.path.exists(ignore):  # checkpoints and plots never belong in a repository
+        with open(ignore, "w") as handle:
+            handle.write("*\n")
 
     # 1. prepare every case once (cached in memory for training and evaluation)
     vocabulary = Vocabulary.load()

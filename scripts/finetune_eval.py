@@ -159,7 +159,7 @@ def plot(history, baseline_mean, path: str, texts) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.plot(epochs, losses, "o-", color="tab:red")
     left.set_xlabel("epoch")
-    left.set_ylabel("training loss (Dice + BCE, summed over the step's prompt combinations)")
+    left.set_ylabel("Dice + BCE, sum over combinations")
     left.set_title("training loss")
     left.grid(alpha=0.3)
     validated = [h for h in history if h.get("val")]

@@ -38,6 +38,7 @@ class SegVolInferTask(InferTask):
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
         started = time.perf_counter()
+        self.service.engine()  # (re)load first: a new checkpoint's learned names must resolve in this request
         prompts = self.prompts(request)
         if prompts.is_empty():
             raise BadRequestError("no prompt: send a label/text, a foreground point or a box")

@@ -680,35 +680,35 @@ class SegVolEngine:
             if region is None:
                 continue
             region_slices = tuple(slice(a, b + 1) for a, b in zip(region[:3], region[3:]))
-            probability = np.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])), np.float32)
-            covered = np.zeros(probability.shape, dtype=bool)
+            # torch views of the numpy arrays: the element-wise work below runs on every core
+            probability = torch.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])))
+            covered = torch.zeros(probability.shape, dtype=torch.bool)
             if state is not None:
                 where = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(state.box[:3], state.box[3:], region[:3]))
-                inside = state.weight_sum > 0
+                weight_sum = torch.from_numpy(state.weight_sum)
+                inside = weight_sum > 0
                 covered[where] = inside
-                blended = probability[where]
-                np.divide(state.total, state.weight_sum, out=blended, where=inside)
+                probability[where] = torch.where(inside, torch.from_numpy(state.total) / weight_sum, 0.0)
             if plan.support is not None:
                 # zoom-out probabilities where no window ran, computed only over those voxels' bounding box
                 support = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(plan.support[:3], plan.support[3:],
                                                                             region[:3]))
-                uncovered = np.zeros(probability.shape, dtype=bool)
-                uncovered[support] = True
-                uncovered &= ~covered
-                todo = bounding_box(uncovered)
+                uncovered = ~covered[support]
+                todo = bounding_box(uncovered.numpy()) if uncovered.any() else None
                 if todo is not None:
                     todo_slices = tuple(slice(a, b + 1) for a, b in zip(todo[:3], todo[3:]))
-                    native_box = todo + np.tile(region[:3], 2)
-                    base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, native_box)).cpu().numpy()
+                    native_box = todo + np.tile(plan.support[:3], 2)
+                    base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, native_box)).float().cpu()
+                    target = probability[support][todo_slices]
                     mask = uncovered[todo_slices]
-                    probability[todo_slices][mask] = base[mask]
+                    target[mask] = base[mask]
             if probabilities is not None:
-                target = probabilities[plan.name][region_slices]
+                target = torch.from_numpy(probabilities[plan.name])[region_slices]
                 target[covered] = probability[covered]
-            best_region = best[region_slices]
+            best_region = torch.from_numpy(best)[region_slices]
             wins = (probability > 0.5) & (probability > best_region)
-            label[region_slices][wins] = plan.value
-            best_region[wins] = probability[wins]
+            label[region_slices][wins.numpy()] = plan.value
+            best_region.copy_(torch.where(wins, probability, best_region))
         return label, probabilities
 
 

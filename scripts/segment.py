@@ -7,8 +7,8 @@
 
 ``--box`` and ``--point`` are voxel indices (i, j, k) of the image array as stored (what viewers and MONAI Label
 clients send); ``--point`` is repeatable and ends with ``+`` (positive) or ``-`` (negative). ``--image`` is a NIfTI
-file or a DICOM series folder; with ``--input-dir`` every image of the folder is segmented in turn (the model is
-loaded once) and ``--out`` is a folder. One JSON line per image on stdout: labels, seconds per stage, image-encoder
+(or NRRD / MetaImage) file or a DICOM series folder; with ``--input-dir`` every image of the folder is segmented in
+turn (the model is loaded once) and ``--out`` is a folder. One JSON line per image on stdout: labels, seconds per stage, image-encoder
 forwards, windows used and skipped, peak RSS. Bad input gives exit status 2 and a JSON line with "error".
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="SegVol weights (official or project format, or folder)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: beside the checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="a NIfTI file or a DICOM series folder")
+    source.add_argument("--image", help="a NIfTI, NRRD or MetaImage file, or a DICOM series folder")
     source.add_argument("--input-dir", help="segment every image (NIfTI file / DICOM folder) in this folder")
     parser.add_argument("--text", nargs="+", default=None, help="category names, e.g. liver spleen")
     parser.add_argument("--box", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
@@ -67,9 +67,10 @@ def parse_points(raw):
 
 def output_path(image: str, out, many: bool) -> str:
     name = os.path.basename(os.path.normpath(image))
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
+            break
     if out is None:
         return os.path.join(os.path.dirname(os.path.normpath(image)), f"{name}_segvol.nii.gz")
     if many or os.path.isdir(out):

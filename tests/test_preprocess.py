@@ -144,6 +144,20 @@ def test_read_dicom_series_matches_its_nifti_export():
     assert nib.aff2axcodes(volume.affine) == ("L", "P", "S")
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_read_nrrd_and_metaimage_like_the_nifti_they_came_from(tmp_path, suffix):
+    import itk
+
+    path = need(SHARED / "data" / "ibsi-sts-dev" / "STS_001_CT_image.nii.gz")  # LPS-stored: a real orientation test
+    converted = str(tmp_path / ("ct" + suffix))
+    itk.imwrite(itk.imread(str(path)), converted)
+    volume, reference = read_image(converted), read_image(str(path))
+    assert volume.shape == reference.shape
+    assert np.allclose(volume.affine, reference.affine, atol=1e-4)
+    assert np.array_equal(volume.array, reference.array)
+    assert [Path(p).name for p in list_images(str(tmp_path))] == ["ct" + suffix]
+
+
 def test_list_images_and_unreadable_inputs(tmp_path):
     found = list_images(str(need(EXAMPLE)))
     assert [Path(p).name for p in found] == ["example_ct.nii.gz", "example_ct_sm.nii.gz", "example_seg.nii.gz"]

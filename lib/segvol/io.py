@@ -1,4 +1,4 @@
-"""Reading CT images (NIfTI files, DICOM series folders) and writing label maps on the input's grid.
+"""Reading CT images (NIfTI, NRRD and MetaImage files, DICOM series folders) and writing label maps on the input's grid.
 
 Images are read with MONAI's ``LoadImage`` (the loader MONAI Label uses), so the array is "as stored" in the sense
 clients use for their voxel indices, and the affine is MONAI's (RAS world). Labels are written as NIfTI with the
@@ -15,6 +15,7 @@ import numpy as np
 from .errors import BadImageError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read through ITK, what Slicer and many datastores save
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
@@ -34,6 +35,10 @@ class Volume:
 
 def is_nifti(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)
 
 
 def is_dicom_folder(path: str) -> bool:
@@ -56,12 +61,14 @@ def _has_dicom_magic(path: str) -> bool:
 
 
 def read_image(path: str) -> Volume:
-    """A NIfTI file or a DICOM series folder -> ``Volume``; ``BadImageError`` when it cannot be read."""
+    """A NIfTI / NRRD / MetaImage file or a DICOM series folder -> ``Volume``; ``BadImageError`` when it cannot be
+    read."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BadImageError(f"image not found: {path!r}")
-    if not (is_nifti(path) or is_dicom_folder(path)):
-        raise BadImageError(f"{path!r} is neither a NIfTI file (.nii, .nii.gz) nor a folder of DICOM files")
+    if not (is_image_file(path) or is_dicom_folder(path)):
+        raise BadImageError(f"{path!r} is neither an image file ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}) nor a "
+                            "folder of DICOM files")
     from monai.transforms import LoadImage
 
     try:
@@ -98,13 +105,13 @@ def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None) -
 
 
 def list_images(folder: str) -> List[str]:
-    """Every image in a folder, sorted: NIfTI files, and sub-folders holding a DICOM series (or the folder itself)."""
+    """Every image in a folder, sorted: image files (NIfTI, NRRD, MetaImage), and sub-folders holding a DICOM series (or the folder itself)."""
     if not os.path.isdir(folder):
         raise BadImageError(f"not a folder: {folder!r}")
     found = []
     for name in sorted(os.listdir(folder)):
         full = os.path.join(folder, name)
-        if is_nifti(full) or is_dicom_folder(full):
+        if is_image_file(full) or is_dicom_folder(full):
             found.append(full)
     if not found and is_dicom_folder(folder):
         found.append(folder)

@@ -91,6 +91,31 @@ def test_text_adds_a_similarity_map_to_the_mask(small_model):
     assert torch.allclose(with_text.flatten(2), expected, atol=1e-4)
 
 
+def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
+    """The decoder applies ``output_upscaling`` as per-voxel linear maps; values and gradients must match the
+    modules themselves, with every parameter (the LayerNorm's spatial affine included) randomised."""
+    torch.manual_seed(3)
+    config = SegVolConfig(image_size=(16, 32, 48), patch_size=(4, 8, 8), hidden_size=32, num_layers=1, num_heads=2,
+                          mlp_dim=64, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=32, text_hidden_size=32,
+                          text_intermediate_size=32, text_num_layers=1, text_num_heads=2)
+    decoder = segvol.SegVol(config).mask_decoder
+    with torch.no_grad():
+        for parameter in decoder.output_upscaling.parameters():
+            parameter.normal_(0.0, 0.5)
+    grid = config.grid_size  # (4, 4, 6): unequal sides catch axis mix-ups
+    tokens = torch.randn(2, math.prod(grid), config.hidden_size)
+    weights = torch.randn(2, config.upscaled_channels[1])
+    masks = decoder._upscaled_masks(tokens, weights, grid)
+    upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
+    expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
+    assert masks.shape == (2, 1, *config.low_res_size)
+    assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(masks.square().sum(), list(decoder.output_upscaling.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(decoder.output_upscaling.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+
 def test_spatial_layernorm_spans_channels_and_space(small_model):
     norm = small_model.mask_decoder.output_upscaling[1]
     assert tuple(norm.normalized_shape) == (SMALL.hidden_size // 4, *(2 * g for g in SMALL.grid_size))

@@ -612,19 +612,16 @@ class SegVolEngine:
     # ---------------------------------------------------------------------------------------------------------------
     # blending and merging
     # ---------------------------------------------------------------------------------------------------------------
-    def _window_probability(self, window: Window, low_res: torch.Tensor) -> np.ndarray:
-        """Low-res window logits (1, 1, *low_res_size) -> probabilities on the window's valid voxels (float32)."""
-        logits = self.model.upsample(low_res.to(self.model.device))[0, 0]
-        return torch.sigmoid(logits[window.window_slices]).float().cpu().numpy()
+    def _window_contribution(self, window: Window, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res window logits (1, 1, *low_res_size) -> Gaussian weight x probability on the window's valid voxels
+        (CPU float32)."""
+        logits = self.model.upsample(low_res.to(self.model.device))[0, 0][window.window_slices]
+        weight = torch.from_numpy(gaussian_weight(window, self.sigma_scale))
+        return torch.sigmoid(logits).float().cpu().mul_(weight)
 
-    def _accumulate(self, state: "_BlendState", window: Window, low_res: torch.Tensor, sign: float) -> None:
-        weight = gaussian_weight(window, self.sigma_scale)
-        where = tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, state.box[:3]))
-        contribution = weight * self._window_probability(window, low_res)
-        if sign > 0:
-            state.total[where] += contribution
-        else:
-            state.total[where] -= contribution
+    @staticmethod
+    def _state_slices(state: "_BlendState", window: Window):
+        return tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, state.box[:3]))
 
     def _blend_windows(self, prepared: PreparedImage, plan: CategoryPlan, windows: List[Window],
                        outputs: Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]) -> "_BlendState":
@@ -641,18 +638,21 @@ class SegVolEngine:
         state_key = (self._model_tag, prepared.key, plan.name)
         state = self.blends.get(state_key) if self.reuse_windows else None
         if state is not None and state.starts == starts and np.array_equal(state.box, box):
+            total = torch.from_numpy(state.total)
             for window in windows:
                 if state.keys[window.start] != keys[window.start]:
-                    self._accumulate(state, window, state.logits[window.start], -1.0)
-                    self._accumulate(state, window, logits[window.start], +1.0)
+                    change = self._window_contribution(window, logits[window.start])
+                    change -= self._window_contribution(window, state.logits[window.start])
+                    total[self._state_slices(state, window)] += change
             state.keys, state.logits = keys, logits
             return state
         shape = tuple(int(b - a + 1) for a, b in zip(box[:3], box[3:]))
         state = _BlendState(starts, box, keys, logits, np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        total, weight_sum = torch.from_numpy(state.total), torch.from_numpy(state.weight_sum)
         for window in windows:
-            self._accumulate(state, window, logits[window.start], +1.0)
-            where = tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, box[:3]))
-            state.weight_sum[where] += gaussian_weight(window, self.sigma_scale)
+            where = self._state_slices(state, window)
+            total[where] += self._window_contribution(window, logits[window.start])
+            weight_sum[where] += torch.from_numpy(gaussian_weight(window, self.sigma_scale))
         if self.reuse_windows:
             self.blends.put(state_key, state, state.nbytes)
         return state
@@ -669,6 +669,7 @@ class SegVolEngine:
         label = np.zeros(shape, dtype=np.uint8 if len(plans) < 256 else np.uint16)
         best = np.zeros(shape, dtype=np.float32)  # zero pages cost no memory until a region is written
         probabilities = {} if return_probabilities else None
+        first = True
         for plan in plans:
             windows = [zoom_in.windows[i] for i in plan.windows]
             state = self._blend_windows(prepared, plan, windows, outputs) if windows else None
@@ -681,9 +682,14 @@ class SegVolEngine:
                 continue
             region_slices = tuple(slice(a, b + 1) for a, b in zip(region[:3], region[3:]))
             # torch views of the numpy arrays: the element-wise work below runs on every core
-            probability = torch.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])))
-            covered = torch.zeros(probability.shape, dtype=torch.bool)
-            if state is not None:
+            if state is not None and np.array_equal(state.box, region):
+                weight_sum = torch.from_numpy(state.weight_sum)
+                covered = weight_sum > 0
+                probability = torch.where(covered, torch.from_numpy(state.total) / weight_sum, 0.0)
+            else:
+                probability = torch.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])))
+                covered = torch.zeros(probability.shape, dtype=torch.bool)
+            if state is not None and not np.array_equal(state.box, region):
                 where = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(state.box[:3], state.box[3:], region[:3]))
                 weight_sum = torch.from_numpy(state.weight_sum)
                 inside = weight_sum > 0
@@ -705,10 +711,19 @@ class SegVolEngine:
             if probabilities is not None:
                 target = torch.from_numpy(probabilities[plan.name])[region_slices]
                 target[covered] = probability[covered]
-            best_region = torch.from_numpy(best)[region_slices]
-            wins = (probability > 0.5) & (probability > best_region)
-            label[region_slices][wins.numpy()] = plan.value
-            best_region.copy_(torch.where(wins, probability, best_region))
+            if first:  # nothing labelled yet: no comparison with earlier categories
+                wins = probability > 0.5
+            else:
+                best_region = torch.from_numpy(best)[region_slices]
+                wins = (probability > 0.5) & (probability > best_region)
+            if label.dtype == np.uint8:
+                torch.from_numpy(label)[region_slices].masked_fill_(wins, plan.value)
+            else:  # uint16 (256 categories or more): torch has few kernels for it
+                label[region_slices][wins.numpy()] = plan.value
+            if plan is not plans[-1]:  # the best probability so far only matters to later categories
+                best_region = torch.from_numpy(best)[region_slices]
+                best_region.copy_(torch.where(wins, probability, best_region))
+            first = False
         return label, probabilities
 
 

@@ -114,6 +114,15 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
     expected_grads = torch.autograd.grad(expected.square().sum(), list(decoder.output_upscaling.parameters()))
     for grad, expected_grad in zip(grads, expected_grads):
         assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    # Without autograd the reordered LayerNorm parameters are cached; an in-place update (an optimizer step, a
+    # load_state_dict) must be seen on the next call.
+    with torch.no_grad():
+        assert torch.allclose(decoder._upscaled_masks(tokens, weights, grid), expected, atol=1e-5, rtol=1e-5)
+        decoder.output_upscaling[1].weight.mul_(-2.0)
+        decoder.output_upscaling[1].bias.add_(1.0)
+        upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
+        expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
+        assert torch.allclose(decoder._upscaled_masks(tokens, weights, grid), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_spatial_layernorm_spans_channels_and_space(small_model):

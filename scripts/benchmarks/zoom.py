@@ -214,7 +214,8 @@ def _run_reference(ct: dict, names, with_box: bool, threads: int) -> dict:
 def _summary(result, seconds: float) -> dict:
     stats = result.stats
     return {"seconds": round(seconds, 2), "encoder_forwards": stats["encoder_forwards"],
-            "decoder_calls": stats["decoder_calls"], "windows": stats["windows"]["used"],
+            "decoder_calls": stats["decoder_calls"], "decoded_prompts": stats["decoded_prompts"],
+            "windows": stats["windows"]["used"],
             "windows_skipped": stats["windows"]["skipped"], "stage_seconds": stats["seconds"]}
 
 

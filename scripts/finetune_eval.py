@@ -46,9 +46,11 @@ GOAL = 0.6
 # "eval64": a 64^3 window with 8^3 patches; the decoder's 4x upscaling gives logits at half the window's resolution.
 # "eval32": a 32^3 window with 4^3 patches; the same token grid and cost, but logits at the window's full resolution,
 # which matters for these organs of a few hundred 4 mm voxels (a perfect half-resolution mask scores about 0.78 Dice).
+# Both encode prompt positions in the image grid's own axis order (``prompt_axis_swap=False``): trained from scratch,
+# the official swap leaves box and point positions hard to relate to image positions.
 _NETWORK = dict(hidden_size=96, num_layers=2, num_heads=4, mlp_dim=192, decoder_depth=2, decoder_heads=4,
                 decoder_mlp_dim=128, iou_head_hidden_dim=32, text_hidden_size=64, text_intermediate_size=128,
-                text_num_layers=2, text_num_heads=4)
+                text_num_layers=2, text_num_heads=4, prompt_axis_swap=False)
 EVAL_CONFIGS = {"eval64": dict(image_size=(64, 64, 64), patch_size=(8, 8, 8), **_NETWORK),
                 "eval32": dict(image_size=(32, 32, 32), patch_size=(4, 4, 4), **_NETWORK)}
 

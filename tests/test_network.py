@@ -50,6 +50,26 @@ def test_prompt_position_encoding_keeps_the_official_axis_swap():
     assert torch.allclose(dense[0, :, i, j, k], torch.cat([projected.sin(), projected.cos()]), atol=1e-5)
 
 
+def test_prompt_positions_without_the_axis_swap_line_up_with_the_image_grid():
+    """prompt_axis_swap=False (from-scratch configurations): a prompt at a token's centre is encoded exactly like that
+    token's position, on an anisotropic grid; with the official swap it is not."""
+    config = SegVolConfig(image_size=(16, 32, 48), patch_size=(4, 8, 8), hidden_size=32, num_layers=1, num_heads=2,
+                          mlp_dim=64, text_hidden_size=32, text_intermediate_size=32, text_num_layers=1,
+                          text_num_heads=2, prompt_axis_swap=False)
+    encoder = segvol.SegVol(config).prompt_encoder
+    dense = encoder.dense_positional_encoding()[0]  # (C, 4, 4, 6)
+    for i, j, k in [(0, 0, 0), (1, 3, 5), (3, 2, 1)]:
+        centre = torch.tensor([[[(i + 0.5) * 4, (j + 0.5) * 8, (k + 0.5) * 8]]])
+        lined_up = encoder.pe_layer.at_voxels(centre, config.image_size, axis_swap=False)[0, 0]
+        assert torch.allclose(lined_up, dense[:, i, j, k], atol=1e-5)
+        swapped = encoder.pe_layer.at_voxels(centre, config.image_size, axis_swap=True)[0, 0]
+        assert not torch.allclose(swapped, dense[:, i, j, k], atol=1e-2)
+    # the flag reaches the encoder and survives a checkpoint round trip of the configuration
+    assert encoder.axis_swap is False
+    assert SegVolConfig.from_dict(config.to_dict()).prompt_axis_swap is False
+    assert segvol.OFFICIAL.prompt_axis_swap is True
+
+
 def test_gaussian_position_buffer_is_persistent(small_model):
     assert "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in small_model.state_dict()
     assert "text_encoder.clip_text_model.text_model.embeddings.position_ids" in small_model.state_dict()

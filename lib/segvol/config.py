@@ -21,6 +21,11 @@ class SegVolConfig:
     num_heads: int = 12
     mlp_dim: int = 3072
 
+    # Prompt positions. The official model encodes a prompt at (d, h, w) as if it were at (h, d, w) of the image-token
+    # grid (normalised by (H, D, W)); its weights depend on it, so it stays the default. A network trained from
+    # scratch learns boxes and points much faster with positions encoded the way the image grid is (False).
+    prompt_axis_swap: bool = True
+
     # Mask decoder (two-way transformer; its token dimension is the encoder's hidden size).
     decoder_depth: int = 2
     decoder_heads: int = 8

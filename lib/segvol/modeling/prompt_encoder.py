@@ -5,6 +5,7 @@ Two quirks of the official model are load-bearing and reproduced on purpose:
 * The random-Fourier positional encoding normalises prompt coordinates given in (d, h, w) voxel order by
   ``(image_size[1], image_size[0], image_size[2])`` = (256, 32, 256), while the dense grid encoding stacks its axes as
   (h, d, w). The two do not line up geometrically, but the weights were trained with exactly this.
+  ``SegVolConfig.prompt_axis_swap = False`` lines them up, for networks trained from scratch.
 * ``pe_layer.positional_encoding_gaussian_matrix`` is a *persistent* buffer: it must come from the checkpoint.
 
 ``mask_downscaling`` is SAM's 2D mask-prompt stack; the official model never calls it, but its tensors are part of
@@ -58,13 +59,18 @@ class RandomFourierPositionEncoding(nn.Module):
         w_frac = (ones.cumsum(2) - 0.5) / gw
         return self._encode(torch.stack([h_frac, d_frac, w_frac], dim=-1)).permute(3, 0, 1, 2)
 
-    def at_voxels(self, coords: torch.Tensor, image_size: Tuple[int, int, int]) -> torch.Tensor:
+    def at_voxels(self, coords: torch.Tensor, image_size: Tuple[int, int, int],
+                  axis_swap: bool = True) -> torch.Tensor:
         """coords (B, N, 3) in (d, h, w) voxels (already shifted to voxel centres) -> (B, N, C).
 
-        Normalised by (image_size[1], image_size[0], image_size[2]): the official axis swap.
+        ``axis_swap`` (the official model): (d, h, w) normalised by (image_size[1], image_size[0], image_size[2]),
+        so a prompt lands where (h, d, w) would on the dense grid. Without it: (h / H, d / D, w / W), the dense grid's
+        own feature order, so a prompt's encoding equals the encoding of the grid position it lies at.
         """
-        scale = coords.new_tensor([image_size[1], image_size[0], image_size[2]])
-        return self._encode(coords.to(self.positional_encoding_gaussian_matrix.dtype) / scale)
+        coords = coords.to(self.positional_encoding_gaussian_matrix.dtype)
+        if axis_swap:
+            return self._encode(coords / coords.new_tensor([image_size[1], image_size[0], image_size[2]]))
+        return self._encode(coords[..., [1, 0, 2]] / coords.new_tensor([image_size[1], image_size[0], image_size[2]]))
 
 
 class PromptEncoder(nn.Module):
@@ -81,6 +87,7 @@ class PromptEncoder(nn.Module):
         dim = config.hidden_size
         self.embed_dim = dim
         self.input_image_size = config.image_size
+        self.axis_swap = config.prompt_axis_swap
         self.image_embedding_size = config.grid_size
         self.pe_layer = RandomFourierPositionEncoding(dim // 2)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, dim) for _ in range(4))
@@ -105,7 +112,7 @@ class PromptEncoder(nn.Module):
         if pad:
             coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 3)], dim=1)
             labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        embedding = self.pe_layer.at_voxels(coords, self.input_image_size)
+        embedding = self.pe_layer.at_voxels(coords, self.input_image_size, self.axis_swap)
         padding = (labels == -1).unsqueeze(-1)
         embedding = torch.where(padding, self.not_a_point_embed.weight, embedding)
         embedding = embedding + (labels == self.NEGATIVE).unsqueeze(-1) * self.point_embeddings[self.NEGATIVE].weight
@@ -114,7 +121,7 @@ class PromptEncoder(nn.Module):
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 3)
-        embedding = self.pe_layer.at_voxels(corners, self.input_image_size)
+        embedding = self.pe_layer.at_voxels(corners, self.input_image_size, self.axis_swap)
         corner_type = torch.cat([self.point_embeddings[self.BOX_MIN].weight, self.point_embeddings[self.BOX_MAX].weight])
         return embedding + corner_type
 

@@ -32,7 +32,8 @@ def test_finetune_eval_reports_dice_per_prompt_and_mode(tmp_path, tokenizer_dir,
     try:
         status = finetune_eval.main(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                                      "--minutes", "0.15", "--out", str(out), "--config", str(config),
-                                     "--tokenizer", str(tokenizer_dir), "--threads", "1"])
+                                     "--tokenizer", str(tokenizer_dir), "--threads", "1",
+                                     "--processes", "1", "--val-every", "1"])
     finally:
         torch.set_num_threads(threads)
     assert status == 0

@@ -1,4 +1,4 @@
-"""Reading CT images (NIfTI, NRRD and MetaImage files, DICOM series folders) and writing label maps on the input's grid.
+"""Reading CT images (NIfTI, NRRD and MetaImage files, DICOM series folders); writing labels on the input's grid.
 
 Images are read with MONAI's ``LoadImage`` (the loader MONAI Label uses), so the array is "as stored" in the sense
 clients use for their voxel indices, and the affine is MONAI's (RAS world). Labels are written as NIfTI with the
@@ -105,7 +105,8 @@ def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None) -
 
 
 def list_images(folder: str) -> List[str]:
-    """Every image in a folder, sorted: image files (NIfTI, NRRD, MetaImage), and sub-folders holding a DICOM series (or the folder itself)."""
+    """Every image in a folder, sorted: image files (NIfTI, NRRD, MetaImage) and sub-folders holding a DICOM series
+    (or the folder itself when it holds one)."""
     if not os.path.isdir(folder):
         raise BadImageError(f"not a folder: {folder!r}")
     found = []

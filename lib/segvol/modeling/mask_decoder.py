@@ -206,7 +206,7 @@ class MaskDecoder(nn.Module):
         linear map per input voxel to its 2x2x2 children, so the tokens are upscaled in place (no layout change
         between the steps; the joint LayerNorm is order-free once its affine parameters follow the same order) and
         the children are put in spatial order only once, on the final one-channel masks. Same result as the
-        convolutions up to float summation order (< 1e-6), about 2x less memory traffic.
+        convolutions up to float summation order (< 1e-6); the official decoder runs about 10 % faster on CPU.
         """
         up_conv1, norm, gelu1, up_conv2, gelu2 = self.output_upscaling
         b, length, _ = image_tokens.shape

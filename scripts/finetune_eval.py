@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zoom-out-prob", type=float, default=0.2,
                         help="share of zoom-out views (the rest are native crops, which zoom-in inference uses)")
     parser.add_argument("--max-categories", type=int, default=8, help="categories trained per view")
+    parser.add_argument("--box-jitter", type=float, default=0.1,
+                        help="fraction of a box's extent each face may move in training (0: tight boxes)")
     parser.add_argument("--combinations-per-step", type=int, default=3,
                         help="decode a random k of the six prompt combinations per step (0: all six every step); "
                              "3 trains every combination equally often at half the cost per step, i.e. twice the "
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         lr_scale={"image_encoder.patch_embedding": args.patch_lr_scale} if args.patch_lr_scale != 1 else {},
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
-        combinations_per_step=args.combinations_per_step, world_size=args.processes,
+        combinations_per_step=args.combinations_per_step, box_jitter=args.box_jitter, world_size=args.processes,
         ddp_backend="gloo" if args.processes > 1 else None, device="cpu", threads=threads if args.processes == 1 else 1,
         zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
         val_prompt="text+box", val_mode="zoom_out", time_budget_s=train_budget, fit_budget=True, resume=False,
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
         "training": {"status": result.status, "epochs": result.epoch, "steps": result.steps,
                      "seconds": round(train_seconds, 1), "lr": args.lr, "batch_size": args.batch_size,
                      "threads": threads, "processes": args.processes, "loss_resolution": args.loss_resolution,
-                     "combinations_per_step": args.combinations_per_step or 6,
+                     "combinations_per_step": args.combinations_per_step or 6, "box_jitter": args.box_jitter,
+                     "zoom_out_prob": args.zoom_out_prob,
                      "final_loss": result.history[-1].get("loss") if result.history else None,
                      "best_val_epoch": result.best_epoch,
                      "best_val_mean_text_box_zoom_out": round(result.best_metric, 4)

@@ -682,19 +682,19 @@ class SegVolEngine:
                 continue
             region_slices = tuple(slice(a, b + 1) for a, b in zip(region[:3], region[3:]))
             # torch views of the numpy arrays: the element-wise work below runs on every core
-            if state is not None and np.array_equal(state.box, region):
+            if state is not None:
                 weight_sum = torch.from_numpy(state.weight_sum)
-                covered = weight_sum > 0
-                probability = torch.where(covered, torch.from_numpy(state.total) / weight_sum, 0.0)
+                inside = weight_sum > 0
+                blended = torch.where(inside, torch.from_numpy(state.total) / weight_sum, 0.0)
+            if state is not None and np.array_equal(state.box, region):  # no zoom-out voxels outside the windows
+                probability, covered = blended, inside
             else:
                 probability = torch.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])))
                 covered = torch.zeros(probability.shape, dtype=torch.bool)
-            if state is not None and not np.array_equal(state.box, region):
-                where = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(state.box[:3], state.box[3:], region[:3]))
-                weight_sum = torch.from_numpy(state.weight_sum)
-                inside = weight_sum > 0
-                covered[where] = inside
-                probability[where] = torch.where(inside, torch.from_numpy(state.total) / weight_sum, 0.0)
+                if state is not None:
+                    where = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(state.box[:3], state.box[3:], region[:3]))
+                    covered[where] = inside
+                    probability[where] = blended
             if plan.support is not None:
                 # zoom-out probabilities where no window ran, computed only over those voxels' bounding box
                 support = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(plan.support[:3], plan.support[3:],

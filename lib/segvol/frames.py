@@ -126,21 +126,16 @@ def _reorder(array: np.ndarray, order, flips, flip_first: bool) -> np.ndarray:
     numpy's speed on large volumes); anything with flips, or a dtype torch lacks, uses one numpy copy."""
     if not flips:
         try:
-            return torch_permute(array, order)
+            return _torch_permute(array, order)
         except (TypeError, RuntimeError):
             pass
-    index = [slice(None)] * array.ndim
+    reverse = tuple(slice(None, None, -1) if axis in flips else slice(None) for axis in range(array.ndim))
     if flip_first:
-        for axis in flips:
-            index[axis] = slice(None, None, -1)
-        return np.ascontiguousarray(np.transpose(array[tuple(index)], order))
-    moved = np.transpose(array, order)
-    for axis in flips:
-        index[axis] = slice(None, None, -1)
-    return np.ascontiguousarray(moved[tuple(index)])
+        return np.ascontiguousarray(np.transpose(array[reverse], order))
+    return np.ascontiguousarray(np.transpose(array, order)[reverse])
 
 
-def torch_permute(array: np.ndarray, order) -> np.ndarray:
+def _torch_permute(array: np.ndarray, order) -> np.ndarray:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(array)).permute(*order).contiguous().numpy()

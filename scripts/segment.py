@@ -8,8 +8,8 @@
 ``--box`` and ``--point`` are voxel indices (i, j, k) of the image array as stored (what viewers and MONAI Label
 clients send); ``--point`` is repeatable and ends with ``+`` (positive) or ``-`` (negative). ``--image`` is a NIfTI
 (or NRRD / MetaImage) file or a DICOM series folder; with ``--input-dir`` every image of the folder is segmented in
-turn (the model is loaded once) and ``--out`` is a folder. One JSON line per image on stdout: labels, seconds per stage, image-encoder
-forwards, windows used and skipped, peak RSS. Bad input gives exit status 2 and a JSON line with "error".
+turn (the model is loaded once) and ``--out`` is a folder. One JSON line per image on stdout: labels, seconds per
+stage, image-encoder forwards, windows used and skipped, peak RSS. Bad input gives exit status 2 and a JSON line with "error".
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: beside the checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="a NIfTI, NRRD or MetaImage file, or a DICOM series folder")
-    source.add_argument("--input-dir", help="segment every image (NIfTI file / DICOM folder) in this folder")
+    source.add_argument("--input-dir", help="segment every image (image file / DICOM folder) in this folder")
     parser.add_argument("--text", nargs="+", default=None, help="category names, e.g. liver spleen")
     parser.add_argument("--box", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
                         help="inclusive voxel box in the stored array's indices")
@@ -66,8 +66,10 @@ def parse_points(raw):
 
 
 def output_path(image: str, out, many: bool) -> str:
+    from segvol.io import ITK_SUFFIXES, NIFTI_SUFFIXES
+
     name = os.path.basename(os.path.normpath(image))
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break

@@ -749,7 +749,7 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
                 # the plan may grow back (up to the requested epochs) when epochs got faster, and shrinks when slower
                 planned = max(min(int(options.epochs), epoch + max(int(remaining // max(mean_epoch, 1e-6)), 0)),
                               epoch)
-                if abs(planned - total_epochs) <= 1 and planned >= epoch + 1 and planned > total_epochs:
+                if planned == total_epochs + 1:
                     planned = total_epochs  # no jitter from one epoch's noise
                 if _distributed()[1] > 1:  # every rank must agree on the plan
                     tensor = torch.tensor([float(planned)], device=device)

@@ -14,8 +14,8 @@ What it does (``--minutes`` bounds the training; the evaluations are timed and r
 2. evaluates the **untrained** model (same seed and configuration) as the baseline, which also times an evaluation;
 3. trains from scratch (``segvol.training``: zoom-out views + native crops, the six prompt combinations -- a random
    three of them per step --, Dice + BCE on the decoder's grid, AdamW + warm-up/cosine; nothing frozen) for
-   ``--minutes``; the planned epochs (and the cosine decay) are fitted to the budget after each epoch; every epoch
-   is validated (text + box, zoom-out);
+   ``--minutes``; the planned epochs (and the cosine decay) are fitted to the budget after each epoch; every
+   ``--val-every``-th epoch is validated (text + box, zoom-out);
 4. evaluates the final model per organ with text prompts and text + box prompts, each in zoom-out and in
    zoom-out-zoom-in mode, through the inference engine on the original voxel grid.
 

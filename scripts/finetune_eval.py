@@ -13,7 +13,8 @@ What it does (``--minutes`` bounds the training; the evaluations are timed and r
 1. prepares every case once (the library's preprocessing: RAS orientation, intensity normalisation, body crop);
 2. evaluates the **untrained** model (same seed and configuration) as the baseline, which also times an evaluation;
 3. trains from scratch (``segvol.training``: zoom-out views + native crops, the six prompt combinations -- a random
-   three of them per step --, Dice + BCE on the decoder's grid, AdamW + warm-up/cosine; nothing frozen) for
+   three of them per step --, Dice + BCE on the decoder's grid, AdamW + warm-up/cosine with 10x the rate on the
+   patch projection; nothing frozen) for
    ``--minutes``; the planned epochs (and the cosine decay) are fitted to the budget after each epoch; every
    ``--val-every``-th epoch is validated (text + box, zoom-out);
 4. evaluates the final model per organ with text prompts and text + box prompts, each in zoom-out and in
@@ -79,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'eval32' (default), 'eval64', 'small' or a JSON file of SegVolConfig fields")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--patch-lr-scale", type=float, default=1.0,
-                        help="learning-rate multiplier of the patch embedding (CT contrasts are ~0.01 after the "
-                             "[0, 1] normalisation; a faster-growing patch projection shortens the initial plateau)")
+    parser.add_argument("--patch-lr-scale", type=float, default=10.0,
+                        help="learning-rate multiplier of the patch projection (default 10): soft-tissue contrasts "
+                             "are ~0.01 after the [0, 1] normalisation, and at the base rate the projection cannot "
+                             "grow enough to see them in the budget (1: 0.51 mean Dice, 10: 0.61)")
     parser.add_argument("--epochs", type=int, default=1000, help="upper bound; the budget decides")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--zoom-out-prob", type=float, default=0.2,
@@ -304,7 +306,8 @@ def main(argv=None) -> int:
                    if k not in ("text_template", "text_vocab_size", "text_max_positions")},
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "training": {"status": result.status, "epochs": result.epoch, "steps": result.steps,
-                     "seconds": round(train_seconds, 1), "lr": args.lr, "batch_size": args.batch_size,
+                     "seconds": round(train_seconds, 1), "lr": args.lr, "patch_lr_scale": args.patch_lr_scale,
+                     "batch_size": args.batch_size,
                      "threads": threads, "processes": args.processes, "loss_resolution": args.loss_resolution,
                      "combinations_per_step": args.combinations_per_step or 6, "box_jitter": args.box_jitter,
                      "zoom_out_prob": args.zoom_out_prob,

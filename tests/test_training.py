@@ -141,6 +141,24 @@ def test_warmup_cosine_has_positive_lr_from_the_first_step():
     assert again.lr == pytest.approx(schedule.lr)
 
 
+def test_patch_projection_lr_multiplier_holds_through_the_schedule():
+    from segvol.modeling.segvol import SegVol
+    from segvol.training.trainer import _parameter_groups
+
+    model = SegVol(TINY)
+    groups = _parameter_groups(model, 1e-3, {"image_encoder.patch_embedding": 10.0})
+    patch = {id(p) for p in model.image_encoder.patch_embedding.parameters()}
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-3), pytest.approx(1e-2)]
+    assert {id(p) for p in groups[1]["params"]} == patch
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    optimizer = torch.optim.AdamW(groups)
+    schedule = WarmupCosine(optimizer, total_steps=20, warmup_steps=2)
+    for _ in range(7):
+        schedule.step()
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(10 * optimizer.param_groups[0]["lr"])
+    assert schedule.lr == optimizer.param_groups[0]["lr"] < 1e-3  # the reported rate is the unscaled one
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------------------------

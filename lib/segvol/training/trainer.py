@@ -404,7 +404,9 @@ def _parameter_groups(model: SegVol, lr: float, scales: Dict[str, float]) -> Lis
         matches = [prefix for prefix in scales if name.startswith(prefix)]
         scale = float(scales[max(matches, key=len)]) if matches else 1.0
         groups.setdefault(scale, []).append(parameter)
-    return [{"params": params, "lr": lr * scale} for scale, params in sorted(groups.items())]
+    # the unscaled group first: the schedule reports (and logs) the first group's rate
+    ordered = sorted(groups.items(), key=lambda item: (item[0] != 1.0, item[0]))
+    return [{"params": params, "lr": lr * scale} for scale, params in ordered]
 
 
 def _set_modes(model: SegVol, freeze: Sequence[str]) -> None:

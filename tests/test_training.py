@@ -189,39 +189,6 @@ def test_dataset_folder_and_views_follow_the_inference_frames(dataset):
     assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
 
 
-def test_crop_boxes_are_whole_object_boxes_clipped_like_a_zoom_in_window(dataset):
-    """A user's box covers the whole object and the engine clips it to each zoom-in window; a training crop that
-    cuts an object gives the same clipped box, not the tight box of the part it shows."""
-    from segvol.frames import bounding_box
-    from segvol.training.trainer import build_batch
-
-    vocabulary = Vocabulary.load()
-    store = CaseStore(load_dataset(str(dataset / "train")), TINY.image_size,
-                      lambda n: vocabulary.resolve(n, allow_free_text=True))
-    size = np.asarray(TINY.image_size)
-    cut = 0
-    for index in range(40):
-        case = store[index % len(store)]
-        rng = view_rng(5, 0, index)
-        view = sample_view(case, rng, ViewConfig(zoom_out_prob=0.0, intensity_prob=0.0))
-        assert view.kind == "crop" and set(view.boxes) == set(view.texts)
-        for value in view.texts:
-            whole = bounding_box(case.label == value)
-            expected = np.concatenate([np.maximum(whole[:3] - view.offset, 0),
-                                       np.minimum(whole[3:] - view.offset, size - 1)])
-            np.testing.assert_array_equal(view.boxes[value], expected)
-            tight = bounding_box(view.label.numpy() == value)
-            assert np.all(expected[:3] <= tight[:3]) and np.all(expected[3:] >= tight[3:])
-            cut += int(not np.array_equal(expected, tight))
-        batch = build_batch([view], [rng], PromptConfig(box_jitter=0.0), 8, 0)
-        for target in batch.targets:
-            value = next(v for v, t in view.texts.items() if t == target.text)
-            np.testing.assert_array_equal(target.prompts.box, view.boxes[value])
-    assert cut > 0, "no crop cut an object: the test does not exercise clipping"
-    zoom = sample_view(store[0], view_rng(5, 0, 0), ViewConfig(zoom_out_prob=1.0))
-    assert zoom.kind == "zoom_out" and zoom.boxes is None  # the whole object is in view: its tight box
-
-
 def test_datalist_json_with_label_info(tmp_path, dataset):
     entries = [{"image": str(dataset / "train" / "case_0_ct.nii.gz"), "label": str(dataset / "train" /
                                                                                     "case_0_seg.nii.gz"),

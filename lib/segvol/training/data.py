@@ -9,8 +9,7 @@ intensity normalisation, foreground crop, zoom-out view); the label map follows 
   sampled at the same voxels: the engine's zoom-out frame);
 * a **native crop**: one ``image_size`` window of the native volume (zero-padded symmetrically where the volume is
   smaller, exactly like an engine zoom-in window), centred on a labelled voxel with probability ``pos_fraction``
-  (the reference's RandCropByPosNegLabel with pos=2, neg=1) and on any body voxel otherwise. Its boxes are the whole
-  objects' boxes clipped to the crop, as the engine clips the user's box to each zoom-in window.
+  (the reference's RandCropByPosNegLabel with pos=2, neg=1) and on any body voxel otherwise.
 
 Dataset folders are laid out like ``../shared/data/openkbp-dev``: a ``dataset.json`` with ``labels``
 (``{"1": "Brainstem", ...}``) and ``cases`` (ids, or objects with ``patient``/``id``), image and label files named
@@ -30,7 +29,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..frames import bounding_box
 from ..io import read_image
@@ -254,7 +252,6 @@ class PreparedCase:
     original_label: Optional[np.ndarray] = None  # original grid (kept for validation)
     _zoom: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _foreground: Optional[np.ndarray] = field(default=None, repr=False)
-    _boxes: Optional[Dict[int, np.ndarray]] = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -271,17 +268,6 @@ class PreparedCase:
             tensor = torch.from_numpy(source.astype(np.float32))[None, None]
             self._zoom[which] = F.interpolate(tensor, size=size, mode="nearest-exact")[0, 0].round().to(torch.int32)
         return self._zoom[which]
-
-    def boxes(self) -> Dict[int, np.ndarray]:
-        """{label value: inclusive box of the whole object in the native frame} for every named value present."""
-        if self._boxes is None:
-            found = ndimage.find_objects(np.where(np.isin(self.label, list(self.texts)), self.label, 0))
-            self._boxes = {}
-            for value in self.texts:
-                slices = found[value - 1] if value - 1 < len(found) else None
-                if slices is not None:
-                    self._boxes[value] = np.asarray([s.start for s in slices] + [s.stop - 1 for s in slices], np.int64)
-        return self._boxes
 
     def foreground(self) -> np.ndarray:
         """Flat indices of the labelled voxels (native frame), for positive crop centres."""
@@ -375,15 +361,12 @@ class CaseStore:
 @dataclass
 class View:
     """One training input of ``image_size``: image (1, D, H, W) in [0, 1], label and pseudo maps (D, H, W) int32,
-    the text prompt of each label value present in the view and, for a native crop, each object's whole box clipped
-    to the crop (view coordinates; None: the tight box of the label in the view, as in a zoom-out view)."""
+    and the text prompt of each label value present in the view."""
 
     image: torch.Tensor
     label: torch.Tensor
     texts: Dict[int, str]
     pseudo: Optional[torch.Tensor] = None
-    boxes: Optional[Dict[int, np.ndarray]] = None
-    offset: Optional[np.ndarray] = None  # crop: view coordinate = native coordinate - offset
     kind: str = "zoom_out"
     case_id: str = ""
 
@@ -400,7 +383,6 @@ def sample_view(case: PreparedCase, rng: np.random.Generator, config: ViewConfig
     """A zoom-out view or a native crop of one prepared case (see the module docstring)."""
     size = tuple(int(s) for s in case.prepared.zoom_out.shape[-3:])
     kind = "zoom_out" if rng.random() < config.zoom_out_prob else "crop"
-    boxes = offset = None
     if kind == "zoom_out":
         image = case.prepared.zoom_out[0].clone()
         label = case.zoom_label("label")
@@ -409,15 +391,13 @@ def sample_view(case: PreparedCase, rng: np.random.Generator, config: ViewConfig
         if not texts:
             kind = "crop"  # every structure vanished in the resize: fall back to a positive crop
     if kind == "crop":
-        image, label, pseudo, texts, boxes, offset = _crop(case, size, rng, positive=rng.random() < config.pos_fraction,
-                                                           min_voxels=config.min_voxels)
+        image, label, pseudo, texts = _crop(case, size, rng, positive=rng.random() < config.pos_fraction,
+                                            min_voxels=config.min_voxels)
         if not texts and case.foreground().size:
             # a negative crop with no structure trains nothing supervised: take a positive one instead
-            image, label, pseudo, texts, boxes, offset = _crop(case, size, rng, positive=True,
-                                                               min_voxels=config.min_voxels)
+            image, label, pseudo, texts = _crop(case, size, rng, positive=True, min_voxels=config.min_voxels)
     image = _augment(image, rng, config.intensity_prob)
-    return View(image=image, label=label, texts=texts, pseudo=pseudo, boxes=boxes, offset=offset, kind=kind,
-                case_id=case.case.id)
+    return View(image=image, label=label, texts=texts, pseudo=pseudo, kind=kind, case_id=case.case.id)
 
 
 def _present(label: torch.Tensor, texts: Dict[int, str], min_voxels: int) -> Dict[int, str]:
@@ -439,10 +419,7 @@ def _crop(case: PreparedCase, size, rng: np.random.Generator, positive: bool, mi
     image = torch.from_numpy(window.extract(case.prepared.native))[None]
     label = torch.from_numpy(window.extract(case.label))
     pseudo = torch.from_numpy(window.extract(case.pseudo)) if case.pseudo is not None else None
-    texts = _present(label, case.texts, min_voxels)
-    whole = case.boxes()
-    boxes = {value: window.box_to_window(whole[value]) for value in texts}
-    return image, label, pseudo, texts, boxes, window.offset.astype(np.int64)
+    return image, label, pseudo, _present(label, case.texts, min_voxels)
 
 
 def _augment(image: torch.Tensor, rng: np.random.Generator, probability: float) -> torch.Tensor:

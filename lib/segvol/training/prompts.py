@@ -4,8 +4,6 @@ As in the paper (``segvol-reference.md`` section 6.5), every category of a view 
 combinations decoded against the same image embedding: point+text, box+text, text, box, point, box+point. Unlike the
 reference (section 9 item 23):
 
-* the box is the object's box in the view: in a native crop, the *whole* object's box clipped to the crop (an
-  engine zoom-in window is given the user's box clipped the same way), not the tight box of the part in the crop;
 * the box is jittered (each face moves by up to ``box_jitter`` of the box's extent on that axis, at least one voxel
   when jitter is on) and always stays inside the view with min <= max;
 * positive points are distinct voxels of the object;
@@ -119,19 +117,14 @@ def sample_points(mask: np.ndarray, box: np.ndarray, rng: np.random.Generator, c
     return coords, labels
 
 
-def sample_prompts(mask: np.ndarray, rng: np.random.Generator, config: PromptConfig = PromptConfig(),
-                   box: Optional[np.ndarray] = None) -> PromptSample:
-    """Box (jittered) and points for one non-empty object mask (D, H, W) bool.
-
-    ``box``: the box to jitter when it is not the mask's tight box -- in a crop, the whole object's box clipped to
-    the crop, which is what an engine zoom-in window is given for an object that runs past it."""
+def sample_prompts(mask: np.ndarray, rng: np.random.Generator, config: PromptConfig = PromptConfig()) -> PromptSample:
+    """Box (jittered) and points for one non-empty object mask (D, H, W) bool."""
     mask = np.asarray(mask, dtype=bool)
     tight = bounding_box(mask)
     if tight is None:
         raise ValueError("cannot sample prompts for an empty mask")
     coords, labels = sample_points(mask, tight, rng, config)
-    base = tight if box is None else np.asarray(box, dtype=np.int64)
-    return PromptSample(box=jitter_box(base, mask.shape, rng, config.box_jitter), points=coords, labels=labels)
+    return PromptSample(box=jitter_box(tight, mask.shape, rng, config.box_jitter), points=coords, labels=labels)
 
 
 def stack_points(samples: Sequence[PromptSample], device=None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -212,8 +212,7 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
         label = view.label.numpy()
         for value in values:
             mask = label == value
-            box = view.boxes.get(value) if view.boxes is not None else None
-            targets.append(Target(index, view.texts[value], mask, sample_prompts(mask, rng, prompt_config, box)))
+            targets.append(Target(index, view.texts[value], mask, sample_prompts(mask, rng, prompt_config)))
         if view.pseudo is not None and pseudo_passes > 0:
             pseudo_map = view.pseudo.numpy()
             for number in range(pseudo_passes):

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio)
     optim.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="0 disables")
     optim.add_argument("--patch-lr-scale", type=float, default=1.0,
-                       help="learning-rate multiplier of the image encoder's patch projection; for --init scratch on "
-                            "CT, 10 lets it grow to the ~0.01 soft-tissue contrasts of the [0, 1] intensities")
+                       help="learning-rate multiplier of the image encoder's patch embedding (projection and position "
+                            "embeddings); for --init scratch on CT, 10 lets the projection grow to the ~0.01 "
+                            "soft-tissue contrasts of the [0, 1] intensities")
     optim.add_argument("--minutes", type=float, default=0, help="wall-time budget (0: none)")
     optim.add_argument("--seed", type=int, default=defaults.seed)
     optim.add_argument("--device", default="auto")

@@ -6,8 +6,9 @@
         --publish apps/segvol/model/segvol_finetuned.pt
 
     # train the small configuration from scratch on CPU, validation on another folder, 15 minutes
+    # (--patch-lr-scale 10: CT soft-tissue contrasts are ~0.01 of the [0, 1] intensities; see the README)
     python scripts/train.py --data train/ --val val/ --init scratch --config small --freeze none \\
-        --tokenizer ../shared/clip-tokenizer --out runs/small --minutes 15
+        --tokenizer ../shared/clip-tokenizer --out runs/small --minutes 15 --patch-lr-scale 10
 
     # resume an interrupted run: the same command again (``--resume auto`` is the default)
     # multi-GPU: --gpus 2 (spawns one DDP process per GPU), or torchrun --nproc_per_node 2 scripts/train.py ...

@@ -14,7 +14,7 @@ What it does (``--minutes`` bounds the training; the evaluations are timed and r
 2. evaluates the **untrained** model (same seed and configuration) as the baseline, which also times an evaluation;
 3. trains from scratch (``segvol.training``: zoom-out views + native crops, the six prompt combinations -- a random
    three of them per step --, Dice + BCE on the decoder's grid, AdamW + warm-up/cosine with 10x the rate on the
-   patch projection; nothing frozen) for
+   patch embedding; nothing frozen) for
    ``--minutes``; the planned epochs (and the cosine decay) are fitted to the budget after each epoch; every
    ``--val-every``-th epoch is validated (text + box, zoom-out);
 4. evaluates the final model per organ with text prompts and text + box prompts, each in zoom-out and in
@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--patch-lr-scale", type=float, default=10.0,
                         help="learning-rate multiplier of the patch embedding, projection and position embeddings "
-                             "(default 10): soft-tissue contrasts "
-                             "are ~0.01 after the [0, 1] normalisation, and at the base rate the projection cannot "
-                             "grow enough to see them in the budget (1: 0.51 mean Dice, 10: 0.61)")
+                             "(default 10): soft-tissue contrasts are ~0.01 after the [0, 1] normalisation, and at "
+                             "the base rate the projection cannot grow enough to see them in the budget (1: 0.51 "
+                             "mean Dice, 10: 0.61)")
     parser.add_argument("--epochs", type=int, default=1000, help="upper bound; the budget decides")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--zoom-out-prob", type=float, default=0.2,

@@ -51,7 +51,7 @@ def test_finetune_eval_reports_dice_per_prompt_and_mode(tmp_path, tokenizer_dir,
     assert report["goal"]["met"] == (report["goal"]["reached_best_mode"] >= 0.6)
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "run" / "last.pt").is_file()
-    # the default 10x rate of the patch projection reaches the optimizer
+    # the default 10x rate of the patch embedding reaches the optimizer
     assert report["training"]["patch_lr_scale"] == 10.0
     state = torch.load(out / "run" / "last.pt", map_location="cpu", weights_only=False)
     rates = [group["lr"] for group in state["optimizer"]["param_groups"]]

@@ -141,7 +141,7 @@ def test_warmup_cosine_has_positive_lr_from_the_first_step():
     assert again.lr == pytest.approx(schedule.lr)
 
 
-def test_patch_projection_lr_multiplier_holds_through_the_schedule():
+def test_patch_embedding_lr_multiplier_holds_through_the_schedule():
     from segvol.modeling.segvol import SegVol
     from segvol.training.trainer import _parameter_groups
 
@@ -157,6 +157,8 @@ def test_patch_projection_lr_multiplier_holds_through_the_schedule():
         schedule.step()
         assert optimizer.param_groups[1]["lr"] == pytest.approx(10 * optimizer.param_groups[0]["lr"])
     assert schedule.lr == optimizer.param_groups[0]["lr"] < 1e-3  # the reported rate is the unscaled one
+    slower = _parameter_groups(model, 1e-3, {"image_encoder.patch_embedding": 0.1})
+    assert [g["lr"] for g in slower] == [pytest.approx(1e-3), pytest.approx(1e-4)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     from segvol.modeling.segvol import SegVol
     from segvol.modeling.text_encoder import load_tokenizer
     from segvol.training import CaseStore, TrainOptions, load_dataset, run_training
-    from segvol.training.trainer import resolve_config
+    from segvol.training.trainer import patch_embedding_lr_scale, resolve_config
     from segvol.vocabulary import Vocabulary
 
     default_data = args.train is None and args.val is None
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     options = TrainOptions(
         output_dir=os.path.join(out, "run"), init="scratch", config=config.to_dict(), tokenizer=args.tokenizer,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        lr_scale={"image_encoder.patch_embedding": args.patch_lr_scale} if args.patch_lr_scale != 1 else {},
+        lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
         combinations_per_step=args.combinations_per_step, box_jitter=args.box_jitter, world_size=args.processes,
         ddp_backend="gloo" if args.processes > 1 else None, device="cpu", threads=threads if args.processes == 1 else 1,

@@ -9,7 +9,8 @@
 clients send); ``--point`` is repeatable and ends with ``+`` (positive) or ``-`` (negative). ``--image`` is a NIfTI
 (or NRRD / MetaImage) file or a DICOM series folder; with ``--input-dir`` every image of the folder is segmented in
 turn (the model is loaded once) and ``--out`` is a folder. One JSON line per image on stdout: labels, seconds per
-stage, image-encoder forwards, windows used and skipped, peak RSS. Bad input gives exit status 2 and a JSON line with "error".
+stage, image-encoder forwards, windows used and skipped, peak RSS. Bad input gives exit status 2 and a JSON line
+with "error".
 """
 from __future__ import annotations
 

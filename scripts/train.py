@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     logging.getLogger("segvol.engine").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from segvol.training import TrainOptions, load_dataset, run_training, split_cases
+    from segvol.training.trainer import patch_embedding_lr_scale
 
     cases = load_dataset(args.data, parse_slice(args.cases), args.pseudo_labels)
     if args.val:
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         output_dir=args.out, init=args.init, weights=args.weights, tokenizer=args.tokenizer, config=args.config,
         epochs=args.epochs, batch_size=args.batch_size, repeats=args.repeats, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
-        lr_scale={"image_encoder.patch_embedding": args.patch_lr_scale} if args.patch_lr_scale != 1 else {},
+        lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         grad_clip=args.grad_clip or None, freeze=args.freeze, seed=args.seed, device=args.device,
         amp=None if args.amp == "auto" else args.amp == "on", zoom_out_prob=args.zoom_out_prob,
         pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,

@@ -143,10 +143,11 @@ def test_warmup_cosine_has_positive_lr_from_the_first_step():
 
 def test_patch_embedding_lr_multiplier_holds_through_the_schedule():
     from segvol.modeling.segvol import SegVol
-    from segvol.training.trainer import _parameter_groups
+    from segvol.training.trainer import _parameter_groups, patch_embedding_lr_scale
 
+    assert patch_embedding_lr_scale(1) == {}
     model = SegVol(TINY)
-    groups = _parameter_groups(model, 1e-3, {"image_encoder.patch_embedding": 10.0})
+    groups = _parameter_groups(model, 1e-3, patch_embedding_lr_scale(10))
     patch = {id(p) for p in model.image_encoder.patch_embedding.parameters()}
     assert [g["lr"] for g in groups] == [pytest.approx(1e-3), pytest.approx(1e-2)]
     assert {id(p) for p in groups[1]["params"]} == patch
@@ -157,7 +158,7 @@ def test_patch_embedding_lr_multiplier_holds_through_the_schedule():
         schedule.step()
         assert optimizer.param_groups[1]["lr"] == pytest.approx(10 * optimizer.param_groups[0]["lr"])
     assert schedule.lr == optimizer.param_groups[0]["lr"] < 1e-3  # the reported rate is the unscaled one
-    slower = _parameter_groups(model, 1e-3, {"image_encoder.patch_embedding": 0.1})
+    slower = _parameter_groups(model, 1e-3, patch_embedding_lr_scale(0.1))
     assert [g["lr"] for g in slower] == [pytest.approx(1e-3), pytest.approx(1e-4)]
 
 

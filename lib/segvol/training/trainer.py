@@ -394,6 +394,12 @@ def freeze_parameters(model: SegVol, freeze: Sequence[str]) -> Dict[str, int]:
             for name, modules in groups.items()}
 
 
+def patch_embedding_lr_scale(factor: float) -> Dict[str, float]:
+    """``TrainOptions.lr_scale`` giving the image encoder's patch embedding (projection and position embeddings)
+    ``factor`` times the base rate; empty for 1."""
+    return {"image_encoder.patch_embedding": float(factor)} if factor != 1 else {}
+
+
 def _parameter_groups(model: SegVol, lr: float, scales: Dict[str, float]) -> List[Dict[str, Any]]:
     """Trainable parameters in groups by learning-rate multiplier (the longest matching name prefix wins)."""
     groups: Dict[float, List[torch.nn.Parameter]] = {}

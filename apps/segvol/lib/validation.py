@@ -1,0 +1,44 @@
+"""The single home of the rules that keep a client inside the datastore: what an image id, a label id or a label tag
+may be.
+
+Every name a client sends that becomes part of a path (``image``, ``id``, ``label``, ``tag``, ``label_tag``) must be a
+plain file-name-like token: no path separator, no ``..``, no NUL or other control character, not absolute, not empty,
+at most ``MAX_ID_LENGTH`` characters. DICOM UIDs (``1.2.840...``) and file stems (``example_ct``) pass.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from segvol.errors import BadRequestError
+
+MAX_ID_LENGTH = 200
+_ALLOWED = re.compile(r"^[A-Za-z0-9._+\-][A-Za-z0-9._+\- ]*$")
+
+
+class UnsafeNameError(BadRequestError):
+    """An id or tag that could name a file outside the datastore (HTTP 400)."""
+
+    http_status = 400
+
+
+def check_name(value: Any, field: str) -> str:
+    """``value`` if it is a safe datastore id/tag, else ``UnsafeNameError`` naming ``field``."""
+    if not isinstance(value, str):
+        raise UnsafeNameError(f"{field} must be a string id, got {type(value).__name__}")
+    if not value:
+        raise UnsafeNameError(f"{field} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise UnsafeNameError(f"{field} is longer than {MAX_ID_LENGTH} characters")
+    if value in (".", "..") or ".." in value or not _ALLOWED.match(value) or value != value.strip():
+        raise UnsafeNameError(f"{field} {value[:80]!r} is not a datastore id: use letters, digits, '.', '_', '-', "
+                              "'+' only (no path separators, '..', NUL or control characters)")
+    return value
+
+
+def is_safe_name(value: Any) -> bool:
+    try:
+        check_name(value, "name")
+        return True
+    except UnsafeNameError:
+        return False

@@ -164,7 +164,16 @@ class TextEncoder(nn.Module):
         """The official tokenisation: the template prompt, padded to the longest in the batch, no truncation."""
         if self.tokenizer is None:
             raise RuntimeError("this model has no CLIP tokenizer; pass tokenizer=... to segvol.load_model")
-        return self.tokenizer(self.prompts(names), padding=True, return_tensors="pt")
+        tokens = self.tokenizer(self.prompts(names), padding=True, return_tensors="pt")
+        limit = self.clip_text_model.embeddings.position_embedding.num_embeddings
+        if tokens["input_ids"].shape[-1] > limit:
+            from ..errors import BadTextError
+
+            lengths = tokens["attention_mask"].sum(-1).tolist()
+            too_long = [name[:60] for name, length in zip(names, lengths) if length > limit]
+            raise BadTextError(f"text prompt too long: CLIP reads at most {limit} tokens (template included); "
+                               f"shorten {too_long}")
+        return tokens
 
     def forward(self, names: Sequence[str]) -> torch.Tensor:
         """Uncached forward (use it for training); names -> (N, hidden)."""

@@ -104,6 +104,18 @@ class SegVolApp(MONAILabelApp):
         return {m: super(SegVolApp, self).async_scoring(m, params).get(m) for m in self.auto_scoring
                 if m in self._scoring_methods}
 
+    def init_datastore(self):
+        """Local folders get ``lib.datastore.SegVolDatastore`` (atomic writes, an index rebuilt when damaged, label
+        sidecars, upload checks); ``http(s)://`` studies keep MONAI Label's dispatch to ``init_remote_datastore``."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from lib.datastore import SegVolDatastore
+        from monailabel.config import settings
+
+        return SegVolDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                               auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                               read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
     def init_remote_datastore(self):
         """DICOMweb datastore (``--studies http(s)://...``), offline and failing clearly.
 

@@ -18,5 +18,5 @@ if [ -z "$(ls -A "$DATASTORE" 2>/dev/null)" ]; then
   fi
 fi
 cd "$ROOT"
-exec python -m monailabel.main start_server --app "$ROOT/apps/segvol" --studies "$DATASTORE" \
-  --host 127.0.0.1 --port "${SEGVOL_PORT:-8000}" "$@"
+exec python "$ROOT/apps/segvol/segvol_server.py" --app "$ROOT/apps/segvol" --studies "$DATASTORE" \
+  --host "${SEGVOL_HOST:-127.0.0.1}" --port "${SEGVOL_PORT:-8000}" "$@"

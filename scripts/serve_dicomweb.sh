@@ -41,7 +41,7 @@ export MONAI_LABEL_DICOMWEB_CACHE_EXPIRY="${MONAI_LABEL_DICOMWEB_CACHE_EXPIRY:-3
 export MONAI_LABEL_TRACKING_ENABLED="${MONAI_LABEL_TRACKING_ENABLED:-false}"
 cd "$ROOT"
 echo "[serve] DICOMweb: $DICOMWEB   OHIF: http://${SEGVOL_HOST:-127.0.0.1}:${SEGVOL_PORT:-8000}/ohif/" >&2
-# `python -m monailabel.main`, not the `monailabel` wrapper script: the wrapper passes its arguments on unquoted ($*),
-# which splits values with spaces such as --conf auto_labels "liver,kidney left".
-exec python -m monailabel.main start_server --app "$ROOT/apps/segvol" --studies "$DICOMWEB" \
+# SegVol Label's hardened server (apps/segvol/segvol_server.py: MONAI Label's app, same arguments), not the
+# `monailabel` wrapper script, which also passes its arguments on unquoted ($*).
+exec python "$ROOT/apps/segvol/segvol_server.py" --app "$ROOT/apps/segvol" --studies "$DICOMWEB" \
   --host "${SEGVOL_HOST:-127.0.0.1}" --port "${SEGVOL_PORT:-8000}" "$@"

@@ -1,4 +1,5 @@
-"""Start the real SegVol Label server (``monailabel start_server``) in a subprocess for tests."""
+"""Start the real SegVol Label server (``apps/segvol/segvol_server.py``, as ``scripts/serve.sh`` does) in a subprocess
+for tests."""
 from __future__ import annotations
 
 import os
@@ -23,16 +24,22 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, studies: Path, conf: Dict[str, str], log: Path):
+    # extra environment for the server process (a subclass may set it); the ``env`` argument adds to it
+    extra_env: Dict[str, str] = {}
+
+    def __init__(self, studies: Path, conf: Dict[str, str], log: Path, env: Optional[Dict[str, str]] = None):
+        overrides = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+        args = [sys.executable, str(APP / "segvol_server.py"), "--app", str(APP), "--studies", str(studies),
                 "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in conf.items():
             args += ["--conf", key, value]
         env = dict(os.environ, MONAI_LABEL_TRACKING_ENABLED="false", MONAI_LABEL_AUTO_UPDATE_SCORING="false",
                    MONAI_LABEL_DATASTORE_AUTO_RELOAD="false", PYTHONUNBUFFERED="1")
+        env.update(self.extra_env)
+        env.update(overrides or {})
         self._log_handle = open(log, "w")
         self.process = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=self._log_handle,
                                         stderr=subprocess.STDOUT, start_new_session=True)

@@ -84,11 +84,25 @@ class SegVolApp(MONAILabelApp):
         }
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {  # the first is the clients' default
+        from lib.activelearning import FirstStrategy
+
+        return {  # the first is Slicer's default
             "random_fg": RandomForegroundStrategy(),
             "disagreement": DisagreementStrategy(),
             "fh_novelty": FHNoveltyStrategy(),
+            # MONAI Label's stock names: OHIF's Next Sample always posts "random" (its default), MONAI Label's own
+            # clients and tests "random" and "first"
+            "random": RandomForegroundStrategy("Same as random_fg (the name OHIF's Next Sample sends)"),
+            "first": FirstStrategy(),
         }
+
+    def next_sample(self, request):
+        """An unknown strategy is a 404 listing the available ones (MONAI Label answers a bare 500)."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; available: "
+                                f"{', '.join(self._strategies)}")
+        return super().next_sample(request)
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {

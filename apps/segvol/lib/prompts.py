@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from segvol.errors import BadPromptError, BadTextError
 from segvol.vocabulary import Vocabulary
@@ -26,6 +26,8 @@ class Prompts:
     negative: List[Point] = field(default_factory=list)
     box: Optional[Box] = None
     requested: List[Any] = field(default_factory=list)  # what the client asked for, echoed in the response
+    values: Dict[str, int] = field(default_factory=dict)  # text -> the label value its label_prompt index asks for
+    segment_name: Optional["SegmentName"] = None  # how a client's segment name was treated (interactive faces)
 
     def is_empty(self) -> bool:
         return not (self.texts or self.positive or self.box)
@@ -90,9 +92,51 @@ def parse_box(value: Any) -> Optional[Box]:
     return tuple(numbers)  # type: ignore[return-value]
 
 
-def parse_texts(request: dict, vocabulary: Vocabulary) -> List[str]:
-    """Explicit ``texts`` (list of names) and ``label_prompt`` (indices into /info labels) -> text prompts."""
-    free_text = _as_bool(request.get("free_text", False))
+def parse_label_prompt(request: dict, lookup: Callable[[int], str]) -> List[Tuple[str, int]]:
+    """OHIF's ``label_prompt`` (indices into the model's /info labels) -> ``(text prompt, index)`` pairs.
+
+    ``null`` entries (OHIF sends ``[null]`` for a label its model does not list) are skipped; booleans, fractions and
+    other non-integers are refused rather than rounded.
+    """
+    label_prompt = request.get("label_prompt")
+    if label_prompt in (None, "", []):
+        return []
+    if isinstance(label_prompt, (int, str)) and not isinstance(label_prompt, bool):
+        label_prompt = [label_prompt]
+    if not isinstance(label_prompt, (list, tuple)):
+        raise BadTextError(f"label_prompt must be a list of label indices from /info, got {label_prompt!r}")
+    pairs = []
+    for value in label_prompt:
+        if value is None:
+            continue
+        index = _as_index(value)
+        if index is None:
+            raise BadTextError(f"label_prompt entries must be integer label indices from /info, got {value!r}")
+        pairs.append((lookup(index), index))
+    return pairs
+
+
+def _as_index(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def parse_texts(request: dict, vocabulary: Vocabulary,
+                lookup: Optional[Callable[[int], str]] = None) -> Tuple[List[str], Dict[str, int]]:
+    """Explicit ``texts`` (names) and ``label_prompt`` (indices) -> text prompts, and the value each index asks for.
+
+    ``lookup`` maps a ``label_prompt`` index to its text (default: the vocabulary's served indices). The values map
+    a text to the index it was asked by, so the result gives it back under that index; a text asked by two indices
+    (a name and its client alias) keeps the smaller one.
+    """
+    free_text = requested_free_text(request)
     texts: List[str] = []
     raw_texts = request.get("texts")
     if raw_texts not in (None, "", []):
@@ -101,30 +145,68 @@ def parse_texts(request: dict, vocabulary: Vocabulary) -> List[str]:
         if not isinstance(raw_texts, (list, tuple)) or not all(isinstance(t, str) for t in raw_texts):
             raise BadTextError(f"texts must be a list of names, got {raw_texts!r}")
         texts += [vocabulary.resolve(t, allow_free_text=free_text) for t in raw_texts]
-    label_prompt = request.get("label_prompt")
-    if label_prompt not in (None, "", []):
-        if isinstance(label_prompt, (int, str)):
-            label_prompt = [label_prompt]
-        if not isinstance(label_prompt, (list, tuple)):
-            raise BadTextError(f"label_prompt must be a list of label indices, got {label_prompt!r}")
-        for value in label_prompt:
-            try:
-                index = int(value)
-            except (TypeError, ValueError):
-                raise BadTextError(f"label_prompt entries must be label indices from /info, got {value!r}") from None
-            texts.append(vocabulary.by_index(index).name)
-    return list(dict.fromkeys(texts))
+    values: Dict[str, int] = {}
+    for text, index in parse_label_prompt(request, lookup or (lambda i: vocabulary.by_index(i).name)):
+        texts.append(text)
+        values[text] = min(index, values.get(text, index))
+    return list(dict.fromkeys(texts)), values
 
 
-def parse_segment_name(name: Any, vocabulary: Vocabulary, free_text: bool) -> List[str]:
-    """Slicer's current segment name as a text prompt; generic names ("Segment_1") give none."""
+@dataclass
+class SegmentName:
+    """How a client's segment name (Slicer's ``label``, scribbles' ``selected_label_name``) was treated."""
+
+    sent: Optional[str] = None
+    text: Optional[str] = None  # the text prompt it gave, if any
+    treated_as: str = "none"  # "vocabulary", "free text", "generic" (Segment_1...), "unknown" or "none"
+    reason: Optional[str] = None  # why an unknown name was not used
+
+    @property
+    def warning(self) -> Optional[str]:
+        if not self.reason:
+            return None
+        return (f"{self.reason}, so it was not sent to the model; the result comes from the clicks and the ROI. To use "
+                "it as free text, set free_text (Slicer: Options, infer, this model) or start the server with "
+                "--conf segment_name_free_text true")
+
+    def to_json(self) -> dict:
+        return {"name_used": self.text if self.text else None,
+                "name_ignored": self.sent if self.sent and not self.text else None,
+                "name_treated_as": self.treated_as}
+
+
+def parse_segment_name(name: Any, vocabulary: Vocabulary, free_text: bool) -> SegmentName:
+    """Slicer's current segment name as a text prompt.
+
+    A vocabulary name (any spelling) gives its training text; a generic name ("Segment_1") gives none; any other name
+    gives none either, with a warning, unless ``free_text`` is on: then it goes to the model as typed. The clicks and
+    the ROI are used in every case, so an annotator's own segment name never costs them their prompts.
+    """
     if name in (None, ""):
-        return []
+        return SegmentName()
     if not isinstance(name, str):
         raise BadTextError(f"label must be a segment name, got {name!r}")
     if _GENERIC_SEGMENT.match(name):
-        return []
-    return [vocabulary.resolve(name, allow_free_text=free_text)]
+        return SegmentName(sent=name, treated_as="generic")
+    category = vocabulary.find(name)
+    if category is not None:
+        return SegmentName(sent=name, text=category.name, treated_as="vocabulary")
+    if free_text:
+        return SegmentName(sent=name, text=name.strip(), treated_as="free text")
+    suggestions = vocabulary.closest(name)
+    hint = f" (closest known names: {', '.join(repr(s) for s in suggestions)})" if suggestions else ""
+    return SegmentName(sent=name, treated_as="unknown", reason=f"segment name {name!r} is not in the vocabulary{hint}")
+
+
+def app_conf_flag(key: str, default: bool = False) -> bool:
+    """A boolean ``--conf`` of the running MONAI Label app (read from MONAI Label's settings)."""
+    try:
+        from monailabel.config import settings
+
+        value = (settings.MONAI_LABEL_APP_CONF or {}).get(key, default)
+    except Exception:  # not under MONAI Label
+        value = default
+    return _as_bool(value)
 
 
 def vista_points(request: dict) -> Tuple[List[Point], List[Point]]:

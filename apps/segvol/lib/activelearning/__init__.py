@@ -1,6 +1,7 @@
 """Next-sample strategies for curators: each returns an image with no final label, from its scoring method."""
 from .disagreement import DisagreementStrategy
 from .fh_novelty import FHNoveltyStrategy
+from .first import FirstStrategy
 from .random_fg import RandomForegroundStrategy
 
-__all__ = ["DisagreementStrategy", "FHNoveltyStrategy", "RandomForegroundStrategy"]
+__all__ = ["DisagreementStrategy", "FHNoveltyStrategy", "FirstStrategy", "RandomForegroundStrategy"]

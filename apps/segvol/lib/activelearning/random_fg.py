@@ -15,8 +15,8 @@ from .base import ScoredStrategy
 class RandomForegroundStrategy(ScoredStrategy):
     score_key = "fg_fraction"
 
-    def __init__(self):
-        super().__init__("Foreground-aware random: unlabelled images weighted by their body fraction")
+    def __init__(self, description: str = "Foreground-aware random: unlabelled images weighted by their body fraction"):
+        super().__init__(description)
 
     def __call__(self, request, datastore):
         rows = self.candidates(request, datastore)

@@ -5,7 +5,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 class SegVolInferTask(InferTask):
-    """Subclasses turn a client's request into ``Prompts`` (``prompts``) and name the label values (``values``)."""
+    """Subclasses turn a client's request into ``Prompts`` (``prompts``) and say how they number labels
+    (``value_space``, ``class_agnostic``); every value in a result is one the face's ``/info`` labels or the response's
+    ``label_names`` name, so each stock client imports it into the right segment (see the README's table)."""
 
     def __init__(self, service: SegVolService, type: str, labels, description: str, config: Optional[dict] = None):
         super().__init__(type=type, labels=labels, dimension=3, description=description,
@@ -29,47 +31,78 @@ class SegVolInferTask(InferTask):
     def is_valid(self) -> bool:
         return True  # listed even without weights; a request then gets a 503 saying how to get them
 
+    def served_labels(self):
+        """This face's ``/info`` labels now (names learned by a newly loaded checkpoint included)."""
+        return self.labels
+
+    def info(self) -> Dict[str, Any]:
+        return {**super().info(), "labels": self.served_labels()}
+
     def prompts(self, request: Dict[str, Any]) -> Prompts:
         raise NotImplementedError
 
     def class_agnostic(self) -> bool:
-        """True when the result is one object (value 1) rather than vocabulary-indexed labels."""
+        """True when the result is one object (value 1) rather than one value per label."""
         return False
+
+    def value_space(self) -> Tuple[Dict[str, int], Iterable[int]]:
+        """How this face numbers its labels: ``{text: value}`` for the names its ``/info`` labels list, and the
+        values left for other names (free text) in one request. Default: the vocabulary's served indices, and the
+        values after them (never a served index; nothing is added to the vocabulary)."""
+        vocabulary = self.service.vocabulary
+        return {c.name: c.index for c in vocabulary.categories}, vocabulary.free_values()
+
+    def label_values(self, prompts: Prompts) -> Dict[str, int]:
+        """The value of each text prompt in the returned label: the ``label_prompt`` index it was asked by, else its
+        index in this face's ``/info`` labels, else the next value free in this request."""
+        known, free = self.value_space()
+        taken = set(prompts.values.values()) | {known[t] for t in prompts.texts if t in known}
+        spare = (v for v in free if v not in taken)
+        values: Dict[str, int] = {}
+        for text in prompts.texts:
+            value = prompts.values.get(text, known.get(text))
+            if value is None:
+                value = next(spare, None)
+                if value is None:
+                    outside = [t for t in prompts.texts if t not in known and t not in prompts.values]
+                    raise BadRequestError(f"{len(outside)} names outside the vocabulary in one request: a uint8 label "
+                                          f"has room for {len(list(self.value_space()[1]))} of them")
+            if not 1 <= value <= 255:
+                raise BadRequestError(f"label value {value} of {text!r} does not fit a uint8 label")
+            values[text] = value
+        return values
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
         started = time.perf_counter()
         self.service.engine()  # (re)load first: a new checkpoint's learned names must resolve in this request
         prompts = self.prompts(request)
         if prompts.is_empty():
-            raise BadRequestError("no prompt: send a label/text, a foreground point or a box")
+            raise BadRequestError(self.no_prompt_message(prompts))
         mode = request.get("zoom", self.service.mode)
         if mode not in ("zoom_out_zoom_in", "zoom_out"):
             raise BadRequestError(f"zoom must be 'zoom_out_zoom_in' or 'zoom_out', got {mode!r}")
         image = request["image"]
         if not isinstance(image, str):
             raise BadRequestError("this task needs an image file or datastore id")
+        values = {} if self.class_agnostic() or not prompts.texts else self.label_values(prompts)
 
         result = self.service.run(lambda engine: engine.segment(
             image, texts=prompts.texts or None, box=prompts.box,
             points=[(*p, 1) for p in prompts.positive] + [(*p, 0) for p in prompts.negative] or None,
             mode=mode))
 
-        if self.class_agnostic() or not prompts.texts:
+        vocabulary = self.service.vocabulary
+        if not values:
             labels = (result.label > 0).astype(np.uint8)
-            names = {(prompts.texts[0] if prompts.texts else "object"): 1}
+            names = {self.object_name(prompts): 1}
         else:
-            # Engine values 1..N follow prompts.texts; clients expect the /info label index of each name.
-            # Free-text names get an index after the vocabulary's, so values never collide with known labels.
-            vocabulary = self.service.vocabulary
-            vocabulary.extend(list(result.labels))
-            lookup = np.zeros(max(result.labels.values(), default=0) + 1, dtype=np.int64)
-            names = {}
-            for name, value in result.labels.items():
-                lookup[value] = vocabulary.find(name).index
-                names[name] = int(lookup[value])
-            if lookup.max() > 255:
-                raise BadRequestError("label indices above 255 cannot be returned as uint8")
-            labels = lookup[result.label].astype(np.uint8)
+            # Engine values 1..N follow prompts.texts; each becomes the value this face promised for its name.
+            lookup = np.zeros(max(result.labels.values(), default=0) + 1, dtype=np.uint8)
+            for text, engine_value in result.labels.items():
+                lookup[engine_value] = values[text]
+            labels = lookup[result.label]
+            names = {vocabulary.served_name(text): values[text]
+                     for text in sorted(values, key=lambda t: values[t])}  # ascending: Slicer reads keys in order
 
         output = write_label_file(labels, result.affine, request)
         engine_stats = getattr(result, "stats", {}) or {}
@@ -80,7 +113,18 @@ class SegVolInferTask(InferTask):
             "mode": mode,
             "latencies": {"total": round(time.perf_counter() - started, 3), **engine_stats.get("seconds", {})},
             "stats": engine_stats,
+            **self.extra_params(prompts),
         }
+
+    def object_name(self, prompts: Prompts) -> str:
+        """The name of a class-agnostic result (value 1)."""
+        return self.service.vocabulary.served_name(prompts.texts[0]) if prompts.texts else "object"
+
+    def no_prompt_message(self, prompts: Prompts) -> str:
+        return "no prompt: send a label/text, a foreground point or a box"
+
+    def extra_params(self, prompts: Prompts) -> Dict[str, Any]:
+        return {}
 
 
 def write_label_file(labels: np.ndarray, affine: np.ndarray, request: Dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -26,7 +26,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from segvol.errors import BadImageError, BadPromptError, BadRequestError
 from segvol.io import read_image
 
-from ..prompts import parse_segment_name, parse_slicer_roi, requested_free_text
+from ..prompts import SegmentName, app_conf_flag, parse_segment_name, parse_slicer_roi, requested_free_text
 from .base import write_label_file
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,15 @@ def spacing_of(affine: np.ndarray) -> Tuple[float, float, float]:
 
 
 class SegVolScribblesInfer(InferTask):
-    def __init__(self, service, margin: int = 24, k: float = 0.05, cache_items: int = 8):
+    def __init__(self, service, margin: int = 24, k: float = 0.05, cache_items: int = 8,
+                 segment_name_free_text: Optional[bool] = None):
+        if segment_name_free_text is None:
+            segment_name_free_text = app_conf_flag("segment_name_free_text")
+        self.segment_name_free_text = bool(segment_name_free_text)
         super().__init__(type="scribbles", labels=[], dimension=3,
                          description="Scribbles: FH supervoxels touched by foreground strokes, or SegVol prompts",
-                         config={"method": ["fh", "segvol"], "margin": margin, "k": k})
+                         config={"method": ["fh", "segvol"], "margin": margin, "k": k,
+                                 "free_text": self.segment_name_free_text})
         self.service = service
         self.margin = margin
         self.k = k
@@ -99,10 +104,13 @@ class SegVolScribblesInfer(InferTask):
         roi = parse_slicer_roi(request.get("roi"))
         timings: Dict[str, float] = {}
         prompts: Dict[str, Any] = {}
+        name = SegmentName()
         if method == "fh":
             label = self._fh(image.array, image.affine, foreground, background, roi, request, timings)
         else:
-            label = self._segvol(request, foreground, background, roi, timings, prompts)
+            free_text = requested_free_text({"free_text": request.get("free_text", self.segment_name_free_text)})
+            name = parse_segment_name(request.get("selected_label_name"), self.service.vocabulary, free_text)
+            label = self._segvol(request, name, foreground, background, roi, timings, prompts)
         if roi is not None:
             keep = np.zeros_like(label)
             keep[roi[0]:roi[3] + 1, roi[1]:roi[4] + 1, roi[2]:roi[5] + 1] = 1
@@ -111,7 +119,8 @@ class SegVolScribblesInfer(InferTask):
         timings["total"] = round(time.perf_counter() - started, 3)
         return output, {"label_names": {request.get("selected_label_name") or "scribbles": 1}, "method": method,
                         "latencies": timings, "prompts": prompts, "foreground_voxels": int(foreground.sum()),
-                        "background_voxels": int(background.sum())}
+                        "background_voxels": int(background.sum()), **name.to_json(),
+                        "warnings": [name.warning] if name.warning else []}
 
     def _box(self, shape, foreground: np.ndarray, roi) -> Tuple[slice, slice, slice]:
         if roi is not None:
@@ -149,13 +158,10 @@ class SegVolScribblesInfer(InferTask):
         label[background] = 0
         return label
 
-    def _segvol(self, request, foreground, background, roi, timings, prompts) -> np.ndarray:
+    def _segvol(self, request, name: SegmentName, foreground, background, roi, timings, prompts) -> np.ndarray:
         started = time.perf_counter()
-        vocabulary = self.service.vocabulary
-        name = request.get("selected_label_name")
-        # The strokes are the prompt here; a segment name the vocabulary does not know simply adds no text.
-        known = isinstance(name, str) and (name in vocabulary or requested_free_text(request))
-        texts = parse_segment_name(name, vocabulary, requested_free_text(request)) if known else []
+        # The strokes are the prompt here; a segment name the vocabulary does not know adds no text (unless free_text).
+        texts = [name.text] if name.text else []
         prompts["text"] = texts[0] if texts else None
         points = [(*p, 1) for p in spread_points(foreground, 5)] + [(*p, 0) for p in spread_points(background, 5)]
         voxels = np.argwhere(foreground)

@@ -36,6 +36,16 @@ MODES = ("zoom_out_zoom_in", "zoom_out")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _last_train_task(model: str):
+    """{id, status, start_ts, end_ts} of this server's last MONAI Label train task for ``model``, or None."""
+    from monailabel.utils.async_tasks.utils import tasks
+
+    mine = [t for t in tasks("train") if (t.get("request") or {}).get("model") in (model, None)]
+    if not mine:
+        return None
+    return {k: mine[-1].get(k) for k in ("id", "status", "start_ts", "end_ts")}
+
+
 class SegVolApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         mode = conf.get("zoom", "zoom_out_zoom_in")
@@ -112,11 +122,29 @@ class SegVolApp(MONAILabelApp):
         }
 
     def async_scoring(self, method, params=None):
-        """MONAI Label calls this with ``method=None`` to refresh every score; only ``auto_scoring`` ones run then."""
+        """MONAI Label calls this with ``method=None`` to refresh every score (at start, after a next-sample and, in
+        the train subprocess, after a run): only the ``auto_scoring`` methods run then, and the refresh never fails
+        its caller. -> ``{method: task or None}``.
+
+        MONAI Label's ``async_scoring(m)`` answers the task, or None when it was not started (a scoring run is
+        already going: HTTP 429 when asked from a subprocess; or the server cannot be reached). Such a method is
+        skipped and logged: the run already going refreshes the scores. (Reading ``None`` used to raise in the train
+        subprocess, so a run that had finished and published was reported ERROR.)"""
         if method:
             return super().async_scoring(method, params)
-        return {m: super(SegVolApp, self).async_scoring(m, params).get(m) for m in self.auto_scoring
-                if m in self._scoring_methods}
+        started = {}
+        for name in self.auto_scoring:
+            if name not in self._scoring_methods:
+                continue
+            try:
+                started[name] = super().async_scoring(name, params)
+            except Exception as error:  # e.g. the server went away while a train subprocess finishes
+                logger.warning("scoring %s not started: %s: %s", name, type(error).__name__, error)
+                started[name] = None
+                continue
+            if started[name] is None:
+                logger.info("scoring %s not started now (a scoring run is already going)", name)
+        return started
 
     def init_datastore(self):
         """Local folders get ``lib.datastore.SegVolDatastore`` (atomic writes, an index rebuilt when damaged, label
@@ -176,7 +204,25 @@ class SegVolApp(MONAILabelApp):
         labels = meta.get("labels")
         if isinstance(labels, dict):
             meta["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+        # the checkpoint serving, the one wanted, a fallback and the last load error (lib.service.status)
+        meta["model_status"] = self.service.status()
+        # each trainer's stats (dead runs already FAILED there) plus the state of its last task in this server
+        for name, stats in (meta.get("train_stats") or {}).items():
+            task = _last_train_task(name)
+            if task is not None and isinstance(stats, dict) and stats:
+                stats["task"] = task
         return meta
+
+    def on_init_complete(self):
+        """Server start (the server process only, not the train/scoring subprocesses): training runs left RUNNING by
+        a process that is gone become FAILED and the temp files of interrupted writes are removed."""
+        from lib.trainers.state import recover
+
+        try:
+            recover(os.path.join(self.app_dir, "model"))
+        except Exception:  # never keep the server from starting
+            logger.exception("training state recovery failed")
+        super().on_init_complete()
 
     def init_trainers(self) -> Dict[str, TrainTask]:
         from lib.trainers import RetrainCounter, SegVolFinetune

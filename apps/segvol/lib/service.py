@@ -2,14 +2,21 @@
 
 MONAI Label builds the app again in every train and scoring subprocess, so nothing is loaded in the constructor.
 When a training run publishes a new checkpoint (``published``), the next request switches to it without a restart.
+
+A checkpoint that does not load (a truncated or corrupt published file, a damaged base weights file) never takes a
+working server down: the engine already loaded keeps serving; with none loaded yet, the last published checkpoint that
+did load (``segvol_finetuned.last_good.pt``, an atomic copy made each time a newly published checkpoint loads) is
+tried, then the configured base weights. A 503 only comes when none of them loads. Every fallback is logged and
+``status()`` (``model_status`` in ``/info``) tells which checkpoint serves and why.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
-from typing import Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from segvol.checkpoint import CheckpointError, resolve_weights_file
 from segvol.vocabulary import Vocabulary
@@ -22,9 +29,35 @@ HOW_TO_GET_WEIGHTS = (
     "when the tokenizer files are not next to the weights)."
 )
 
+Stamp = Tuple[str, int, int, int]  # path, inode, mtime_ns, size: a publish (rename) or rewrite changes it
+
 
 class WeightsUnavailableError(RuntimeError):
     """No usable SegVol weights: the server still runs, infer requests are answered 503 with this message."""
+
+
+def last_good_path(published: str) -> str:
+    """``<dir>/segvol_finetuned.pt`` -> ``<dir>/segvol_finetuned.last_good.pt``."""
+    root, ext = os.path.splitext(published)
+    return f"{root}.last_good{ext or '.pt'}"
+
+
+def _stamp(path: str) -> Stamp:
+    st = os.stat(path)
+    return path, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class SegVolService:
@@ -37,14 +70,24 @@ class SegVolService:
         self.cache_mb = cache_mb
         self.vocabulary = vocabulary or Vocabulary.load()
         self.published = published
+        self.last_good = last_good_path(published) if published else ""
         self._lock = threading.RLock()
         self._engine = None
-        self._loaded_from: Optional[tuple] = None
+        self._loaded_from: Optional[Stamp] = None
+        self._loaded_ts: Optional[float] = None
+        self._failed: Dict[Stamp, str] = {}  # checkpoints that did not load (not retried until the file changes)
+        self._error: Optional[Dict[str, Any]] = None  # the last load failure, while it still matters
 
+    # ------------------------------------------------------------------------------------------------------------
+    # which file
+    # ------------------------------------------------------------------------------------------------------------
     def weights_file(self) -> str:
         """The checkpoint to serve: a published fine-tuned one when present, else the configured weights."""
         if self.published and os.path.isfile(self.published):
             return self.published
+        return self.base_file()
+
+    def base_file(self) -> str:
         try:
             return resolve_weights_file(self.weights)
         except CheckpointError as error:
@@ -57,15 +100,108 @@ class SegVolService:
         except WeightsUnavailableError:
             return False
 
+    def _candidates(self, wanted: str) -> List[str]:
+        """Files to try when ``wanted`` does not load, best first (the last good fine-tuned one, then the base)."""
+        out = []
+        if wanted == self.published and self.last_good and os.path.isfile(self.last_good):
+            out.append(self.last_good)
+        try:
+            base = self.base_file()
+        except WeightsUnavailableError:
+            base = None
+        if base and base not in out and base != wanted:
+            out.append(base)
+        return out
+
+    def kind(self, path: Optional[str]) -> Optional[str]:
+        if not path:
+            return None
+        if path == self.published:
+            return "fine-tuned"
+        if path == self.last_good:
+            return "fine-tuned (last good)"
+        return "base"
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loading, with fallback
+    # ------------------------------------------------------------------------------------------------------------
     def engine(self):
-        """The engine for the current checkpoint, (re)loaded when the file changed."""
-        path = self.weights_file()
-        stamp = (path, os.stat(path).st_mtime_ns)
+        """The engine for the current checkpoint, (re)loaded when the file changed; see the module docstring for
+        what happens when it does not load."""
         with self._lock:
-            if self._engine is None or self._loaded_from != stamp:
-                self._engine = self._build_engine(path)
-                self._loaded_from = stamp
-            return self._engine
+            try:
+                wanted = self.weights_file()
+                stamp = _stamp(wanted)
+            except (WeightsUnavailableError, OSError) as error:  # removed meanwhile, or no weights at all
+                if self._engine is not None:
+                    return self._engine
+                if isinstance(error, WeightsUnavailableError):
+                    raise
+                raise WeightsUnavailableError(f"SegVol weights are not available: {error}") from None
+            if self._engine is not None and self._loaded_from == stamp:
+                return self._engine
+            error = self._failed.get(stamp)
+            if error is None:
+                error = self._try_load(stamp)
+                if error is None:
+                    return self._engine
+            if self._engine is not None:  # keep serving what works
+                return self._engine
+            for path in self._candidates(wanted):
+                try:
+                    other = _stamp(path)
+                except OSError:
+                    continue
+                if other not in self._failed and self._try_load(other, fallback_for=(wanted, error)) is None:
+                    return self._engine
+            raise WeightsUnavailableError(f"SegVol weights could not be loaded: {error} {HOW_TO_GET_WEIGHTS}")
+
+    def _try_load(self, stamp: Stamp, fallback_for: Optional[Tuple[str, str]] = None) -> Optional[str]:
+        """Load ``stamp``'s file as the served engine; -> None, or the error (recorded and logged)."""
+        path = stamp[0]
+        try:
+            with open(path, "rb") as handle:  # keeps this exact file (inode) readable for the last-good copy
+                engine = self._build_engine(path)
+                if path == self.published and _stamp(path) == stamp and os.fstat(handle.fileno()).st_ino == stamp[1]:
+                    self._keep_last_good(handle)
+        except Exception as error:  # any unreadable checkpoint: torch, safetensors, shape checks, tokenizer
+            message = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
+            self._failed[stamp] = message
+            self._error = {"checkpoint": path, "error": message[:2000], "ts": int(time.time())}
+            logger.error("SegVol checkpoint %s does not load: %s%s", path, message[:500],
+                         "; the loaded model keeps serving" if self._engine is not None else "")
+            return message
+        previous = self._loaded_from[0] if self._loaded_from else None
+        self._engine, self._loaded_from, self._loaded_ts = engine, stamp, time.time()
+        if fallback_for is None:
+            self._error = None  # the checkpoint we want serves
+        else:
+            logger.warning("serving %s instead of %s, which does not load (%s)", path, fallback_for[0],
+                           fallback_for[1][:300])
+        if previous and previous != path:
+            logger.info("now serving %s (was %s)", path, previous)
+        return None
+
+    def _keep_last_good(self, handle) -> None:
+        """Atomically copy the published checkpoint that just loaded (open as ``handle``) to ``last_good``."""
+        if not self.last_good:
+            return
+        folder = os.path.dirname(os.path.abspath(self.last_good))
+        tmp = f"{self.last_good}.{os.getpid()}.tmp"
+        try:
+            handle.seek(0)
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(handle, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.last_good)
+            _fsync_dir(folder)
+        except OSError as error:
+            logger.warning("could not keep a last-good copy of %s: %s", self.published, error)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def _build_engine(self, path: str):
         import segvol
@@ -73,20 +209,52 @@ class SegVolService:
 
         started = time.perf_counter()
         tokenizer = self.tokenizer
-        if tokenizer is None and path == self.published:
+        if tokenizer is None and path in (self.published, self.last_good):
             tokenizer = os.path.dirname(self.weights) if os.path.isfile(self.weights) else self.weights
-        try:
-            model = segvol.load_model(path, device=self.device, tokenizer=tokenizer)
-        except (CheckpointError, FileNotFoundError) as error:
-            raise WeightsUnavailableError(f"SegVol weights could not be loaded: {error} {HOW_TO_GET_WEIGHTS}") from None
+        model = segvol.load_model(path, device=self.device, tokenizer=tokenizer)
         self.vocabulary.extend(model.vocabulary)  # names learned by fine-tuning become prompts
         logger.info("SegVol loaded from %s on %s in %.1f s", path, model.device, time.perf_counter() - started)
         return SegVolEngine(model, mode=self.mode, cache_mb=self.cache_mb)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # what /info shows
+    # ------------------------------------------------------------------------------------------------------------
     @property
     def checkpoint_id(self) -> Optional[str]:
         """Id of the checkpoint the last request ran with (file name and content hash)."""
         return self._engine.model.checkpoint_id if self._engine is not None else None
+
+    def status(self) -> Dict[str, Any]:
+        """``/info``'s ``model_status``: the checkpoint serving (``serving``: path, kind, id, load time; None before the
+        first inference), the one that should serve (``wanted``), whether a fallback serves because ``wanted`` does
+        not load (``fallback``), the last load error, and the last-good copy."""
+        try:
+            wanted: Optional[str] = self.weights_file()
+            unavailable = None
+        except WeightsUnavailableError as error:
+            wanted, unavailable = None, str(error)
+        try:
+            current: Optional[Stamp] = _stamp(wanted) if wanted else None
+        except OSError:
+            current = None
+        with self._lock:
+            loaded = self._loaded_from[0] if self._loaded_from else None
+            serving = None if self._engine is None else {
+                "checkpoint": loaded, "kind": self.kind(loaded), "id": self.checkpoint_id,
+                "loaded_ts": int(self._loaded_ts or 0)}
+            failed = current is not None and current in self._failed
+            error = dict(self._error) if self._error else None
+            if failed and (error is None or error.get("checkpoint") != wanted):
+                error = {"checkpoint": wanted, "error": self._failed[current][:2000]}
+        out: Dict[str, Any] = {
+            "serving": serving, "wanted": wanted, "wanted_kind": self.kind(wanted),
+            "fallback": bool(serving is not None and failed),
+            "error": error if error else ({"checkpoint": None, "error": unavailable} if unavailable else None),
+            "last_good": self.last_good if self.last_good and os.path.isfile(self.last_good) else None,
+        }
+        if serving is not None and current is not None and current != self._loaded_from and not failed:
+            out["pending"] = "a newer checkpoint is there: the next inference loads it"
+        return out
 
     def run(self, function):
         """Run ``function(engine)`` under the service lock: one inference at a time on the shared model."""

@@ -441,10 +441,48 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _copy_atomic(source: str, destination: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(destination)) or ".", exist_ok=True)
+    """Publish: copy to a temp file in the destination's folder, fsync it, rename it over ``destination``, fsync the
+    folder. A reader (or a kill -9, or a power cut) sees the previous file or the new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(destination)) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{destination}.{os.getpid()}.tmp"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, destination)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, destination)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temp_files(output_dir: str) -> List[str]:
+    """Remove what interrupted writes of an earlier run left in ``output_dir`` (``last.pt.tmp``, ``best.pt.tmp``,
+    ``history.json.<pid>.tmp``...); called when a run starts, before anything is written. -> removed paths."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            if name.endswith(".tmp") and os.path.isfile(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+    if removed:
+        logger.info("removed %d temp file(s) of an interrupted run: %s", len(removed),
+                    ", ".join(os.path.basename(p) for p in removed))
+    return removed
 
 
 def _write_json(path: str, payload: Any) -> None:
@@ -511,6 +549,8 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
     rank, world = _distributed()
     main = rank == 0
     os.makedirs(options.output_dir, exist_ok=True)
+    if main:
+        remove_stale_temp_files(options.output_dir)
     device = resolve_device(options.device)
     if dist.is_available() and dist.is_initialized() and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())

@@ -89,15 +89,16 @@ class SegVolFinetune(TrainTask):
         return os.path.join(self.model_dir, name or self.defaults["name"], "train_stats.json")
 
     def stats(self) -> Dict[str, Any]:
-        """What clients poll: epoch, total_epochs, best_metric (validation Dice), timings, status."""
-        path = self.stats_path()
-        if not os.path.isfile(path):
-            return {}
-        try:
-            with open(path) as handle:
-                return json.load(handle)
-        except (OSError, ValueError):
-            return {}
+        """What clients poll: epoch, total_epochs, best_metric (validation Dice), timings, status (RUNNING,
+        FINISHED, STOPPED, ERROR with ``reason``, or FAILED with ``reason`` when the training process died)."""
+        from .state import mark_failed, read_stats, run_is_dead
+
+        stats = read_stats(self.stats_path())
+        if stats and run_is_dead(stats):
+            if _stopped_by_request(self.NAME):
+                return {**mark_failed(stats, "stopped by a client request (DELETE /train)"), "status": "STOPPED"}
+            return mark_failed(stats)
+        return stats
 
     # ------------------------------------------------------------------------------------------------------------
     # the run
@@ -152,6 +153,8 @@ class SegVolFinetune(TrainTask):
     def __call__(self, request, datastore):
         from segvol.training import cases_from_datastore, run_training, split_cases
 
+        from .state import process_identity
+
         started = time.time()
         options, values = self.options(request)
         default_names = {index: name for name, index in self.labels.items()}
@@ -163,7 +166,7 @@ class SegVolFinetune(TrainTask):
                     len(train_cases), len(val_cases), options.init, options.output_dir)
         stats = {"name": values["name"], "status": "RUNNING", "epoch": 0, "total_epochs": options.epochs,
                  "best_metric": None, "start_ts": int(started), "train_cases": len(train_cases),
-                 "val_cases": len(val_cases)}
+                 "val_cases": len(val_cases), **process_identity()}
         os.makedirs(options.output_dir, exist_ok=True)
         self._write_stats(values["name"], stats)
 
@@ -179,8 +182,9 @@ class SegVolFinetune(TrainTask):
 
         try:
             result = run_training(options, train_cases, val_cases, callback=on_event)
-        except BaseException:
-            stats.update({"status": "ERROR", "total_time": round(time.time() - started, 1)})
+        except BaseException as error:
+            stats.update({"status": "ERROR", "total_time": round(time.time() - started, 1),
+                          "reason": f"{type(error).__name__}: {error}"[:1000]})
             self._write_stats(values["name"], stats)
             raise
         stats.update({
@@ -197,9 +201,16 @@ class SegVolFinetune(TrainTask):
         return stats
 
     def _write_stats(self, name: str, stats: Dict[str, Any]) -> None:
-        path = self.stats_path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(stats, handle, indent=1, default=str)
-        os.replace(tmp, path)
+        from .state import write_stats
+
+        write_stats(self.stats_path(name), stats)
+
+
+def _stopped_by_request(model: str) -> bool:
+    """True when MONAI Label's last train task of ``model`` in this server was stopped by a client."""
+    try:
+        from monailabel.utils.async_tasks.utils import tasks
+    except ImportError:
+        return False
+    mine = [t for t in tasks("train") if (t.get("request") or {}).get("model") in (model, None)]
+    return bool(mine) and mine[-1].get("status") == "STOPPED"

@@ -1,0 +1,158 @@
+"""Training state that stays true when a run dies.
+
+The train task writes ``<app>/model/<run>/train_stats.json`` with ``status`` RUNNING and the identity of the training
+process (``pid``, its start time ``pid_start`` and ``host``). A RUNNING record whose process is gone (killed with
+SIGKILL, out of memory, the server killed with its process group) is reported ``FAILED`` with a ``reason`` when the
+stats are read, and rewritten so at server start (``recover``), which also removes the temp files an interrupted
+writer leaves behind (``last.pt.tmp``, ``best.pt.tmp``, ``segvol_finetuned.pt.<pid>.tmp``, ...). Temp files of a run
+whose process is still alive (a training subprocess that outlived a killed server) are left alone.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+STATS = "train_stats.json"
+DIED = "the training process died (pid {pid}): killed or crashed before the run ended; resume it by starting the " \
+       "same run again"
+_PID_TMP = re.compile(r"\.(\d+)\.tmp$")
+
+
+def process_identity() -> Dict[str, Any]:
+    """This process, as ``train_stats.json`` records it."""
+    return {"pid": os.getpid(), "pid_start": _start_time(os.getpid()), "host": socket.gethostname()}
+
+
+def _start_time(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).create_time(), 2)
+    except Exception:  # gone, or no psutil
+        return None
+
+
+def process_alive(pid: Any, start: Any = None) -> bool:
+    """True when process ``pid`` runs and (when ``start`` is known) is the one that started at ``start``."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        import psutil
+
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if start is not None and abs(process.create_time() - float(start)) > 1.0:
+            return False  # the pid was reused by another process
+        return True
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+    except Exception:  # psutil.NoSuchProcess, AccessDenied on a foreign process...
+        return False
+
+
+def run_is_dead(stats: Dict[str, Any]) -> bool:
+    """A RUNNING record whose training process is gone (on this host; another host's run cannot be judged)."""
+    if str(stats.get("status", "")).upper() != "RUNNING":
+        return False
+    if stats.get("host") and stats["host"] != socket.gethostname():
+        return False
+    if "pid" not in stats:
+        return True  # written before pids were recorded: nothing can still be running it after a restart
+    return not process_alive(stats.get("pid"), stats.get("pid_start"))
+
+
+def mark_failed(stats: Dict[str, Any], reason: Optional[str] = None) -> Dict[str, Any]:
+    """A copy of a dead run's stats with status FAILED and the reason."""
+    out = dict(stats)
+    out.update({"status": "FAILED", "reason": reason or DIED.format(pid=stats.get("pid", "unknown")),
+                "failed_ts": int(time.time())})
+    return out
+
+
+def read_stats(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as handle:
+            stats = json.load(handle)
+        return stats if isinstance(stats, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_stats(path: str, stats: Dict[str, Any]) -> None:
+    """Atomic: temp file in the same folder, fsync, rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(stats, handle, indent=1, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _live_runs(model_dir: str) -> List[str]:
+    live = []
+    for path in glob.glob(os.path.join(model_dir, "*", STATS)):
+        stats = read_stats(path)
+        if str(stats.get("status", "")).upper() == "RUNNING" and not run_is_dead(stats):
+            live.append(os.path.dirname(path))
+    return live
+
+
+def recover(model_dir: str) -> Dict[str, Any]:
+    """At server start: RUNNING runs whose process is gone become FAILED (persisted), and temp files left by
+    interrupted writers are removed. -> {"failed": [run folders], "removed": [temp files]}."""
+    summary: Dict[str, List[str]] = {"failed": [], "removed": []}
+    model_dir = os.path.abspath(model_dir)
+    if not os.path.isdir(model_dir):
+        return summary
+    for path in sorted(glob.glob(os.path.join(model_dir, "*", STATS))):
+        stats = read_stats(path)
+        if run_is_dead(stats):
+            failed = mark_failed(stats, DIED.format(pid=stats.get("pid", "unknown")) + " (found at server start)")
+            try:
+                write_stats(path, failed)
+            except OSError as error:
+                logger.warning("could not mark %s failed: %s", path, error)
+                continue
+            summary["failed"].append(os.path.dirname(path))
+            logger.warning("training run %s was RUNNING but its process (pid %s) is gone: marked FAILED",
+                           os.path.dirname(path), stats.get("pid"))
+    live = set(_live_runs(model_dir))
+    candidates = glob.glob(os.path.join(model_dir, "*.tmp")) + glob.glob(os.path.join(model_dir, "*", "*.tmp"))
+    for path in sorted(candidates):
+        folder = os.path.dirname(path)
+        if folder in live:
+            continue  # a live run's checkpoint being written
+        match = _PID_TMP.search(path)
+        if match and int(match.group(1)) != os.getpid() and process_alive(int(match.group(1))):
+            continue  # its writer still runs (e.g. a publish by a training process that outlived the server)
+        if not match and live and folder == model_dir:
+            continue  # an unowned temp file at the top while some run is alive: leave it
+        try:
+            os.unlink(path)
+            summary["removed"].append(path)
+        except OSError:
+            pass
+    if summary["removed"]:
+        logger.info("removed %d temp file(s) left by interrupted writes: %s", len(summary["removed"]),
+                    ", ".join(os.path.relpath(p, model_dir) for p in summary["removed"]))
+    return summary

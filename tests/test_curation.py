@@ -276,5 +276,5 @@ def test_strategies_and_scoring_through_the_server(scribble_server):
 
 def test_readme_documents_every_strategy():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for name in ("random_fg", "disagreement", "fh_novelty", "segvol_scribbles"):
+    for name in ("random_fg", "disagreement", "fh_novelty", "random", "first", "segvol_scribbles"):
         assert f"`{name}`" in readme

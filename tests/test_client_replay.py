@@ -486,3 +486,18 @@ def test_ohif_next_sample_posts_random(server):
     assert response.json().get("id") in ("ct_a", "ct_b")
     response = requests.post(f"{server.url}/activelearning/nope", json={}, timeout=60)
     assert response.status_code == 404 and "random" in response.json()["detail"]
+
+
+# ---- free text: a label of one request, never of the served vocabulary ---------------------------------------------
+
+def test_free_text_names_are_per_request_labels(server, info):
+    before = requests.get(f"{server.url}/info/", timeout=30).json()
+    first = 1 + max(info["models"]["segvol"]["labels"][n] for n in info["labels"])
+    for batch in range(3):  # 36 free-text names in all: more than a uint8 label has room for beside the vocabulary
+        names = [f"lesion {batch}-{n}" for n in range(12)]
+        response = server.infer("segvol", "ct_a", {"texts": ["liver", *names], "free_text": True}, output="json")
+        assert response.status_code == 200, (batch, response.text)
+        assert response.json()["label_names"] == {"liver": 1, **{name: first + n for n, name in enumerate(names)}}
+    after = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert after["labels"] == before["labels"]
+    assert after["models"]["segvol"]["labels"] == before["models"]["segvol"]["labels"]

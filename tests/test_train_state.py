@@ -17,6 +17,7 @@ nothing loads.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -179,6 +180,20 @@ def test_killed_training_subprocess_is_failed_while_the_server_lives(server):
     assert stats["task"]["status"] == "ERROR"
 
 
+def test_run_stopped_by_the_client_is_stopped(server, app):
+    runs = len(server.train_tasks())
+    started = requests.post(f"{server.url}/train/{TRAIN}", json={"max_epochs": 500, "init": "official"}, timeout=30)
+    assert started.status_code == 200, started.text
+    _wait(lambda: _running_stats(server), 180, "a RUNNING run", server)
+    assert requests.delete(f"{server.url}/train/", timeout=30).status_code == 200
+    tasks = server.wait_trained(runs + 1, timeout=60)
+    assert tasks[-1]["status"] == "STOPPED"
+    stats = _info(server)["train_stats"][TRAIN]
+    assert stats["status"] == "STOPPED" and "client" in stats["reason"]
+    on_disk = json.loads((app / "model" / TRAIN / "train_stats.json").read_text())
+    assert on_disk["status"] == "STOPPED"  # recorded: a restart does not call it FAILED
+
+
 def test_server_killed_mid_run_restarts_with_the_run_failed_temp_files_gone_and_the_last_good_model(
         server, app, studies, weights, tmp_path_factory):
     started = requests.post(f"{server.url}/train/{TRAIN}", json={"max_epochs": 500, "init": "official"}, timeout=30)
@@ -294,6 +309,29 @@ def test_service_falls_back_to_the_last_good_then_the_base_and_503s_only_when_no
     with pytest.raises(service_module.WeightsUnavailableError, match="could not be loaded"):
         nothing.engine()
     assert nothing.status()["serving"] is None and nothing.status()["error"]["error"]
+
+
+def test_a_run_with_init_auto_starts_from_the_last_good_checkpoint_when_the_published_one_is_damaged(
+        service_module, weights, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "segvol_app_trainers", ROOT / "apps/segvol/lib/trainers/__init__.py",
+        submodule_search_locations=[str(ROOT / "apps/segvol/lib/trainers")])
+    trainers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = trainers
+    spec.loader.exec_module(trainers)
+    published = tmp_path / "segvol_finetuned.pt"
+    service = service_module.SegVolService(weights=str(weights), device="cpu", published=str(published))
+    task = trainers.SegVolFinetune(service, str(tmp_path), {"train_multi_gpu": "false"}, {"liver": 1})
+    segvol.save_checkpoint(str(published), segvol.SegVol(TINY), vocabulary=[])
+    service.engine()  # loads it: the last good copy
+    options, _ = task.options({})
+    assert options.init == str(published) and options.publish_if_better_than_init
+    _truncate(published)
+    options, _ = task.options({})
+    assert options.init == service.last_good and options.publish_if_better_than_init
+    os.unlink(service.last_good)
+    options, _ = task.options({})
+    assert options.init == "official" and options.weights == str(weights / "segvol_label.pt")
 
 
 def test_recover_marks_dead_runs_failed_and_spares_live_ones(tmp_path):

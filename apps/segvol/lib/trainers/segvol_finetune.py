@@ -96,7 +96,9 @@ class SegVolFinetune(TrainTask):
         stats = read_stats(self.stats_path())
         if stats and run_is_dead(stats):
             if _stopped_by_request(self.NAME):
-                return {**mark_failed(stats, "stopped by a client request (DELETE /train)"), "status": "STOPPED"}
+                stopped = {**mark_failed(stats, "stopped by a client request (DELETE /train)"), "status": "STOPPED"}
+                self._persist_if_unchanged(stats, stopped)  # a restart must not turn it into FAILED
+                return stopped
             return mark_failed(stats)
         return stats
 
@@ -113,6 +115,11 @@ class SegVolFinetune(TrainTask):
         init = str(values["init"])
         if init == "auto":
             init = "published" if os.path.isfile(self.service.published) else "official"
+            if init == "published" and not _intact(self.service.published):
+                # a damaged publish: continue the last good fine-tuned checkpoint (what inference falls back to)
+                last_good = getattr(self.service, "last_good", "")
+                init = last_good if last_good and _intact(last_good) else "official"
+                logger.warning("segvol_finetune: %s is damaged; init %s instead", self.service.published, init)
         weights = None
         if init == "published":
             if not os.path.isfile(self.service.published):
@@ -146,7 +153,8 @@ class SegVolFinetune(TrainTask):
             pseudo_weight=float(values["pseudo_weight"]), time_budget_s=minutes * 60 if minutes > 0 else None,
             loss_resolution=str(values["loss_resolution"]),
             resume=resume, publish_path=self.service.published, publish="best",
-            publish_if_better_than_init=init == self.service.published, world_size=max(world, 1),
+            publish_if_better_than_init=init in (self.service.published, getattr(self.service, "last_good", None)),
+            world_size=max(world, 1),
             progress=False,
         ), values
 
@@ -200,10 +208,35 @@ class SegVolFinetune(TrainTask):
         logger.info("segvol_finetune finished: %s", json.dumps(stats, default=str))
         return stats
 
+    def _persist_if_unchanged(self, seen: Dict[str, Any], new: Dict[str, Any]) -> None:
+        from .state import read_stats
+
+        path = self.stats_path()
+        current = read_stats(path)
+        if current.get("pid") == seen.get("pid") and current.get("start_ts") == seen.get("start_ts"):
+            try:
+                self._write_stats(self.defaults["name"], new)
+            except OSError as error:
+                logger.warning("could not record %s: %s", path, error)
+
     def _write_stats(self, name: str, stats: Dict[str, Any]) -> None:
         from .state import write_stats
 
         write_stats(self.stats_path(name), stats)
+
+
+def _intact(path: str) -> bool:
+    """A cheap integrity check of a checkpoint before a run starts from it: the zip container ``torch.save`` writes
+    is complete and every member's CRC matches (catches truncation and corruption without building the model)."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return path.endswith(".safetensors") and os.path.getsize(path) > 8
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError):
+        return False
 
 
 def _stopped_by_request(model: str) -> bool:

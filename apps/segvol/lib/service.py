@@ -237,22 +237,25 @@ class SegVolService:
             current: Optional[Stamp] = _stamp(wanted) if wanted else None
         except OSError:
             current = None
-        with self._lock:
-            loaded = self._loaded_from[0] if self._loaded_from else None
-            serving = None if self._engine is None else {
-                "checkpoint": loaded, "kind": self.kind(loaded), "id": self.checkpoint_id,
-                "loaded_ts": int(self._loaded_ts or 0)}
-            failed = current is not None and current in self._failed
-            error = dict(self._error) if self._error else None
-            if failed and (error is None or error.get("checkpoint") != wanted):
-                error = {"checkpoint": wanted, "error": self._failed[current][:2000]}
+        # No lock: run() holds it for a whole inference, and /info must answer meanwhile. The fields are read once
+        # (the loader replaces them, never mutates them; _failed only grows): at worst the snapshot is one load old.
+        engine, loaded_from, loaded_ts, last_error = self._engine, self._loaded_from, self._loaded_ts, self._error
+        loaded = loaded_from[0] if loaded_from else None
+        serving = None if engine is None else {
+            "checkpoint": loaded, "kind": self.kind(loaded), "id": engine.model.checkpoint_id,
+            "loaded_ts": int(loaded_ts or 0)}
+        failed_error = self._failed.get(current) if current is not None else None
+        failed = failed_error is not None
+        error = dict(last_error) if last_error else None
+        if failed and (error is None or error.get("checkpoint") != wanted):
+            error = {"checkpoint": wanted, "error": failed_error[:2000]}
         out: Dict[str, Any] = {
             "serving": serving, "wanted": wanted, "wanted_kind": self.kind(wanted),
             "fallback": bool(serving is not None and failed),
             "error": error if error else ({"checkpoint": None, "error": unavailable} if unavailable else None),
             "last_good": self.last_good if self.last_good and os.path.isfile(self.last_good) else None,
         }
-        if serving is not None and current is not None and current != self._loaded_from and not failed:
+        if serving is not None and current is not None and current != loaded_from and not failed:
             out["pending"] = "a newer checkpoint is there: the next inference loads it"
         return out
 

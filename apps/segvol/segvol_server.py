@@ -251,8 +251,10 @@ def discard_uploads(kwargs: Dict[str, Any]) -> None:
 # errors as short 4xx messages
 # ----------------------------------------------------------------------------------------------------------------------
 def install_error_handlers(app) -> None:
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from segvol.errors import SegVolInputError
 
@@ -270,6 +272,14 @@ def install_error_handlers(app) -> None:
     async def bad_json(_request, error: json.JSONDecodeError):
         return JSONResponse({"detail": f"malformed JSON: {error.msg} at position {error.pos}"}, status_code=400)
 
+    async def http_error(request, error: StarletteHTTPException):
+        # Starlette refuses a form field over its size limit with a bare 400 that names no field; it is a size limit
+        if error.status_code == 400 and str(error.detail).startswith("Field exceeded maximum size"):
+            return JSONResponse({"detail": f"a form field (params or a prompt) is too large: {error.detail}"},
+                                status_code=413)
+        return await http_exception_handler(request, error)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(SegVolInputError, input_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(json.JSONDecodeError, bad_json)

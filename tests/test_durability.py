@@ -254,6 +254,20 @@ def test_ids_found_on_disk_stay_usable_even_when_new_ones_could_not_use_their_na
     assert store.get_label_info("case (1)", "final")["version"] == 5
 
 
+def test_a_resave_in_another_format_replaces_the_old_file(store_dir, tmp_path):
+    store = open_store(store_dir)
+    save(store, store_dir, "img0", 1)
+    nrrd = tmp_path / "label.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones(SHAPE, np.uint8).transpose(2, 1, 0)), str(nrrd))
+    store.save_label("img0", str(nrrd), "final", {"version": 2})
+    final = store_dir / "labels" / "final"
+    assert sorted(p.name for p in final.iterdir() if p.is_file()) == ["img0.nrrd"]
+    reopened = open_store(store_dir)
+    assert reopened.get_label_uri("img0", "final").endswith("img0.nrrd")
+    assert reopened.get_label_info("img0", "final")["version"] == 2
+    assert json.loads((final / ".meta" / "img0.json").read_text())["ext"] == ".nrrd"
+
+
 def test_bad_uploads_are_refused_and_nothing_is_stored(store_dir, tmp_path):
     store = open_store(store_dir)
     images = {
@@ -445,6 +459,8 @@ class Harness:
             info = requests.get(f"{url}/datastore/label/info", params={"label": image, "tag": tag}, timeout=30).json()
             assert info.get("version") == matches[0], f"label {image}/{tag}: info does not describe its file"
             assert info.get("label_info") == [{"name": "liver", "idx": 1}]
+            self.acked[(image, tag)] = (matches[0], options[matches[0]])  # what the next checks hold it to
+        self.inflight.clear()
         for image, obj in index["objects"].items():
             for tag in obj["labels"]:
                 got = requests.get(f"{url}/datastore/label", params={"label": image, "tag": tag}, timeout=30)
@@ -506,27 +522,27 @@ def test_sigkill_at_every_write_point_keeps_acknowledged_labels_and_starts(harne
     harness.verify()
 
 
+def save_until(harness: Harness, stop: threading.Event) -> None:
+    """Save labels round the images (some as ``original``) until ``stop`` or the server dies."""
+    step = 0
+    while not stop.is_set():
+        try:
+            harness.save_label(f"img{step % 6}", tag=("final", "original")[step % 7 == 3], timeout=20)
+        except requests.RequestException:
+            return
+        step += 1
+
+
 def test_sigkill_at_random_times_during_a_burst_of_saves(harness):
     rng = random.Random(12)
     for _ in range(2):
         stop = threading.Event()
-
-        def burst():
-            step = 0
-            while not stop.is_set():
-                try:
-                    harness.save_label(f"img{step % 6}", tag=("final", "original")[step % 7 == 3], timeout=20)
-                except requests.RequestException:
-                    return
-                step += 1
-
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(burst)]
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(save_until, harness, stop)
             time.sleep(rng.uniform(0.3, 1.5))
             harness.kill()
             stop.set()
-            for future in futures:
-                future.result(timeout=60)
+            future.result(timeout=60)
         harness.start()
         harness.verify()
     assert len(harness.acked) >= 6
@@ -552,49 +568,39 @@ while True:
 
 def test_sigkill_while_a_scoring_process_writes_the_index(harness):
     """MONAI Label's scoring subprocess holds its own index copy and updates image info in a loop; labels the
-    server saves meanwhile keep their info, the scorer's acknowledged updates stay too, across kills of both."""
+    server saves meanwhile keep their info, live and after SIGKILL of both, and the scorer's acknowledged updates
+    stay too."""
     out = harness.work / "scorer.json"
     script = harness.work / "scorer.py"
     script.write_text(SCORER.format(app=str(APP), studies=str(harness.studies), extensions=EXTENSIONS, out=str(out)))
-    rng = random.Random(7)
-    for round_ in range(1):
-        scorer = subprocess.Popen([sys.executable, str(script)], cwd=str(ROOT))
-        try:
-            deadline = time.time() + 60
-            while not out.exists():
-                assert scorer.poll() is None and time.time() < deadline, "the scoring-like process did not start"
-                time.sleep(0.05)
-            for step in range(8):  # saves interleaved with the scorer's index writes, none may lose its info
-                assert harness.save_label(f"img{(step + round_) % 6}").status_code == 200
-            if round_ == 0:  # a real MONAI Label scoring run too
-                assert requests.post(f"{harness.server.url}/scoring/fg_fraction", timeout=30).status_code == 200
-            stop = threading.Event()
-
-            def burst():
-                step = 0
-                while not stop.is_set():
-                    try:
-                        harness.save_label(f"img{step % 6}", timeout=20)
-                    except requests.RequestException:
-                        return
-                    step += 1
-
-            with ThreadPoolExecutor(1) as pool:
-                future = pool.submit(burst)
-                time.sleep(rng.uniform(0.3, 1.2))
-                scorer.kill()
-                harness.kill()
-                stop.set()
-                future.result(timeout=60)
-        finally:
-            if scorer.poll() is None:
-                scorer.kill()
-            scorer.wait()
-        harness.start()
-        harness.verify()
-        acked = json.loads(out.read_text())
-        for image, step in acked.items():
-            info = requests.get(f"{harness.server.url}/datastore/image/info", params={"image": image},
+    scorer = subprocess.Popen([sys.executable, str(script)], cwd=str(ROOT))
+    try:
+        deadline = time.time() + 90
+        while not out.exists():
+            assert scorer.poll() is None and time.time() < deadline, "the scoring-like process did not start"
+            time.sleep(0.05)
+        for step in range(8):  # saves interleaved with the scorer's index writes
+            assert harness.save_label(f"img{step % 6}").status_code == 200
+        assert requests.post(f"{harness.server.url}/scoring/fg_fraction", timeout=30).status_code == 200  # a real one
+        time.sleep(0.5)  # the scorer writes its copy of the index many times meanwhile
+        for (image, tag), (version, _) in harness.acked.items():
+            info = requests.get(f"{harness.server.url}/datastore/label/info", params={"label": image, "tag": tag},
                                 timeout=10).json()
-            assert info.get("scorer", -1) >= step, f"scorer's acknowledged update of {image} was lost"
-        out.unlink()
+            assert info.get("version") == version, f"label {image}/{tag} lost its info to the scorer's writes"
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(save_until, harness, stop)
+            time.sleep(random.Random(7).uniform(0.3, 1.2))
+            scorer.kill()
+            harness.kill()
+            stop.set()
+            future.result(timeout=60)
+    finally:
+        if scorer.poll() is None:
+            scorer.kill()
+        scorer.wait()
+    harness.start()
+    harness.verify()
+    for image, step in json.loads(out.read_text()).items():
+        info = requests.get(f"{harness.server.url}/datastore/image/info", params={"image": image}, timeout=10).json()
+        assert info.get("scorer", -1) >= step, f"the scorer's acknowledged update of {image} was lost"

@@ -131,7 +131,7 @@ def datastore_has_image(image: str) -> bool:
 def check_image_id(image: Any, field: str = "image") -> str:
     check_name(image, field)
     if not datastore_has_image(image):
-        raise not_found(f"{field} {image!r} is not in the datastore")
+        raise not_found(f"{field} {image!r} not found in the datastore")
     return image
 
 

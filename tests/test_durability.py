@@ -208,13 +208,29 @@ def test_two_datastores_on_one_folder_never_drop_each_others_updates(store_dir):
         for step in range(25):
             store.update_image_info(f"img{step % 3}", {f"{key}{step}": step})
 
-    threads = [threading.Thread(target=hammer, args=(s, k)) for s, k in ((server, "a"), (scoring, "b"))]
+    # the server's worker threads share one instance: two writers and a reader on it, plus the other process
+    threads = [threading.Thread(target=hammer, args=(s, k)) for s, k in ((server, "a"), (scoring, "b"), (server, "c"))]
+    errors, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                assert server.status()["total"] == 3 and len(server.json()["objects"]) == 3
+                server.get_image_info("img1")
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    done.set()
+    reader.join()
+    assert errors == []
     final = open_store(store_dir)
-    for key in "ab":
+    for key in "abc":
         for step in range(25):
             assert final.get_image_info(f"img{step % 3}")[f"{key}{step}"] == step
     assert final.get_label_info("img0", "final")["reviewed"] is True

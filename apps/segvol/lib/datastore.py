@@ -400,44 +400,56 @@ class SegVolDatastore(LocalDatastore):
         atomic_write(path, json.dumps(record, indent=1, default=str).encode(), "sidecar")
 
     # ------------------------------------------------------------------------------------------------- index
-    def _init_from_datastore_file(self, throw_exception=False, force=False):
-        """Load the index when it changed on disk (or ``force``). Never raises: a damaged index keeps the in-memory
-        one, which the next change writes back whole."""
+    def _read_index(self, force: bool = False):
+        """(model, signature, mtime) of the index on disk; ``None`` when it is unchanged since we last read or wrote
+        it (unless ``force``), missing, or unreadable (logged)."""
         try:
             with open(self._datastore_config_path, "rb") as fp:
                 stat = os.fstat(fp.fileno())
                 sig = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
                 if sig == self._index_sig and not force:
-                    return
+                    return None
                 text = fp.read()
         except FileNotFoundError:
-            return
+            return None
         try:
             model = LocalDatastoreModel.model_validate_json(text)
         except ValueError as error:
             logger.error("datastore index %s is unreadable (%s): using the last good copy in memory",
                          self._datastore_config_path, str(error).splitlines()[0][:200])
-            return
+            return None
         model.base_path = self._datastore_path
-        self._datastore = model
-        self._index_sig = sig
-        self._config_ts = stat.st_mtime
+        return model, sig, stat.st_mtime
 
-    def _update_datastore_file(self, lock=True):
+    def _init_from_datastore_file(self, throw_exception=False, force=False):
+        """Load the index when it changed on disk (or ``force``). Never raises: a damaged index keeps the in-memory
+        one, which the next change writes back whole."""
+        loaded = self._read_index(force)
+        if loaded is not None:
+            self._datastore, self._index_sig, self._config_ts = loaded
+
+    def _write_index(self, model: LocalDatastoreModel) -> None:
         with self._segvol_lock:
-            data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str).encode()
+            data = json.dumps(model.model_dump(exclude={"base_path"}), indent=2, default=str).encode()
             atomic_write(self._datastore_config_path, data, "index")
             stat = os.stat(self._datastore_config_path)
+            self._datastore = model
             self._index_sig = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
             self._config_ts = stat.st_mtime
 
+    def _update_datastore_file(self, lock=True):
+        self._write_index(self._datastore)
+
     @contextmanager
     def _update(self) -> Iterator[LocalDatastoreModel]:
-        """Read-modify-write of the index under the inter-process lock: the body changes the freshly read model."""
+        """Read-modify-write of the index under the inter-process lock: the body changes a private, freshly read
+        copy, which is written and then published to this process's readers (worker threads never see it half
+        changed)."""
         with self._segvol_lock:
-            self._init_from_datastore_file(force=True)
-            yield self._datastore
-            self._update_datastore_file()
+            loaded = self._read_index(force=True)
+            model = loaded[0] if loaded is not None else self._datastore.model_copy(deep=True)
+            yield model
+            self._write_index(model)
 
     def _reconcile_datastore(self):
         with self._segvol_lock:

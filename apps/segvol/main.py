@@ -67,6 +67,8 @@ class SegVolApp(MONAILabelApp):
         auto_labels = conf.get("auto_labels", "")
         self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
         self.max_labels = int(conf.get("max_labels", 40))
+        # Slicer's segment name is used as free text (not only a vocabulary name) when this is on
+        self.segment_name_free_text = conf.get("segment_name_free_text", "false").lower() in ("1", "true", "yes", "on")
         # Scoring methods MONAI Label re-runs on its own (at start, after training and after each next-sample);
         # segvol_disagreement runs SegVol on every unlabelled image, so it only runs when asked for by default.
         auto_scoring = conf.get("auto_scoring", "fg_fraction,fh_novelty")
@@ -88,9 +90,9 @@ class SegVolApp(MONAILabelApp):
         auto = SegVolAutoInfer(self.service, self.auto_labels)
         return {
             "segvol": SegVolPromptInfer(self.service, auto.auto_labels, self.max_labels),
-            "segvol_interactive": SegVolInteractiveInfer(self.service),
+            "segvol_interactive": SegVolInteractiveInfer(self.service, self.segment_name_free_text),
             "segvol_auto": auto,
-            "segvol_scribbles": SegVolScribblesInfer(self.service),
+            "segvol_scribbles": SegVolScribblesInfer(self.service, segment_name_free_text=self.segment_name_free_text),
         }
 
     def init_strategies(self) -> Dict[str, Strategy]:

@@ -198,17 +198,6 @@ def parse_segment_name(name: Any, vocabulary: Vocabulary, free_text: bool) -> Se
     return SegmentName(sent=name, treated_as="unknown", reason=f"segment name {name!r} is not in the vocabulary{hint}")
 
 
-def app_conf_flag(key: str, default: bool = False) -> bool:
-    """A boolean ``--conf`` of the running MONAI Label app (read from MONAI Label's settings)."""
-    try:
-        from monailabel.config import settings
-
-        value = (settings.MONAI_LABEL_APP_CONF or {}).get(key, default)
-    except Exception:  # not under MONAI Label
-        value = default
-    return _as_bool(value)
-
-
 def vista_points(request: dict) -> Tuple[List[Point], List[Point]]:
     """OHIF vista3d: ``points`` with ``point_labels`` (1 foreground, 0 background)."""
     points = parse_points(request.get("points"), "points")

@@ -12,17 +12,15 @@ ROI, and the response says how the name was treated (``name_used``, ``name_ignor
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ..prompts import (Prompts, SegmentName, app_conf_flag, parse_box, parse_points, parse_segment_name,
+from ..prompts import (Prompts, SegmentName, parse_box, parse_points, parse_segment_name,
                        parse_slicer_roi, parse_texts, requested_free_text)
 from .base import SegVolInferTask
 
 
 class SegVolInteractiveInfer(SegVolInferTask):
-    def __init__(self, service, segment_name_free_text: Optional[bool] = None):
-        if segment_name_free_text is None:
-            segment_name_free_text = app_conf_flag("segment_name_free_text")
+    def __init__(self, service, segment_name_free_text: bool = False):
         super().__init__(service, type="deepgrow", labels=[],
                          description="SegVol interactive: clicks, ROI box and the segment name as text",
                          config={"free_text": bool(segment_name_free_text)})

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -26,7 +26,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from segvol.errors import BadImageError, BadPromptError, BadRequestError
 from segvol.io import read_image
 
-from ..prompts import SegmentName, app_conf_flag, parse_segment_name, parse_slicer_roi, requested_free_text
+from ..prompts import SegmentName, parse_segment_name, parse_slicer_roi, requested_free_text
 from .base import write_label_file
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ def spacing_of(affine: np.ndarray) -> Tuple[float, float, float]:
 
 class SegVolScribblesInfer(InferTask):
     def __init__(self, service, margin: int = 24, k: float = 0.05, cache_items: int = 8,
-                 segment_name_free_text: Optional[bool] = None):
-        if segment_name_free_text is None:
-            segment_name_free_text = app_conf_flag("segment_name_free_text")
+                 segment_name_free_text: bool = False):
         self.segment_name_free_text = bool(segment_name_free_text)
         super().__init__(type="scribbles", labels=[], dimension=3,
                          description="Scribbles: FH supervoxels touched by foreground strokes, or SegVol prompts",

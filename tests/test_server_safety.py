@@ -77,11 +77,11 @@ def _label_bytes(sandbox: Path) -> bytes:
     return (sandbox / "studies" / "ct.nii.gz").read_bytes()
 
 
-def _int_label(sandbox: Path, tmp_path: Path, shape=None, dtype=np.uint8) -> Path:
+def _int_label(sandbox: Path, tmp_path: Path, shape=None, dtype=np.uint8, name: str = "label") -> Path:
     image = nib.load(str(sandbox / "studies" / "ct.nii.gz"))
     data = np.zeros(shape or image.shape, dtype=dtype)
     data[10:20, 10:20, 5:10] = 1
-    path = tmp_path / "label.nii.gz"
+    path = tmp_path / f"{name}.nii.gz"
     nib.save(nib.Nifti1Image(data, image.affine), path)
     return path
 
@@ -176,6 +176,25 @@ def test_bad_requests_to_other_endpoints(server, sandbox, tmp_path):
     for method, target, kwargs, field in cases:
         response = method(target, timeout=60, **kwargs)
         _assert_4xx(response, field=field)
+    _alive(server)
+
+
+def test_bad_scribbles_are_a_clear_4xx(server, sandbox, tmp_path):
+    image = nib.load(str(sandbox / "studies" / "ct.nii.gz"))
+    info = [{"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
+    cases = [
+        (_int_label(sandbox, tmp_path, shape=(30, 30, 30), name="small"), {"label_info": info}, "does not match"),
+        (_int_label(sandbox, tmp_path, name="k_word"), {"label_info": info, "k": "abc"}, "k (the FH scale)"),
+        (_int_label(sandbox, tmp_path, name="k_negative"), {"label_info": info, "k": -1}, "k (the FH scale)"),
+    ]
+    for path, params, message in cases:
+        data = np.asarray(nib.load(str(path)).dataobj) * 3  # the drawn cube is a foreground scribble
+        nib.save(nib.Nifti1Image(data.astype(np.uint8), image.affine), path)
+        with open(path, "rb") as handle:
+            response = requests.post(f"{server.url}/infer/segvol_scribbles", params={"image": "ct", "output": "json"},
+                                     data={"params": json.dumps(params)},
+                                     files={"label": ("scribbles.nii.gz", handle)}, timeout=120)
+        _assert_4xx(response, field=message)
     _alive(server)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Tuple
@@ -59,6 +60,19 @@ def spread_points(mask: np.ndarray, count: int) -> List[Tuple[int, int, int]]:
     return [tuple(int(v) for v in voxels[p]) for p in picks]
 
 
+def fh_scale(value: Any) -> float:
+    """The request's FH scale ``k`` (Slicer sends the option as typed, possibly inside a list)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    try:
+        k = float(value)
+    except (TypeError, ValueError):
+        raise BadRequestError(f"k (the FH scale) must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(k) or not 0 < k <= 1e6:
+        raise BadRequestError(f"k (the FH scale) must be a positive finite number, got {k}")
+    return k
+
+
 def spacing_of(affine: np.ndarray) -> Tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
@@ -87,6 +101,7 @@ class SegVolScribblesInfer(InferTask):
             method = method[0]
         if method not in ("fh", "segvol"):
             raise BadRequestError(f"method must be 'fh' or 'segvol', got {method!r}")
+        request = {**request, "k": fh_scale(request.get("k", self.k))}
         scribbles_path = request.get("label")
         if not isinstance(scribbles_path, str) or not scribbles_path:
             raise BadRequestError("scribbles missing: send the scribbles label volume as the `label` file field")
@@ -135,7 +150,7 @@ class SegVolScribblesInfer(InferTask):
 
         started = time.perf_counter()
         box = self._box(volume.shape, foreground, roi)
-        k = float(request.get("k", self.k))
+        k = request["k"]
         key = hashlib.sha1(f"{request['image']}|{box}|{k}".encode() + volume[box].tobytes()[:1 << 20]).hexdigest()
         supervoxels = self._supervoxels.get(key)
         if supervoxels is None:

@@ -319,6 +319,7 @@ def install_auth_routes(app, policy: Policy) -> None:
 # the app uvicorn serves
 # ----------------------------------------------------------------------------------------------------------------------
 def build_app():
+    from segvol_ohif import install_ohif_routes
     from monailabel.app import app as monailabel_app
     from monailabel.config import settings
     from starlette.middleware.cors import CORSMiddleware
@@ -331,6 +332,7 @@ def build_app():
     monailabel_app.add_middleware(Gate, policy=policy)
     install_error_handlers(monailabel_app)
     install_auth_routes(monailabel_app, policy)
+    install_ohif_routes(monailabel_app)  # our app-config.js and SegVol extension (segvol_ohif)
     offload_endpoints(monailabel_app, policy)
     monailabel_app.state.segvol_policy = policy
     return monailabel_app

@@ -168,6 +168,8 @@ def test_bad_requests_to_other_endpoints(server, sandbox, tmp_path):
         (requests.get, f"{url}/datastore/dataset", {}, "labels"),
         (requests.get, f"{url}/logs/", {"params": {"lines": "9" * 30}}, "lines"),
         (requests.get, f"{url}/datastore/label", {"params": {"label": "ct", "tag": "final"}}, ""),
+        (requests.get, f"{url}/datastore/label/info", {"params": {"label": "ct", "tag": "nope"}}, "no label"),
+        (requests.get, f"{url}/datastore/image/info", {"params": {"image": "nope"}}, "nope"),
         (requests.put, f"{url}/model/segvol", {"files": {"file": ("m.pt", b"pickle")}}, "disabled"),
         (requests.put, f"{url}/datastore/image/info", {"params": {"image": "ct"}, "data": {"info": "[1]"}}, "info"),
         (requests.put, f"{url}/datastore/image", {"params": {"image": "evil"},
@@ -210,7 +212,8 @@ def test_label_for_an_unknown_image_is_404_and_not_stored(server, sandbox, tmp_p
 def test_failed_uploads_leave_no_temp_file(server, sandbox, tmp_path):
     import tempfile
 
-    temp = Path(tempfile.gettempdir())
+    temp = Path(tempfile.gettempdir()) / f"segvol-server-{server.process.pid}"  # segvol_server's own temp folder
+    assert temp.is_dir()
     before = {p.name for p in temp.glob("tmp*.nii.gz")}
     for _ in range(3):
         response = requests.put(f"{server.url}/datastore/label", params={"image": "no_such_image"},

@@ -18,18 +18,22 @@ What it adds to MONAI Label's app (``monailabel.app:app``), before uvicorn serve
 * **Inference off the event loop**: MONAI Label runs each endpoint's blocking work on the event loop, so one
   inference froze ``/info``, the datastore and OHIF's static files. Here every endpoint runs in a worker thread;
   inference requests go one at a time through a single inference worker (one model, requests queued).
-* **No temp file left behind**: when an endpoint fails, the upload copies it registered for clean-up are removed.
+* **No temp file left behind**: uploads and results live in a temp folder of the server's own (removed at the next
+  start once the process is gone); when an endpoint fails, the upload copies it registered are removed at once.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import glob
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from http.cookies import SimpleCookie
 from typing import Any, Callable, Dict, List, Optional
@@ -254,6 +258,7 @@ def install_error_handlers(app) -> None:
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from segvol.errors import SegVolInputError
@@ -279,6 +284,11 @@ def install_error_handlers(app) -> None:
                                 status_code=413)
         return await http_exception_handler(request, error)
 
+    async def not_found(_request, error: MONAILabelException):
+        return JSONResponse({"detail": str(getattr(error, "msg", error))[:500]}, status_code=404)
+
+    app.add_exception_handler(ImageNotFoundException, not_found)
+    app.add_exception_handler(LabelNotFoundException, not_found)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(SegVolInputError, input_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -318,6 +328,33 @@ def install_auth_routes(app, policy: Policy) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # the app uvicorn serves
 # ----------------------------------------------------------------------------------------------------------------------
+def private_tempdir() -> str:
+    """A temp folder of this server's own, removed at the next start once this process is gone.
+
+    MONAI Label copies uploads and writes results into the temp folder and sends results under their file name; the
+    Python and Slicer clients save a download under that name in *their* temp folder, which on the same machine was the
+    very file the server deletes after answering. Uploads a killed server left behind are removed here too."""
+    base = tempfile.gettempdir()
+    for stale in glob.glob(os.path.join(base, "segvol-server-*")):
+        pid = stale.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = os.path.join(base, f"segvol-server-{os.getpid()}")
+    os.makedirs(folder, exist_ok=True)
+    tempfile.tempdir = folder
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_app():
     from segvol_ohif import install_ohif_routes
     from monailabel.app import app as monailabel_app
@@ -325,6 +362,7 @@ def build_app():
     from starlette.middleware.cors import CORSMiddleware
 
     policy = Policy(dict(settings.MONAI_LABEL_APP_CONF or {}))
+    private_tempdir()
     monailabel_app.user_middleware = [m for m in monailabel_app.user_middleware if m.cls is not CORSMiddleware]
     if policy.cors_origins:
         monailabel_app.add_middleware(CORSMiddleware, allow_origins=policy.cors_origins, allow_credentials=True,

@@ -251,6 +251,17 @@ def check_info_update(kwargs: Dict[str, Any], policy) -> None:
         check_image_id(kwargs["image"])
 
 
+def check_image_info(kwargs: Dict[str, Any], policy) -> None:
+    check_image_id(kwargs.get("image"))
+
+
+def check_label_info(kwargs: Dict[str, Any], policy) -> None:
+    label, tag = check_name(kwargs.get("label"), "label"), check_name(kwargs.get("tag"), "tag")
+    uri = app().datastore().get_label_uri(label, tag)
+    if not uri or not os.path.isfile(uri):
+        raise not_found(f"no label {label!r} with tag {tag!r}")
+
+
 def check_dataset(kwargs: Dict[str, Any], policy) -> None:
     limit = kwargs.get("limit_cases")
     if limit is not None and limit < 1:
@@ -359,6 +370,8 @@ ENDPOINT_CHECKS = {
     ("PUT", "/datastore/label/info"): check_info_update,
     ("PUT", "/datastore/updatelabelinfo"): check_info_update,
     ("GET", "/datastore/dataset"): check_dataset,
+    ("GET", "/datastore/image/info"): check_image_info,
+    ("GET", "/datastore/label/info"): check_label_info,
     ("POST", "/train/{model}"): check_train,
     ("POST", "/train/"): check_train_all,
     ("POST", "/scoring/{method}"): check_scoring,

@@ -1,19 +1,24 @@
 #!/usr/bin/env node
 /*
- * Drives OHIF v3 (the build shipped inside the monailabel package, served by the app at /ohif/) in headless Chromium
- * for tests/e2e/test_ohif_e2e.py. Usage: node ohif_driver.js CONFIG.json
+ * Drives OHIF v3 (the build shipped inside the monailabel package, served by the app at /ohif/ with SegVol Label's
+ * app-config.js, mode and panel from apps/segvol/ohif) in headless Chromium for tests/e2e/test_ohif_e2e.py.
+ * Usage: node ohif_driver.js CONFIG.json
  *
- * CONFIG: {phase: "annotate" | "reopen", server, study, series, artifacts, chromium, timeout_s,
- *          auto_model, class_model, class_label, paint_label}
+ * CONFIG: {phase: "annotate" | "reopen", server, study, series, artifacts, chromium, timeout_s, auto_model,
+ *          class_model, class_label, paint_label, seg_description, text_prefix, text_label, free_text}
  * Writes ARTIFACTS/<phase>.json (rewritten after every step, so a crash still leaves the steps done so far) and
  * screenshots ARTIFACTS/<phase>-*.png; exits 0 when every step passed, 1 otherwise.
  *
- * phase "annotate": open the study in the MONAI Label mode, connect the MONAI Label panel, run Auto-Segmentation,
- *   run a Class Prompt, correct the result with OHIF's circular brush, save the corrected labelmap to the server
- *   (PUT /datastore/label, the call of the plugin's MonaiLabelClient.save_label), then export it with OHIF's own
- *   "store segmentation" (DICOM SEG through the DICOMweb data source, STOW via the server's /proxy/dicom) -- first
- *   with the PACS failing (the error must be shown and the labelmap kept), then for real.
- * phase "reopen": open the study again and list its series (the saved DICOM SEGs must be there).
+ * Every step the UI offers is done by clicking and typing, as an annotator would; the driver only reads the viewer's
+ * state (labelmap statistics, the requests the page sends) to report what happened. The one exception is a save
+ * failure, simulated by answering the page's PUT /datastore/label with a 502 in the browser.
+ *
+ * phase "annotate": open the study, connect the MONAI Label panel, Auto-Segmentation, a Class Prompt; in the SegVol
+ *   panel type a name (picked from the suggestions) and a free-text name, draw a box on two slices, a negative click,
+ *   Run SegVol; a positive click and run again; paint with the brush and erase in OHIF's segmentation panel; Save to
+ *   SegVol Label while the server fails (error shown, labelmap kept), then for real; Next sample.
+ * phase "reopen": open the study again (after a server restart), read the SegVol panel's model status, list the
+ *   series (the saved DICOM SEG must be there) and load the saved SEG.
  */
 'use strict';
 const fs = require('fs');
@@ -89,35 +94,6 @@ const SEGMENT_INDEX = label => {
   return null;
 };
 
-// PUT /datastore/label?image=<series> with form fields params (JSON) and label ("label.bin": the raw uint8 labelmap),
-// i.e. MonaiLabelClient.save_label of the OHIF plugin. label_info lists the segments present, in index order (MONAI
-// Label names the DICOM SEG segments from it in that order).
-const SAVE_LABEL = async ({ server, series }) => {
-  const { segmentationService } = window.services;
-  const volume = segmentationService.getLabelmapVolume('1');
-  const data = volume.voxelManager.getCompleteScalarDataArray();
-  const bytes = data instanceof Uint8Array ? data : Uint8Array.from(data);
-  const present = new Set();
-  for (let i = 0; i < bytes.length; i++) if (bytes[i]) present.add(bytes[i]);
-  const segments = segmentationService.getSegmentation('1').segments;
-  const labelInfo = [...present].sort((a, b) => a - b).map(idx => {
-    const info = { name: segments[idx].label, idx, model_name: 'SegVol Label' };
-    const color = segmentationService.getSegmentColor('mpr-axial', '1', idx);
-    if (color && color.length >= 3) info.color = Array.from(color).slice(0, 3);
-    return info;
-  });
-  const form = new FormData();
-  form.append('params', JSON.stringify({ label_info: labelInfo, model: 'segvol', client_id: 'ohif-e2e' }));
-  form.append('label', new Blob([bytes]), 'label.bin');
-  const url = new URL('datastore/label', server + '/');
-  url.searchParams.append('image', series);
-  const response = await fetch(url.toString(), { method: 'PUT', body: form });
-  const text = await response.text();
-  let body = null;
-  try { body = JSON.parse(text); } catch (e) { body = text.slice(0, 500); }
-  return { status: response.status, body, label_info: labelInfo };
-};
-
 /* ---- helpers ---- */
 
 const notificationsSince = (page, t) => page.evaluate(t => window.__notifications.filter(n => n.t >= t), t);
@@ -138,8 +114,7 @@ async function waitForMessage(page, since, texts, timeoutMs) {
   return handle.jsonValue();
 }
 
-async function openStudy(page) {
-  await page.goto(`${cfg.server}/ohif/monai-label?StudyInstanceUIDs=${cfg.study}`, { waitUntil: 'load' });
+async function waitForVolume(page) {
   await page.waitForFunction(() => {
     const cs = window.cornerstone;
     const engine = cs && cs.getRenderingEngines && cs.getRenderingEngines()[0];
@@ -148,6 +123,11 @@ async function openStudy(page) {
     const volume = cs.cache.getVolume(vp.getVolumeId());
     return !!(volume && volume.loadStatus && volume.loadStatus.loaded);
   }, null, { timeout: 120000, polling: 500 });
+}
+
+async function openStudy(page) {
+  await page.goto(`${cfg.server}/ohif/monai-label?StudyInstanceUIDs=${cfg.study}`, { waitUntil: 'load' });
+  await waitForVolume(page);
   // Record every notification OHIF shows the user (title, message, type), to assert on what the user was told. The
   // MONAI Label tabs use their own UINotificationService instances, so the class's show() is wrapped.
   await page.evaluate(() => {
@@ -182,14 +162,61 @@ function tab(page, title) {
 
 /* ---- phases ---- */
 
+const panelTab = (page, name) => page.locator(`[data-cy="${name}-btn"]`);
+const segvol = (page, what) => page.locator(`[data-segvol="${what}"]`);
+
+// The SegVol panel's status line after an action started at ``since``: waits for a success or error message.
+async function panelOutcome(page, since, timeoutMs) {
+  await page.waitForFunction(since => {
+    const m = document.querySelector('[data-segvol="message"]');
+    return m && !m.classList.contains('info') && Number(m.getAttribute('data-t') || 0) >= since;
+  }, since, { timeout: timeoutMs, polling: 250 });
+  const message = segvol(page, 'message');
+  return { kind: (await message.getAttribute('class')).replace('segvol-message', '').trim(), text: await message.innerText() };
+}
+
+// The multipart form field ``params`` of a request the page sent (observed, not made, by the driver).
+function formParams(request) {
+  const body = request.postDataBuffer();
+  if (!body) return null;
+  const text = body.toString('latin1');
+  const at = text.indexOf('name="params"');
+  if (at < 0) return null;
+  const start = text.indexOf('\r\n\r\n', at) + 4;
+  const end = text.indexOf('\r\n--', start);
+  return JSON.parse(text.slice(start, end));
+}
+
+async function drag(page, from, to, steps = 12) {
+  await page.mouse.move(from[0], from[1]);
+  await page.mouse.down();
+  for (let s = 1; s <= steps; s++) {
+    await page.mouse.move(from[0] + (to[0] - from[0]) * s / steps, from[1] + (to[1] - from[1]) * s / steps);
+  }
+  await page.mouse.up();
+}
+
+const SLICE = () => {
+  const vp = window.cornerstone.getRenderingEngines()[0].getViewport('mpr-axial');
+  return vp.getSliceIndex ? vp.getSliceIndex() : null;
+};
+
 async function annotate(page) {
-  await step('open study in OHIF (monai-label mode)', async () => {
+  let box = null;
+  let centre = null;
+
+  await step('open study in OHIF (SegVol Label mode)', async () => {
     await openStudy(page);
-    return { screenshot: await shot(page, 'opened') };
+    box = await axial(page).boundingBox();
+    centre = [box.x + box.width / 2, box.y + box.height / 2];
+    const tabs = await page.locator('[data-cy$="-btn"]').evaluateAll(n => n.map(e => e.getAttribute('data-cy')));
+    await segvol(page, 'prompts').waitFor({ timeout: 30000 });
+    return { tabs, screenshot: await shot(page, 'opened') };
   });
 
   await step('connect the MONAI Label panel', async () => {
-    await page.fill('#monailabelServerURL', `${cfg.server}/`);
+    await panelTab(page, 'monailabel').click();
+    const url = await page.inputValue('#monailabelServerURL'); // preset to this server by our app-config.js
     const since = await page.evaluate(() => Date.now());
     await page.locator('table.settingsTable button.actionButton').first().click();
     const seen = await waitForMessage(page, since, ['Connected to MONAI Label - Successful',
@@ -199,7 +226,7 @@ async function annotate(page) {
     await page.waitForFunction(() => !!window.services.segmentationService.getLabelmapVolume('1'), null,
       { timeout: 30000 });
     await page.waitForTimeout(1500);
-    return { screenshot: await shot(page, 'connected') };
+    return { server_url: url, screenshot: await shot(page, 'connected') };
   });
 
   await step('auto-segmentation', async () => {
@@ -230,96 +257,143 @@ async function annotate(page) {
       screenshot: await shot(page, 'class') };
   });
 
-  await step('correct with the brush', async () => {
-    // The shipped monai-label mode has no segmentation panel, so its brush toolbox is not on screen; the brush tool
-    // itself is in the viewport's tool group: activate it as the toolbox button would, then paint with the mouse.
-    const index = await page.evaluate(SEGMENT_INDEX, cfg.paint_label);
-    if (!index) throw new Error(`no segment named ${cfg.paint_label}`);
-    await page.evaluate(({ index }) => {
-      const { segmentationService, toolGroupService } = window.services;
-      segmentationService.setActiveSegment('1', index);
-      const group = toolGroupService.getToolGroupForViewport('mpr-axial');
-      const current = group.getActivePrimaryMouseButtonTool();
-      if (current) group.setToolPassive(current);
-      group.setToolActive('CircularBrush', { bindings: [{ mouseButton: 1 }] });
-      window.cornerstoneTools.utilities.segmentation.setBrushSizeForToolGroup(group.id, 12);
-    }, { index });
-    const box = await axial(page).boundingBox();
-    const cx = box.x + box.width / 2;
-    const cy = box.y + box.height / 2;
-    await page.mouse.move(cx - 60, cy - 30);
-    await page.mouse.down();
-    for (let s = 1; s <= 20; s++) await page.mouse.move(cx - 60 + s * 6, cy - 30 + s * 2);
-    await page.mouse.up();
+  await step('SegVol prompts: text with autocomplete, free text, a box on two slices, a negative click', async () => {
+    await panelTab(page, 'segvol').click();
+    const input = segvol(page, 'text');
+    await input.click();
+    await input.type(cfg.text_prefix, { delay: 30 });
+    const suggestion = segvol(page, 'suggestions').locator(`[data-name="${cfg.text_label}"]`);
+    await suggestion.waitFor({ timeout: 10000 });
+    const suggestions = await segvol(page, 'suggestions').locator('[data-name]').evaluateAll(n => n.map(e => e.textContent));
+    await suggestion.click();
+    await segvol(page, 'text').click();
+    await segvol(page, 'text').type(cfg.free_text, { delay: 20 });
+    await page.keyboard.press('Enter');
+    const chips = await segvol(page, 'texts').locator('[data-text]').evaluateAll(n => n.map(e => ({
+      name: e.getAttribute('data-text'), free: e.classList.contains('segvol-free'), shown: e.textContent })));
+    // the box: a rectangle on this slice, another 6 slices further (mouse wheel scrolls the axial view)
+    await segvol(page, 'prompts').locator(`button[data-tool="RectangleROI"]`).click();
+    const first = await page.evaluate(SLICE);
+    await drag(page, [centre[0] - 70, centre[1] - 60], [centre[0] + 50, centre[1] + 40]);
+    await page.mouse.move(centre[0] + 100, centre[1] + 100);
+    for (let n = 0; n < 6; n++) { await page.mouse.wheel(0, 100); await page.waitForTimeout(150); }
+    const second = await page.evaluate(SLICE);
+    await drag(page, [centre[0] - 50, centre[1] - 40], [centre[0] + 70, centre[1] + 60]);
+    await segvol(page, 'prompts').locator(`button[data-tool="SegVolNegativePoint"]`).click();
+    await page.mouse.click(centre[0] + 30, centre[1] + 20);
+    await page.waitForTimeout(800);
+    return { suggestions, chips, slices: [first, second], box_text: await segvol(page, 'box').innerText(),
+      points_text: await segvol(page, 'points').innerText(), screenshot: await shot(page, 'prompts') };
+  });
+
+  const runSegVol = async name => {
+    const before = await page.evaluate(LABELMAP_STATS);
+    const since = await page.evaluate(() => Date.now());
+    const requestSeen = page.waitForRequest(r => r.url().includes('/infer/segvol?') && r.method() === 'POST',
+      { timeout: 30000 }).catch(() => null);
+    const responseSeen = page.waitForResponse(r => r.url().includes('/infer/segvol?'), { timeout: cfg.timeout_s * 1000 })
+      .catch(() => null);
+    await segvol(page, 'run').click();
+    const request = await requestSeen;
+    if (!request) throw new Error('clicking Run SegVol sent no request');
+    const response = await responseSeen;
+    if (!response) throw new Error('no answer to the SegVol request');
+    const outcome = await panelOutcome(page, since, cfg.timeout_s * 1000);
+    if (outcome.kind !== 'success') throw new Error(`SegVol run: ${outcome.text}`);
     await page.waitForTimeout(1500);
-    const slice = await page.evaluate(() => {
-      const vp = window.cornerstone.getRenderingEngines()[0].getViewport('mpr-axial');
-      return { index: vp.getSliceIndex ? vp.getSliceIndex() : null };
-    });
-    return { segment_index: index, viewport_slice: slice, stats: await page.evaluate(LABELMAP_STATS),
-      screenshot: await shot(page, 'corrected') };
-  });
-
-  await step('save the corrected label to MONAI Label (PUT /datastore/label)', async () => {
-    const answer = await page.evaluate(SAVE_LABEL, { server: cfg.server, series: cfg.series });
-    if (answer.status !== 200) throw new Error(`PUT /datastore/label answered ${answer.status}: ${JSON.stringify(answer.body)}`);
-    return { response: answer.body, label_info: answer.label_info, stats: await page.evaluate(LABELMAP_STATS) };
-  });
-
-  const stowPattern = '**/proxy/dicom/wado/studies';
-  const exportSeg = async description => {
-    page.evaluate(() => {
-      window.__storeDone = null;
-      // The CORNERSTONE context's storeSegmentation (storeSegmentationCommand): report dialog, DICOM SEG written by
-      // dcmjs, stored through the active DICOMweb data source, then shown -- what OHIF's segmentation panel runs.
-      Promise.resolve(window.commandsManager.runCommand('storeSegmentation', { segmentationId: '1' }, 'CORNERSTONE'))
-        .then(() => { window.__storeDone = 'resolved'; }, e => { window.__storeDone = 'rejected: ' + e.message; });
-    });
-    const dialog = page.locator('.DraggableItem').filter({ has: page.locator('h6', { hasText: 'Create Report' }) });
-    await dialog.waitFor({ timeout: 30000 });
-    await dialog.locator('input[type="text"]').fill(description);
-    await dialog.locator('button[data-cy="Save-btn"]').click();
-    await page.waitForFunction(() => window.__storeDone !== null, null, { timeout: 120000, polling: 250 });
-    return page.evaluate(() => window.__storeDone);
+    return { params: formParams(request), url: request.url(), status: response.status(), outcome,
+      latency: await segvol(page, 'latency').innerText(), before,
+      segments: await segvol(page, 'segments').locator('tr[data-segment]').evaluateAll(n => n.map(e => e.innerText)),
+      stats: await page.evaluate(LABELMAP_STATS), screenshot: await shot(page, name) };
   };
 
-  await step('export DICOM SEG from OHIF while the PACS fails: error shown, nothing lost', async () => {
-    let stowRequests = 0;
-    await page.route(stowPattern, route => {
-      if (route.request().method() !== 'POST') return route.continue();
-      stowRequests++;
-      return route.fulfill({ status: 503, contentType: 'text/plain', body: 'PACS unavailable (simulated by the e2e test)' });
+  await step('run SegVol: text + box + points in one request', async () => runSegVol('segvol'));
+
+  await step('add a positive click and run SegVol again (the image is cached)', async () => {
+    await segvol(page, 'prompts').locator(`button[data-tool="SegVolPositivePoint"]`).click();
+    await page.mouse.click(centre[0] - 10, centre[1] - 5);
+    await page.waitForTimeout(500);
+    return runSegVol('segvol-again');
+  });
+
+  await step('correct with the brush and the eraser (segmentation panel)', async () => {
+    // the segment to paint: chosen in the SegVol panel's segment list
+    await segvol(page, 'segments').locator(`tr[data-segment="${cfg.paint_label}"] button`).click();
+    await panelTab(page, 'panelSegmentationWithTools').click();
+    const before = await page.evaluate(LABELMAP_STATS);
+    const sliceBefore = await page.evaluate(SLICE);
+    await page.locator('[data-cy="Brush"]').first().click();
+    await page.waitForTimeout(500);
+    await drag(page, [centre[0] - 60, centre[1] - 30], [centre[0] + 60, centre[1] + 10], 20);
+    await page.waitForTimeout(1000);
+    const painted = await page.evaluate(LABELMAP_STATS);
+    const brushShot = await shot(page, 'brushed');
+    await page.locator('[data-cy="Eraser"]').first().click();
+    await page.waitForTimeout(500);
+    await drag(page, [centre[0] + 40, centre[1] - 40], [centre[0] + 40, centre[1] + 40], 10);
+    await page.waitForTimeout(1000);
+    return { before, painted, stats: await page.evaluate(LABELMAP_STATS), slice: sliceBefore,
+      segment_index: await page.evaluate(SEGMENT_INDEX, cfg.paint_label), brush_screenshot: brushShot,
+      screenshot: await shot(page, 'erased') };
+  });
+
+  await step('save while the server fails: error shown, nothing lost', async () => {
+    await panelTab(page, 'segvol').click();
+    let puts = 0;
+    await page.route('**/datastore/label?**', route => {
+      if (route.request().method() !== 'PUT') return route.continue();
+      puts++;
+      return route.fulfill({ status: 502, contentType: 'application/json',
+        body: JSON.stringify({ detail: 'PACS unavailable (simulated by the e2e test)' }) });
     });
     const before = await page.evaluate(LABELMAP_STATS);
     const since = await page.evaluate(() => Date.now());
-    const outcome = await exportSeg('SegVol e2e (must fail)');
-    const errors = await waitForNotification(page, since, 'error', 20000);
-    const screenshot = await shot(page, 'save-failed');  // the error toast is on screen now
-    await page.unroute(stowPattern);
+    await segvol(page, 'save').click();
+    const outcome = await panelOutcome(page, since, 60000);
+    const screenshot = await shot(page, 'save-failed');
+    await page.unroute('**/datastore/label?**');
     const after = await page.evaluate(LABELMAP_STATS);
-    if (!outcome.startsWith('rejected')) throw new Error(`store did not fail: ${outcome}`);
-    if (!after) throw new Error('the labelmap is gone after the failed save');
-    const totals = s => s.segments.map(x => [x.index, x.total]).sort().join(';');
-    if (totals(before) !== totals(after)) throw new Error('the labelmap changed after the failed save');
-    await page.waitForTimeout(6500); // let the error toast go
-    return { outcome, stow_requests: stowRequests, errors, stats: after, screenshot };
+    return { puts, outcome, before, stats: after, screenshot };
   });
 
-  await step('export DICOM SEG from OHIF (STOW through /proxy/dicom to the PACS)', async () => {
-    const stored = [];
-    const listener = response => {
-      if (response.request().method() === 'POST' && response.url().includes('/proxy/dicom/wado/studies')) {
-        stored.push({ url: response.url(), status: response.status() });
-      }
-    };
-    page.on('response', listener);
+  await step('save to SegVol Label (one button)', async () => {
+    const before = await page.evaluate(LABELMAP_STATS);
+    const beforeShot = await shot(page, 'before-save');
     const since = await page.evaluate(() => Date.now());
-    const outcome = await exportSeg('SegVol e2e OHIF export');
-    page.off('response', listener);
-    const shown = await waitForNotification(page, since, 'success', 20000);
-    const screenshot = await shot(page, 'exported');
-    if (outcome !== 'resolved') throw new Error(`store failed: ${outcome}`);
-    return { outcome, stow: stored, shown, screenshot };
+    const requestSeen = page.waitForRequest(r => r.url().includes('/datastore/label?') && r.method() === 'PUT')
+      .catch(() => null);
+    const responseSeen = page.waitForResponse(r => r.url().includes('/datastore/label?') && r.request().method() === 'PUT',
+      { timeout: 300000 }).catch(() => null);
+    await segvol(page, 'save').click();
+    const request = await requestSeen;
+    const response = await responseSeen;
+    if (!request || !response) throw new Error('clicking Save to SegVol Label sent no request or got no answer');
+    const outcome = await panelOutcome(page, since, 300000);
+    await page.waitForTimeout(2000);
+    let body = null;
+    try { body = await response.json(); } catch (e) { body = null; }
+    return { params: formParams(request), status: response.status(), response: body, outcome, before,
+      stats: await page.evaluate(LABELMAP_STATS), saved_text: await segvol(page, 'saved').innerText(),
+      retrain_text: await segvol(page, 'retrain').innerText(), before_screenshot: beforeShot,
+      screenshot: await shot(page, 'saved') };
+  });
+
+  await step('next sample', async () => {
+    const since = await page.evaluate(() => Date.now());
+    const responseSeen = page.waitForResponse(r => r.url().includes('/activelearning/'), { timeout: 120000 })
+      .catch(() => null);
+    await segvol(page, 'next').click();
+    const response = await responseSeen;
+    if (!response) throw new Error('clicking Next sample asked the server nothing');
+    const status = response.status();
+    // the panel opens the study of the next sample (the page navigates: the answer is read from the new address)
+    await page.waitForURL(url => !url.toString().includes(cfg.study), { timeout: 60000 });
+    const study = new URL(page.url()).searchParams.get('StudyInstanceUIDs');
+    await waitForVolume(page);
+    await page.waitForTimeout(2000);
+    const series = await page.evaluate(() => window.services.displaySetService.getActiveDisplaySets()
+      .map(d => ({ modality: d.Modality, series: d.SeriesInstanceUID, study: d.StudyInstanceUID })));
+    return { status, study, url: page.url(), series, since, screenshot: await shot(page, 'next') };
   });
 }
 
@@ -331,7 +405,12 @@ async function reopen(page) {
       modality: d.Modality, description: d.SeriesDescription, series: d.SeriesInstanceUID,
       referenced: d.referencedSeriesInstanceUID || (d.referencedDisplaySetInstanceUID ? 'display-set' : null),
     })));
-    return { series, screenshot: await shot(page, 'reopened') };
+    const status = {};
+    for (const what of ['model', 'training', 'retrain', 'datastore']) {
+      const node = page.locator(`[data-segvol="${what}"]`);
+      status[what] = (await node.count()) ? await node.first().innerText() : null;
+    }
+    return { series, status, screenshot: await shot(page, 'reopened') };
   });
 
   await step('load the saved DICOM SEG back into OHIF', async () => {

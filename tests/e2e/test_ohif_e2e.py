@@ -2,7 +2,7 @@
 
 Real parts only: Orthanc with its DICOMweb plugin started by scripts/orthanc.py (deploy/orthanc/orthanc.json) and
 filled with the CT studies of ../shared/data/dicom through its REST API; the app started by scripts/serve_dicomweb.sh
-with ``--studies http://127.0.0.1:<port>/dicom-web``; OHIF v3 as shipped inside the monailabel package (``/ohif/``),
+with ``--studies http://127.0.0.1:<port>/dicom-web``; OHIF v3 as shipped inside the monailabel package (``/ohif/``, with our app-config.js, mode and SegVol panel),
 driven by tests/e2e/ohif_driver.js (Playwright on /usr/bin/chromium). The network is a small-configuration SegVol with
 random weights: the test proves the plumbing (grids, orientation, storage, counts), not segmentation quality.
 
@@ -40,8 +40,8 @@ AUTO_LABELS = ["liver", "spleen", "kidney left"]
 CLASS_LABEL = "aorta"
 PAINT_LABEL = "liver"
 REST_SEG = "SegVol Label"  # SeriesDescription of the SEG MONAI Label writes for PUT /datastore/label (model_name)
-OHIF_SEG = "SegVol e2e OHIF export"
-FAILED_SEG = "SegVol e2e (must fail)"
+TEXT_PREFIX, TEXT_LABEL = "liv", "liver"  # typed, then picked from the suggestions
+FREE_TEXT = "hepatic cyst xyz"  # not in the vocabulary: sent as free text
 
 
 def _missing_requirements():
@@ -216,7 +216,8 @@ def annotate(app, artifacts):
 def _drive(app, phase, artifacts, timeout=420):
     config = {"phase": phase, "server": app.url, "study": CT_STUDY, "series": CT_SERIES, "artifacts": str(artifacts),
               "chromium": CHROMIUM, "timeout_s": 240, "auto_model": "segvol_auto", "class_model": "segvol",
-              "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL, "seg_description": REST_SEG}
+              "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL, "seg_description": REST_SEG,
+              "text_prefix": TEXT_PREFIX, "text_label": TEXT_LABEL, "free_text": FREE_TEXT}
     path = artifacts / f"{phase}-config.json"
     path.write_text(json.dumps(config))
     done = subprocess.run(["node", str(E2E / "ohif_driver.js"), str(path)], cwd=str(E2E), capture_output=True,
@@ -247,6 +248,11 @@ def _overlay_pixels(before: Path, after: Path) -> int:
     saturation = b.max(axis=2) - b.min(axis=2)
     changed = np.abs(b - a).sum(axis=2) > 30
     return int(np.count_nonzero(changed & (saturation > 40)))
+
+
+def _area(path) -> int:
+    shape = _colored(Path(path)).shape
+    return shape[0] * shape[1]
 
 
 def _changed_pixels(before: Path, after: Path) -> int:
@@ -360,7 +366,7 @@ def test_ohif_auto_and_class_segmentation_appear(annotate, app):
     added = {s["label"]: s["total"] for s in klass["stats"]["segments"]}
     assert added.get(CLASS_LABEL, 0) > 0
     # pixels: the overlay is on screen (coloured pixels that were not there before)
-    opened = Path(annotate["open study in OHIF (monai-label mode)"]["screenshot"])
+    opened = Path(annotate["open study in OHIF (SegVol Label mode)"]["screenshot"])
     area = _colored(opened).shape[0] * _colored(opened).shape[1]
     assert _overlay_pixels(opened, Path(auto["screenshot"])) > 0.01 * area
     # the class prompt only fills voxels no other segment holds (OHIF's merge rule), so few are new on this slice
@@ -369,47 +375,78 @@ def test_ohif_auto_and_class_segmentation_appear(annotate, app):
     assert _changed_pixels(Path(auto["screenshot"]), Path(klass["screenshot"])) > 0.5 * _visible(new, opened)
 
 
-def test_ohif_brush_correction_is_saved_to_the_datastore_as_dicom_seg(annotate, app, orthanc):
-    klass, brush = annotate["class prompt"], annotate["correct with the brush"]
-    before = {s["label"]: s["total"] for s in klass["stats"]["segments"]}
-    after = {s["label"]: s["total"] for s in brush["stats"]["segments"]}
-    assert after[PAINT_LABEL] > before[PAINT_LABEL]
-    painted = _on_slice(brush["stats"], PAINT_LABEL) - _on_slice(klass["stats"], PAINT_LABEL)
-    assert painted == after[PAINT_LABEL] - before[PAINT_LABEL]  # all on the slice on screen
-    assert _changed_pixels(Path(klass["screenshot"]), Path(brush["screenshot"])) > 0.5 * _visible(painted, Path(
-        klass["screenshot"]))
+def test_segvol_panel_sends_text_box_and_points_in_one_request(annotate):
+    prompts = annotate["SegVol prompts: text with autocomplete, free text, a box on two slices, a negative click"]
+    # autocomplete from the served vocabulary: typing "liv" offers "liver" first
+    assert prompts["suggestions"] and prompts["suggestions"][0] == TEXT_LABEL
+    chips = {c["name"]: c for c in prompts["chips"]}
+    assert not chips[TEXT_LABEL]["free"] and chips[FREE_TEXT]["free"] and "(free text)" in chips[FREE_TEXT]["shown"]
+    assert prompts["slices"][0] != prompts["slices"][1] and "2 rectangles" in prompts["box_text"]
+    assert prompts["points_text"] == "Points: 0 positive, 1 negative"
 
-    saved = annotate["save the corrected label to MONAI Label (PUT /datastore/label)"]
-    assert saved["response"]["image"] == CT_SERIES
-    trainers = app.info().get("trainers", {})
-    if trainers:  # the app counts saved final labels toward --conf retrain_threshold
+    run = annotate["run SegVol: text + box + points in one request"]
+    params = run["params"]
+    assert run["status"] == 200 and run["url"].split("?")[0].endswith("/infer/segvol")
+    assert params["texts"] == [TEXT_LABEL, FREE_TEXT] and params["free_text"] is True
+    i0, j0, k0, i1, j1, k1 = params["box"]
+    assert i0 < i1 and j0 < j1 and k1 - k0 == abs(prompts["slices"][1] - prompts["slices"][0])  # 2 slices apart
+    assert len(params["points"]) == 1 and params["point_labels"] == [0]
+    i, j, k = params["points"][0]
+    assert i0 <= i <= i1 and j0 <= j <= j1 and k in (k0, k1)  # clicked inside the box, on the second slice
+    assert run["outcome"]["kind"] == "success" and "server" in run["latency"]
+    # both names are segments of the labelmap now, the free-text one under its own name; the prompts shown beside
+    shown = {s["label"]: s["total"] for s in run["stats"]["segments"]}
+    assert TEXT_LABEL in shown and any(row.startswith(TEXT_LABEL) and "box [" in row for row in run["segments"])
+    assert _changed_pixels(Path(prompts["screenshot"]), Path(run["screenshot"])) > 0
+
+    again = annotate["add a positive click and run SegVol again (the image is cached)"]
+    assert again["params"]["point_labels"] == [1, 0] and again["params"]["box"] == params["box"]
+    assert again["outcome"]["kind"] == "success" and "image encoding reused" in again["latency"]
+
+
+def test_brush_and_eraser_correct_the_labelmap(annotate):
+    step = annotate["correct with the brush and the eraser (segmentation panel)"]
+    before, painted, erased = step["before"], step["painted"], step["stats"]
+    k = 40 - step["slice"]  # the viewport counts slices from the other end of the series
+    assert _on_slice(painted, PAINT_LABEL, k) > _on_slice(before, PAINT_LABEL, k)
+    total = lambda stats: sum(s["total"] for s in stats["segments"])  # noqa: E731
+    assert total(erased) < total(painted)  # the eraser removed voxels of every segment it crossed
+    assert _changed_pixels(Path(step["brush_screenshot"]), Path(step["screenshot"])) > 0
+
+
+def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, orthanc):
+    failed = annotate["save while the server fails: error shown, nothing lost"]
+    assert failed["puts"] == 1 and failed["outcome"]["kind"] == "error"
+    assert "simulated by the e2e test" in failed["outcome"]["text"]
+    assert _labelmap(failed["stats"]) == _labelmap(failed["before"])  # nothing lost in the viewer
+
+    saved = annotate["save to SegVol Label (one button)"]
+    assert saved["status"] == 200 and saved["response"]["image"] == CT_SERIES
+    present = sorted(s["label"] for s in saved["before"]["segments"])
+    names = [item["name"] for item in saved["params"]["label_info"]]
+    assert sorted(names) == present and FREE_TEXT in names and PAINT_LABEL in names
+    assert saved["outcome"]["kind"] == "success" and "Saved" in saved["outcome"]["text"]
+    if app.info().get("trainers"):
         assert saved["response"]["retrain"]["counted"] is True
-        assert saved["response"]["retrain"]["threshold"] == 1000
+        assert "/1000" in saved["retrain_text"]
+    # the view is kept: same labelmap, same picture
+    assert _labelmap(saved["stats"]) == _labelmap(saved["before"])
+    assert _changed_pixels(Path(saved["before_screenshot"]), Path(saved["screenshot"])) < 0.01 * _area(saved["screenshot"])
 
-    # the DICOM SEG in Orthanc holds exactly what OHIF showed: same voxels per segment, per source slice, same place
+    # the DICOM SEG in Orthanc: the segment names the annotator saw, the same voxels per segment and source slice
     segs = orthanc.seg_series()
     assert REST_SEG in segs, segs
     ds = orthanc.series_file(segs[REST_SEG])
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == CT_SERIES
-    shown = _labelmap(saved["stats"])
-    stored = _seg_table(ds, _ct_positions(orthanc))
-    assert stored == shown
+    assert sorted(str(s.SegmentLabel) for s in ds.SegmentSequence) == present
+    assert _seg_table(ds, _ct_positions(orthanc)) == _labelmap(saved["stats"])
 
 
-def test_failed_ohif_export_is_reported_and_nothing_is_lost_then_succeeds(annotate, orthanc):
-    failed = annotate["export DICOM SEG from OHIF while the PACS fails: error shown, nothing lost"]
-    assert failed["stow_requests"] == 1 and failed["outcome"].startswith("rejected")
-    assert failed["errors"] and all(e["type"] == "error" for e in failed["errors"])
-    assert failed["stats"]["segments"]  # the labelmap is still in the viewer
-    segs = orthanc.seg_series()
-    assert FAILED_SEG not in segs
-
-    exported = annotate["export DICOM SEG from OHIF (STOW through /proxy/dicom to the PACS)"]
-    assert exported["outcome"] == "resolved" and exported["stow"][0]["status"] == 200
-    assert any("saved successfully" in n["message"] for n in exported["shown"])
-    assert OHIF_SEG in segs
-    ds = orthanc.series_file(segs[OHIF_SEG])
-    assert _seg_table(ds, _ct_positions(orthanc)) == _labelmap(failed["stats"])
+def test_next_sample_opens_the_unlabelled_study(annotate, orthanc):
+    step = annotate["next sample"]
+    sts_study = orthanc.qido("series", SeriesInstanceUID=STS_SERIES)[0]["0020000D"]["Value"][0]
+    assert step["status"] == 200 and step["study"] == sts_study
+    assert STS_SERIES in {s["series"] for s in step["series"]}
 
 
 def _assert_labelled(server):
@@ -441,9 +478,14 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
         steps = _drive(again, "reopen", artifacts)
         reopened = steps["reopen the study after the server restart"]
         descriptions = {s["description"] for s in reopened["series"] if s["modality"] == "SEG"}
-        assert {REST_SEG, OHIF_SEG} <= descriptions
+        assert REST_SEG in descriptions
+        # the SegVol panel tells which checkpoint answers and how training stands
+        status = reopened["status"]
+        assert status["model"].startswith("Model:") and "checkpoint" in status["model"]
+        assert status["training"].startswith("Training:") and status["retrain"].startswith("Retrain counter:")
+        assert status["datastore"].startswith("Labelled ") and status["datastore"].endswith("/2 images")
         # the saved label, read back by OHIF from the PACS, holds what the annotator saved
-        saved = annotate["save the corrected label to MONAI Label (PUT /datastore/label)"]
+        saved = annotate["save to SegVol Label (one button)"]
         loaded = steps["load the saved DICOM SEG back into OHIF"]["loaded"]
         assert loaded["totals"] == {s["label"]: s["total"] for s in saved["stats"]["segments"]}
     finally:

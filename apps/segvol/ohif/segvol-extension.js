@@ -323,7 +323,12 @@ async function loadInfo() {
   } catch (error) {
     state.infoError = String(error.message || error);
   }
-  render();
+  const section = state.root && state.root.querySelector('[data-segvol="status"]');
+  if (section) {
+    try { section.replaceWith(modelStatusSection()); } catch (e) { console.warn('SegVol panel', e); }
+  } else {
+    render();
+  }
 }
 
 // Segmentation '1' as the MONAI Label panel creates it (every served name a segment, sorted), so both panels agree.
@@ -538,7 +543,9 @@ async function nextSample() {
 /* ------------------------------------------------------------------------------------------------- rendering */
 
 const STYLE = `
-.segvol-panel { color: #dfe6f0; font-size: 13px; padding: 8px; display: flex; flex-direction: column; gap: 10px; }
+.segvol-panel { color: #dfe6f0; font-size: 13px; padding: 8px; display: flex; flex-direction: column; gap: 10px;
+  overflow-y: auto; height: 100%; box-sizing: border-box; }
+.segvol-panel > * { flex-shrink: 0; }
 .segvol-panel h3 { font-size: 13px; font-weight: 600; color: #5acce6; margin: 0 0 4px 0; }
 .segvol-panel section { border: 1px solid #3a3f52; border-radius: 6px; padding: 8px; background: #0b1a2a; }
 .segvol-panel button { background: #173b5a; color: #fff; border: 1px solid #2f6690; border-radius: 4px; padding: 3px 8px;
@@ -604,6 +611,17 @@ function modelStatusSection() {
     el('button', { onClick: () => loadInfo(), title: 'Read /info again' }, 'Refresh'));
 }
 
+function boxText(prompts) {
+  const box = prompts.box;
+  if (!box) return 'No box.';
+  const depth = prompts.rectangles === 1 ? ': draw one on another slice for depth' : 's';
+  return `Box i ${box[0]}–${box[3]}, j ${box[1]}–${box[4]}, k ${box[2]}–${box[5]} (${prompts.rectangles} rectangle${depth})`;
+}
+
+function pointsText(prompts) {
+  return `Points: ${prompts.positive.length} positive, ${prompts.negative.length} negative`;
+}
+
 function promptSection() {
   const input = el('input', { type: 'text', placeholder: 'Structure name, e.g. liver (Enter adds it)', 'data-segvol': 'text',
     autocomplete: 'off', value: suggestionsFor });
@@ -647,7 +665,6 @@ function promptSection() {
     class: activeToolButton === tool ? 'segvol-active' : null, title, 'data-tool': tool,
     onClick: () => { activateTool(tool); activeToolButton = tool; render(); },
   }, label);
-  const box = prompts.box;
   return el('section', { 'data-segvol': 'prompts' }, el('h3', { text: 'SegVol prompts' }),
     el('div', null, input, suggest),
     el('div', { 'data-segvol': 'texts' }, chips.length ? chips : el('span', { class: 'segvol-muted', text: 'No name: the box and points alone.' })),
@@ -655,10 +672,8 @@ function promptSection() {
       toolButton('Box', BOX_TOOL, 'Draw a rectangle on one slice, then another on a second slice: the box spans both'),
       toolButton('+ Point', POSITIVE_TOOL, 'Click inside the structure'),
       toolButton('− Point', NEGATIVE_TOOL, 'Click where the structure is not')),
-    el('div', { class: 'segvol-muted', 'data-segvol': 'box' }, box
-      ? `Box i ${box[0]}–${box[3]}, j ${box[1]}–${box[4]}, k ${box[2]}–${box[5]} (${prompts.rectangles} rectangle${prompts.rectangles === 1 ? ': draw one on another slice for depth' : 's'})`
-      : 'No box.'),
-    el('div', { class: 'segvol-muted', 'data-segvol': 'points', text: `Points: ${prompts.positive.length} positive, ${prompts.negative.length} negative` }),
+    el('div', { class: 'segvol-muted', 'data-segvol': 'box', text: boxText(prompts) }),
+    el('div', { class: 'segvol-muted', 'data-segvol': 'points', text: pointsText(prompts) }),
     el('div', null,
       el('button', { onClick: () => { removeAnnotations([BOX_TOOL]); render(); } }, 'Clear box'),
       el('button', { onClick: () => { removeAnnotations([POSITIVE_TOOL, NEGATIVE_TOOL]); render(); } }, 'Clear points'),
@@ -709,7 +724,8 @@ function renderPanel() {
   const series = activeDisplaySet();
   root.appendChild(el('div', { class: 'segvol-muted', 'data-segvol': 'series',
     text: series ? `${series.SeriesDescription || 'Series'} · ${series.numImageFrames || '?'} slices` : 'No image series open.' }));
-  if (state.message) root.appendChild(el('div', { class: `segvol-message ${state.message.kind}`, 'data-segvol': 'message', role: 'status' }, state.message.text));
+  if (state.message) root.appendChild(el('div', { class: `segvol-message ${state.message.kind}`, 'data-segvol': 'message', role: 'status',
+    'data-t': String(state.message.t) }, state.message.text));
   root.appendChild(promptSection());
   root.appendChild(segmentsSection());
   root.appendChild(el('section', { 'data-segvol': 'actions' }, el('h3', { text: 'Finish this case' }),
@@ -725,20 +741,42 @@ function renderPanel() {
   }
 }
 
+// Only the parts that viewer events change are redrawn (box/points text, the segment table), so a button the annotator
+// is clicking is never replaced under the mouse.
+function refreshPromptInfo() {
+  const root = state.root;
+  if (!root) return;
+  const prompts = collectPrompts();
+  const box = root.querySelector('[data-segvol="box"]');
+  if (box) box.textContent = boxText(prompts);
+  const points = root.querySelector('[data-segvol="points"]');
+  if (points) points.textContent = pointsText(prompts);
+}
+
+function refreshSegments() {
+  const root = state.root;
+  const old = root && root.querySelector('[data-segvol="segments"]');
+  if (old) old.replaceWith(segmentsSection());
+}
+
 function listen() {
   if (state.listening) return;
   state.listening = true;
   const { cornerstone, cornerstoneTools } = libraries();
   const events = cornerstoneTools.Enums.Events;
-  let pending = null;
-  const later = () => {
-    if (pending) return;
-    pending = setTimeout(() => { pending = null; if (!state.root || !state.root.contains(document.activeElement) || document.activeElement.tagName !== 'INPUT') render(); }, 300);
+  const debounce = fn => {
+    let pending = null;
+    return () => {
+      if (pending) return;
+      pending = setTimeout(() => { pending = null; try { fn(); } catch (e) { console.warn('SegVol panel', e); } }, 300);
+    };
   };
+  const prompts = debounce(refreshPromptInfo);
+  const labels = debounce(refreshSegments);
   for (const name of [events.ANNOTATION_COMPLETED, events.ANNOTATION_REMOVED, events.ANNOTATION_MODIFIED]) {
-    if (name) cornerstone.eventTarget.addEventListener(name, later);
+    if (name) cornerstone.eventTarget.addEventListener(name, prompts);
   }
-  cornerstone.eventTarget.addEventListener(events.SEGMENTATION_DATA_MODIFIED, () => { state.dirty = true; later(); });
+  cornerstone.eventTarget.addEventListener(events.SEGMENTATION_DATA_MODIFIED, () => { state.dirty = true; labels(); });
 }
 
 function mount(node) {

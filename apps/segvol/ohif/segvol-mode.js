@@ -76,8 +76,7 @@ async function modeFactory({ modeConfiguration, loadModules }) {
       base.onModeEnter(args);
       const { servicesManager, extensionManager } = args;
       const { toolbarService } = servicesManager.services;
-      toolbarService.addButtons(segmentationButtons);
-      toolbarService.createButtonSection('segmentationToolbox', ['BrushTools', 'Shapes']);
+      toolbarService.addButtons(segmentationButtons); // the shipped mode already lists them in 'segmentationToolbox'
       const utility = extensionManager.getModuleEntry(`${SEGVOL_EXTENSION}.utilityModule.segvol`);
       if (utility) utility.exports.onModeEnter();
     },

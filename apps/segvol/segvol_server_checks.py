@@ -21,7 +21,6 @@ from segvol.errors import BadPromptError, BadRequestError
 MAX_STRING = 10_000
 MAX_LIST = 100_000
 MAX_DEPTH = 8
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 PATH_LIKE_QUERY = ("image", "id", "label", "tag", "label_tag")
 CHECKED_PREFIXES = ("/datastore", "/infer", "/activelearning", "/scoring", "/train", "/batch", "/session", "/model")
@@ -177,10 +176,9 @@ def check_infer(kwargs: Dict[str, Any], policy) -> None:
     check_bool(params.get("save_label"), "params.save_label")
     if params.get("label_tag") not in (None, ""):
         check_name(params["label_tag"], "params.label_tag")
-    extension = params.get("result_extension")
-    if extension not in (None, "") and extension not in RESULT_EXTENSIONS:
-        raise BadRequestError(f"params.result_extension must be one of {list(RESULT_EXTENSIONS)}, got "
-                              f"{str(extension)[:20]!r}")
+    from lib.infers.base import check_result_extension  # the app's ``lib`` (loaded by MONAI Label with the app)
+
+    check_result_extension(params.get("result_extension"))
     output = getattr(kwargs.get("output"), "value", kwargs.get("output"))
     if output == "dicom_seg":
         from monailabel.datastore.dicom import DICOMWebDatastore

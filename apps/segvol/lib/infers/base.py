@@ -16,6 +16,8 @@ from ..prompts import Prompts
 from ..service import SegVolService
 
 logger = logging.getLogger(__name__)
+# Label formats a result is written in (``result_extension``): 3-D formats ITK writes with the image's geometry.
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 class SegVolInferTask(InferTask):
@@ -131,11 +133,19 @@ def write_label_file(labels: np.ndarray, affine: np.ndarray, request: Dict[str, 
     """A uint8 label on the image grid -> a temp file in the format the client asked for (``result_extension``)."""
     from monailabel.transform.writer import write_itk
 
-    extension = request.get("result_extension") or ".nii.gz"
-    if not isinstance(extension, str) or not extension.startswith(".") or "/" in extension:
-        raise BadRequestError(f"result_extension must look like '.nrrd' or '.nii.gz', got {extension!r}")
+    extension = check_result_extension(request.get("result_extension"))
     handle, path = tempfile.mkstemp(suffix=extension, prefix="segvol_")
     os.close(handle)
     compress = str(request.get("result_compress", "true")).lower() not in ("false", "0")
     write_itk(labels, path, np.asarray(affine, dtype=np.float64), np.uint8, compress)
     return path
+
+
+def check_result_extension(extension: Any) -> str:
+    """The requested result format, or ``BadRequestError`` (checked by the server before any work, and here)."""
+    if extension in (None, ""):
+        return ".nii.gz"
+    if extension not in RESULT_EXTENSIONS:
+        raise BadRequestError(f"params.result_extension must be one of {list(RESULT_EXTENSIONS)}, got "
+                              f"{str(extension)[:20]!r}")
+    return extension

@@ -135,8 +135,13 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return device
 
 
-def load_model(checkpoint: str, device: str = "cpu", tokenizer: Optional[str] = None) -> SegVol:
+def load_model(checkpoint: str, device: str = "cpu", tokenizer: Optional[str] = None, precision: str = "fp32",
+               **accel_options: Any) -> SegVol:
     """Load SegVol weights (official or project format) into an eval-mode network on ``device``.
+
+    ``precision``: the image encoder's backend (``segvol.accel``: fp32 exact by default, bf16, fp16, int8; a
+    precision that cannot run here falls back to fp32 with a log line); ``accel_options`` go to
+    ``segvol.accel.accelerate`` (``cache_dir``, ``calibration``, ``threads``).
 
     The CLIP tokenizer comes from ``tokenizer`` (a folder), else from the checkpoint's folder; if neither has one,
     a ``FileNotFoundError`` says where to put it.
@@ -159,7 +164,12 @@ def load_model(checkpoint: str, device: str = "cpu", tokenizer: Optional[str] = 
     model.text_encoder.tokenizer = load_tokenizer(tokenizer_dir)
     model.checkpoint_id = checkpoint_id(weights_file)
     model.vocabulary = list(meta.get("vocabulary", []))
-    return model.to(resolve_device(device)).eval()
+    model = model.to(resolve_device(device)).eval()
+    if precision not in (None, "fp32") or accel_options:
+        from .accel import accelerate
+
+        accelerate(model, precision, **accel_options)
+    return model
 
 
 def save_checkpoint(path: str, model: SegVol, **extra: Any) -> str:

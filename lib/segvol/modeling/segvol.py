@@ -33,6 +33,7 @@ class SegVol(nn.Module):
         self.text_encoder = TextEncoder(config, tokenizer)
         self.checkpoint_id: Optional[str] = None
         self.vocabulary: list = []  # category names a project checkpoint was trained on
+        self.encoder_backend = None  # segvol.accel: a fast encoder (OpenVINO, autocast) used in eval mode
 
     @property
     def device(self) -> torch.device:
@@ -48,6 +49,8 @@ class SegVol(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 1, D, H, W) -> image embedding (B, hidden, gd, gh, gw)."""
+        if self.encoder_backend is not None and not self.training:
+            return self.encoder_backend(image)
         return self.image_encoder(image.to(self.device, self.image_encoder.norm.weight.dtype))
 
     def decode(

@@ -62,8 +62,10 @@ def _fsync_dir(folder: str) -> None:
 
 class SegVolService:
     def __init__(self, weights: str, tokenizer: str = "", device: str = "auto", mode: str = "zoom_out_zoom_in",
-                 cache_mb: int = 2048, vocabulary: Optional[Vocabulary] = None, published: str = ""):
+                 cache_mb: int = 2048, vocabulary: Optional[Vocabulary] = None, published: str = "",
+                 precision: str = "fp32"):
         self.weights = weights
+        self.precision = precision  # image encoder (segvol.accel); "auto": bf16 where native, else fp32
         self.tokenizer = tokenizer or None
         self.device = device
         self.mode = mode
@@ -212,8 +214,13 @@ class SegVolService:
         if tokenizer is None and path in (self.published, self.last_good):
             tokenizer = os.path.dirname(self.weights) if os.path.isfile(self.weights) else self.weights
         model = segvol.load_model(path, device=self.device, tokenizer=tokenizer)
+        if self.precision != "fp32":  # converted once per checkpoint and cached on disk (segvol.accel)
+            from segvol.accel import accelerate, default_server_precision
+
+            accelerate(model, default_server_precision(str(model.device)) if self.precision == "auto" else self.precision)
         self.vocabulary.extend(model.vocabulary)  # names learned by fine-tuning become prompts
-        logger.info("SegVol loaded from %s on %s in %.1f s", path, model.device, time.perf_counter() - started)
+        logger.info("SegVol loaded from %s on %s in %.1f s (image encoder: %s)", path, model.device,
+                    time.perf_counter() - started, getattr(model, "precision_info", {"precision": "fp32"}))
         return SegVolEngine(model, mode=self.mode, cache_mb=self.cache_mb)
 
     # ------------------------------------------------------------------------------------------------------------

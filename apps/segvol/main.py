@@ -25,6 +25,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from segvol.errors import SegVolInputError
+from segvol.modes import DEFAULT_MODE, Mode
 from segvol.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 PROJECT_DIR = os.path.dirname(os.path.dirname(APP_DIR))
 DEFAULT_MODELS_DIR = os.path.join(PROJECT_DIR, "models")
-MODES = ("zoom_out_zoom_in", "zoom_out")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -48,10 +48,8 @@ def _last_train_task(model: str):
 
 class SegVolApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        mode = conf.get("zoom", "zoom_out_zoom_in")
+        mode = Mode.parse(conf.get("zoom", DEFAULT_MODE), "--conf zoom").value  # a ValueError when unknown
         device = conf.get("device", "auto")
-        if mode not in MODES:
-            raise ValueError(f"--conf zoom must be one of {MODES}, got {mode!r}")
         if device not in DEVICES and not device.startswith("cuda:"):
             raise ValueError(f"--conf device must be one of {DEVICES} (or cuda:N), got {device!r}")
         precision = conf.get("precision", "auto").strip().lower()
@@ -178,7 +176,20 @@ class SegVolApp(MONAILabelApp):
         tools = os.path.join(PROJECT_DIR, "deploy", "dcmqi")
         if not shutil.which("itkimage2segimage") and os.path.isdir(tools):
             os.environ["PATH"] = os.pathsep.join([tools, os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-        datastore = super().init_remote_datastore()
+        from lib.dicomweb import SegVolDICOMwebDatastore
+
+        def pacs_labels_arrived(arrived):  # SEGs other viewers stored into the PACS: each counts once (lib.dicomweb)
+            retrain = getattr(self, "retrain", None)
+            if retrain is not None and retrain.enabled:
+                from lib.trainers.retrain import train_pending
+
+                retrain.on_external_labels(arrived, queue=lambda: self.async_training(retrain.model, enqueue=True),
+                                           pending=lambda: train_pending(retrain.model))
+
+        # SEG names kept, the newest SEG of a series wins, SEGs from other viewers counted (server process only)
+        datastore = SegVolDICOMwebDatastore.adopt(super().init_remote_datastore(),
+                                                  os.path.join(self.app_dir, "model", "pacs_segs.json"),
+                                                  pacs_labels_arrived, active=lambda: self._server_mode)
         save_label, status, last = datastore.save_label, datastore.status, {}
 
         def save_label_or_502(image_id, label_filename, label_tag, label_info, label_id=""):
@@ -213,6 +224,12 @@ class SegVolApp(MONAILabelApp):
             meta["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
         # the checkpoint serving, the one wanted, a fallback and the last load error (lib.service.status)
         meta["model_status"] = self.service.status()
+        # the retrain counter (count toward --conf retrain_threshold, total, a queued run), shown without a save
+        retrain = getattr(self, "retrain", None)
+        if retrain is not None:
+            from lib.trainers.retrain import train_pending
+
+            meta["retrain"] = retrain.status(pending=lambda: train_pending(retrain.model))
         # each trainer's stats (dead runs already FAILED there) plus the state of its last task in this server
         for name, stats in (meta.get("train_stats") or {}).items():
             task = _last_train_task(name)

@@ -10,6 +10,10 @@ image without a final label. Datastores without label info count every save.
 When the threshold is reached and no run is already waiting in the queue, one run is queued and the count restarts
 from zero; if a run is already waiting (not yet started), nothing more is queued: that run will read the datastore,
 new labels included, when it starts.
+
+Labels that reach the datastore without a save request (DICOM SEGs another viewer stored into the PACS, noticed by
+``lib.dicomweb``) count once each through ``on_external_labels``; a later non-final save for such an image does not
+count (its final label's info says ``origin: pacs``). ``status()`` is what ``/info`` shows as ``retrain``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 MISSING = object()
@@ -78,26 +82,68 @@ class RetrainCounter:
             state["total"] = int(state.get("total", 0)) + 1
             summary: Dict[str, Any] = {"counted": True, "count": state["count"], "threshold": self.threshold,
                                        "queued": False}
-            if state["count"] >= self.threshold:
-                if pending():
-                    summary["queued"] = False
-                    summary["reason"] = "a training run is already waiting in the queue; it will use these labels"
-                    state["count"] = 0
-                else:
-                    task = queue()
-                    if task:
-                        state["count"] = 0
-                        record = {"id": task.get("id") if isinstance(task, dict) else None, "ts": int(time.time()),
-                                  "labels": state["total"]}
-                        state["queued"] = (state["queued"] + [record])[-50:]
-                        summary.update({"queued": True, "task": record["id"]})
-                        logger.info("retrain threshold %d reached: queued training run %s", self.threshold,
-                                    record["id"])
-                    else:
-                        summary["reason"] = "the train request was not accepted"
-                summary["count"] = state["count"]
+            self._maybe_queue(state, summary, queue, pending)
             self._write(state)
             return {"retrain": summary}
+
+    def _maybe_queue(self, state: Dict[str, Any], summary: Dict[str, Any], queue: Callable[[], Optional[Dict[str, Any]]],
+                     pending: Callable[[], bool]) -> None:
+        """At the threshold: queue one run (or rely on the one waiting) and restart the count."""
+        if state["count"] >= self.threshold:
+            if pending():
+                summary["queued"] = False
+                summary["reason"] = "a training run is already waiting in the queue; it will use these labels"
+                state["count"] = 0
+            else:
+                task = queue()
+                if task:
+                    state["count"] = 0
+                    record = {"id": task.get("id") if isinstance(task, dict) else None, "ts": int(time.time()),
+                              "labels": state["total"]}
+                    state["queued"] = (state["queued"] + [record])[-50:]
+                    summary.update({"queued": True, "task": record["id"]})
+                    logger.info("retrain threshold %d reached: queued training run %s", self.threshold,
+                                record["id"])
+                else:
+                    summary["reason"] = "the train request was not accepted"
+            summary["count"] = state["count"]
+
+    def on_external_labels(self, labels: List[Tuple[str, str]], queue: Callable[[], Optional[Dict[str, Any]]],
+                           pending: Callable[[], bool]) -> Dict[str, Any]:
+        """Final labels that reached the datastore without a save request (``[(image id, source id)]``, e.g. DICOM
+        SEGs another viewer stored into the PACS, ``lib.dicomweb``): each counts once, as a save would."""
+        if not self.enabled or not labels:
+            return {}
+        with self._lock:
+            state = self.read()
+            summary: Dict[str, Any] = {"counted": len(labels), "queued": False, "threshold": self.threshold}
+            for _ in labels:
+                state["count"] = int(state["count"]) + 1
+                state["total"] = int(state.get("total", 0)) + 1
+                state["external"] = int(state.get("external", 0)) + 1
+                if not summary.get("queued"):
+                    self._maybe_queue(state, summary, queue, pending)
+                elif state["count"] >= self.threshold:  # already queued one for this batch: that run reads them
+                    state["count"] = 0
+            summary["count"] = state["count"]
+            self._write(state)
+            return {"retrain": summary}
+
+    def status(self, pending: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
+        """What ``/info`` shows: ``count`` toward ``threshold`` (0: automatic retraining off), ``total`` labels counted
+        (``external`` of them from the PACS), ``queued`` (a run this counter queued is still waiting), ``last_queued``
+        (``{id, ts, labels}`` of the last run it queued)."""
+        state = self.read()
+        runs = state.get("queued") or []
+        waiting = False
+        if pending is not None and runs:
+            try:
+                waiting = bool(pending())
+            except Exception:
+                waiting = False
+        return {"enabled": self.enabled, "count": int(state.get("count", 0)), "threshold": self.threshold,
+                "total": int(state.get("total", 0)), "external": int(state.get("external", 0)), "queued": waiting,
+                "runs_queued": len(runs), "last_queued": runs[-1] if runs else None}
 
 
 def _final_stamp(datastore, label_id: str):
@@ -107,6 +153,8 @@ def _final_stamp(datastore, label_id: str):
     except Exception:  # a datastore without label info: every save counts
         return None
     if not info:
+        return MISSING
+    if info.get("origin") == "pacs":  # converted from a SEG found in the PACS (counted when it was noticed)
         return MISSING
     stamp = info.get("ts")
     return int(stamp) if isinstance(stamp, (int, float)) else None

@@ -25,7 +25,6 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from segvol.errors import SegVolInputError
-from segvol.modes import DEFAULT_MODE, Mode
 from segvol.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -33,6 +32,7 @@ logger = logging.getLogger(__name__)
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 PROJECT_DIR = os.path.dirname(os.path.dirname(APP_DIR))
 DEFAULT_MODELS_DIR = os.path.join(PROJECT_DIR, "models")
+MODES = ("zoom_out_zoom_in", "zoom_out")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -48,8 +48,10 @@ def _last_train_task(model: str):
 
 class SegVolApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        mode = Mode.parse(conf.get("zoom", DEFAULT_MODE), "--conf zoom").value  # a ValueError when unknown
+        mode = conf.get("zoom", "zoom_out_zoom_in")
         device = conf.get("device", "auto")
+        if mode not in MODES:
+            raise ValueError(f"--conf zoom must be one of {MODES}, got {mode!r}")
         if device not in DEVICES and not device.startswith("cuda:"):
             raise ValueError(f"--conf device must be one of {DEVICES} (or cuda:N), got {device!r}")
         precision = conf.get("precision", "auto").strip().lower()

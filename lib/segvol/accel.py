@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -275,8 +276,9 @@ def convert_encoder(encoder: torch.nn.Module, shape: Sequence[int], path_xml: st
         views = [np.ascontiguousarray(v, dtype=np.float32).reshape(shape) for v in calibration]
         tick = time.perf_counter()
         logger.warning("  int8 post-training quantization (NNCF) on %d calibration views", len(views))
-        model = nncf.quantize(model, nncf.Dataset(views), subset_size=len(views),
-                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED)
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for results (JSON lines)
+            model = nncf.quantize(model, nncf.Dataset(views), subset_size=len(views),
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED)
         logger.warning("  quantized in %.1f s", time.perf_counter() - tick)
     tmp = tempfile.mkdtemp(prefix=f".{stem}.", dir=folder)
     try:

@@ -12,6 +12,11 @@ memory. Each measurement runs in its own child process (so its peak RSS is its o
 * ``d_ours_multi``: one ``segment`` call with ``--categories`` names (text only) on a cold engine, against
   ``a_reference_multi``: the reference algorithm run for each of those names (text only), one after the other.
   ``--reference-categories K < N`` times only the first K names and scales to N (flagged in the output).
+* ``e_preview``: with ``--precisions`` (e.g. ``fp32,bf16,int8``), per precision in its own process: the whole
+  zoom-out preview of ``PREVIEW_NAMES`` (21 organs) from the file on disk (read, preprocess, encode, decode, write
+  the label), after one warm-up call on another image, plus the liver with its box; seconds, ratio to fp32, peak RSS
+  and the Dice of each organ's final mask against fp32's (text-only: 21 organs; text + box: the liver).
+  ``--skip a b d`` leaves the other variants out (``--skip a b d --precisions fp32,bf16,int8``: the preview only).
 """
 from __future__ import annotations
 
@@ -34,7 +39,18 @@ NAMES = ["liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas"
          "colon", "urinary_bladder", "esophagus", "duodenum"]
 
 
+PREVIEW_NAMES = ["liver", "spleen", "kidney right", "kidney left", "stomach", "pancreas", "gallbladder", "aorta",
+                 "colon", "urinary bladder", "esophagus", "duodenum", "inferior vena cava", "adrenal gland right",
+                 "adrenal gland left", "small bowel", "lung upper lobe left", "heart", "portal vein and splenic vein",
+                 "sacrum", "prostate or uterus"]
+
+
 def add_arguments(parser) -> None:
+    parser.add_argument("--precisions", default="",
+                        help="e_preview: comma-separated precisions (fp32 first), e.g. fp32,bf16,int8")
+    parser.add_argument("--cache-dir", default=None, help="converted-model cache (default ~/.cache/segvol/openvino)")
+    parser.add_argument("--calibration", nargs="*", default=None,
+                        help="CT files for int8 calibration (default: the ibsi-sts-dev CTs)")
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 200], help="CT shape (stored order)")
     parser.add_argument("--categories", type=int, default=10, help="names in the multi-category call (d)")
     parser.add_argument("--reference-categories", type=int, default=0,
@@ -249,6 +265,69 @@ def _run_ours_multi(ct: dict, names, threads: int) -> dict:
     return out
 
 
+def _run_preview(ct: dict, names, precision: str, cache_dir, calibration, threads: int, output: str) -> dict:
+    import numpy as np
+
+    from segvol import accel
+    from segvol.engine import SegVolEngine
+    from segvol.io import write_label
+
+    model = _model(threads)
+    start = time.perf_counter()
+    backend = accel.accelerate(model, precision, cache_dir=cache_dir,
+                               calibration=calibration if precision == "int8" else None)
+    prepare = time.perf_counter() - start
+    engine = SegVolEngine(model, mode="zoom_out")
+    engine.segment(str(EXAMPLE / "example_ct_sm.nii.gz"), texts=["liver"])  # warm-up (first inference, threads)
+    model.text_encoder.clear_cache()
+    folder = os.path.dirname(output)
+    start = time.perf_counter()
+    result = engine.segment(ct["path"], texts=list(names))  # read + preprocess + encode + decode (cold caches)
+    write_label(os.path.join(folder, f"preview_{precision}.nii.gz"), result.label, result.affine, result.header)
+    seconds = time.perf_counter() - start
+    boxed = engine.segment(ct["path"], texts=["liver"], box=ct["box"])
+    np.savez_compressed(output, text=result.label, box=boxed.label)
+    return {"seconds": round(seconds, 2), "stage_seconds": result.stats["seconds"],
+            "encoder_forwards": result.stats["encoder_forwards"], "prepare_seconds": round(prepare, 1),
+            "categories": len(names), **backend.describe()}
+
+
+def _preview(args, ct: dict, folder: str) -> dict:
+    import numpy as np
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    precisions = ["fp32"] + [p for p in precisions if p != "fp32"]
+    calibration = args.calibration or sorted(str(p) for p in (SHARED / "data" / "ibsi-sts-dev").glob("*_image.nii.gz"))
+    table, outputs = {}, {}
+    for precision in precisions:
+        outputs[precision] = os.path.join(folder, f"preview_{precision}.npz")
+        try:
+            table[precision] = in_child(_run_preview, ct=ct, names=PREVIEW_NAMES, precision=precision,
+                                        cache_dir=args.cache_dir, calibration=calibration, threads=args.threads,
+                                        output=outputs[precision])
+        except RuntimeError as error:
+            table[precision] = {"error": str(error)}
+    reference = np.load(outputs["fp32"]) if "error" not in table["fp32"] else None
+    for precision in precisions:
+        row = table[precision]
+        if "error" in row or reference is None:
+            continue
+        row["time_ratio_vs_fp32"] = round(row["seconds"] / table["fp32"]["seconds"], 3)
+        ours = np.load(outputs[precision])
+        dice = {}
+        for value, name in enumerate(PREVIEW_NAMES, start=1):
+            a, b = ours["text"] == value, reference["text"] == value
+            total = int(a.sum() + b.sum())
+            dice[name] = 1.0 if total == 0 else round(2 * int((a & b).sum()) / total, 5)
+        row["mask_dice_vs_fp32_text"] = {"mean": round(sum(dice.values()) / len(dice), 5),
+                                         "min": min(dice.values()), "per_organ": dice}
+        a, b = ours["box"] == 1, reference["box"] == 1
+        total = int(a.sum() + b.sum())
+        row["mask_dice_vs_fp32_text+box"] = 1.0 if total == 0 else round(2 * int((a & b).sum()) / total, 5)
+        row["under_4s"] = row["seconds"] < 4.0
+    return table
+
+
 def run(args) -> dict:
     import torch
 
@@ -278,6 +357,10 @@ def run(args) -> dict:
                 reference["windows"] = int(round(reference["windows"] * factor))
                 reference["categories"] = len(names)
             result["a_reference_multi"] = reference
+        if args.precisions:
+            result["load_average_before_e"] = list(os.getloadavg())
+            result["e_preview"] = _preview(args, ct, folder)
+            result["load_average_after_e"] = list(os.getloadavg())
     result["goals"] = _goals(result)
     return result
 

@@ -37,6 +37,14 @@ TTL = 1  # MONAI_LABEL_DICOMWEB_CACHE_EXPIRY of the server under test (seconds)
 def _missing():
     if not CT_DIR.is_dir():
         return f"sample CT not available: {CT_DIR} is missing (tests read it from ../shared)"
+    try:
+        import pydicom_seg  # noqa: F401  (a MONAI Label dependency)
+    except ImportError:
+        return "pydicom-seg (the DICOM SEG writer used here) is not installed"
+    return None
+
+
+def _missing_orthanc():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import orthanc
@@ -47,10 +55,6 @@ def _missing():
         return f"{error} (bash scripts/install_system_deps.sh installs it)"
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    try:
-        import pydicom_seg  # noqa: F401  (a MONAI Label dependency)
-    except ImportError:
-        return "pydicom-seg (the DICOM SEG writer used here) is not installed"
     return None
 
 
@@ -69,6 +73,9 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
+    reason = _missing_orthanc()
+    if reason:
+        pytest.skip(reason)
     sys.path.insert(0, str(ROOT / "scripts"))
     import orthanc as cli
 
@@ -266,10 +273,82 @@ def _cases(orthanc, cache):
             observer.stop()
 
 
+def _dicomweb():
+    sys.path.insert(0, str(APP))
+    try:
+        import lib.dicomweb as module
+    finally:
+        sys.path.remove(str(APP))
+    return module
+
+
 # ------------------------------------------------------------------------------------------------------------- tests
 NOW = dt.datetime.now()
 FIRST = {3: "liver", 7: "spleen"}
 SECOND = {2: "aorta", 9: "gallbladder"}
+
+
+def test_conversion_places_frames_by_source_image_and_reads_fractional_segs(ct, tmp_path):
+    """Frames without a plane position are placed by the CT slice they derive from; FRACTIONAL SEGs are thresholded
+    at half their maximum; names fall back to SegmentDescription, then the property type's meaning."""
+    import SimpleITK as sitk
+
+    dicomweb = _dicomweb()
+    image, headers = ct
+    mask = _mask(image, {3: (10, 14, 200, 240, 150, 200), 7: (20, 22, 300, 320, 300, 330)})
+    ds = _write_seg(ct, mask, FIRST, NOW, "Derived frames", crop=False)  # full frames: the source slice places them
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        del frame.PlanePositionSequence
+    del ds.SegmentSequence[0].SegmentLabel  # segment 3: named by its description
+    ds.SegmentSequence[1].SegmentLabel = ""  # segment 7: named by its description too
+    path = tmp_path / "derived.dcm"
+    ds.save_as(str(path))
+    by_sop = {str(h.SOPInstanceUID): h for h in headers}
+    label, info, notes = dicomweb.seg_to_label([str(path)], image, by_sop.get)
+    assert np.array_equal(sitk.GetArrayFromImage(label), mask) and notes["outside_voxels"] == 0
+    assert {i["idx"]: i["name"] for i in info} == {3: "liver (other workstation)", 7: "spleen (other workstation)"}
+    with pytest.raises(ValueError, match="no plane position"):
+        dicomweb.seg_to_label([str(path)], image, None)
+
+    # the same voxels as a FRACTIONAL SEG (values 0..255, kept above half)
+    fractional = _write_seg(ct, mask, FIRST, NOW, "Fractional", crop=False)
+    frames = fractional.pixel_array.astype(np.uint8) * 200
+    frames[:, 0, 0] = 100  # under half of MaximumFractionalValue: not part of the segment
+    fractional.SegmentationType, fractional.MaximumFractionalValue = "FRACTIONAL", 255
+    fractional.SegmentationFractionalType = "PROBABILITY"
+    fractional.BitsAllocated = fractional.BitsStored = 8
+    fractional.HighBit = 7
+    fractional.PixelData = frames.tobytes()
+    path = tmp_path / "fractional.dcm"
+    fractional.save_as(str(path))
+    label, info, _ = dicomweb.seg_to_label([str(path)], image)
+    assert np.array_equal(sitk.GetArrayFromImage(label), mask)
+    assert {i["idx"]: i["name"] for i in info} == FIRST
+
+
+def test_record_starts_from_what_is_there_and_counts_each_new_seg_once(tmp_path):
+    dicomweb = _dicomweb()
+    record = dicomweb.SegRecord(str(tmp_path / "model" / "pacs_segs.json"), "http://pacs/dicom-web")
+    record.mark_saved("put-1", "ct-a")  # a PUT before the first listing: the baseline still happens
+    assert record.notice({"old-1": "ct-a", "put-1": "ct-a"}, ["put-1"]) == []  # first listing: the starting point
+    assert record.notice({"old-1": "ct-a", "put-1": "ct-a", "new-1": "ct-a", "late-old": "ct-b", "new-2": "ct-b"},
+                         ["new-1", "new-2"]) == [("ct-a", "new-1"), ("ct-b", "new-2")]
+    assert record.notice({"new-1": "ct-a", "new-2": "ct-b"}, ["new-1", "new-2"]) == []  # listed again: nothing
+    record.mark_saved("put-2", "ct-a")
+    assert record.notice({"put-2": "ct-a"}, ["put-2"]) == []  # our own save: counted by the save, not here
+    how = {uid: item["how"] for uid, item in record.section()["segs"].items()}
+    assert how == {"put-1": "saved", "old-1": "baseline", "new-1": "counted", "late-old": "superseded",
+                   "new-2": "counted", "put-2": "saved"}
+    other = dicomweb.SegRecord(record.path, "http://other/dicom-web")  # another DICOMweb root: its own section
+    assert other.notice({"new-1": "ct-a"}, ["new-1"]) == []
+    assert not list(tmp_path.glob("model/*.tmp"))
+
+
+def test_dicom_stamps_order_dates_and_times():
+    dicomweb = _dicomweb()
+    assert dicomweb.dicom_stamp("20240102", "030405.25") - dicomweb.dicom_stamp("20240102", "0304") == 5.25
+    assert dicomweb.dicom_stamp("20240102", "") < dicomweb.dicom_stamp("20240102", "000001")
+    assert dicomweb.dicom_stamp("", "120000") is None and dicomweb.dicom_stamp("2024", "") is None
 
 
 def test_a_seg_from_another_writer_becomes_a_named_label_and_counts_once(server, orthanc, ct, tmp_path):

@@ -483,6 +483,10 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
         status = reopened["status"]
         assert status["model"].startswith("Model:") and "checkpoint" in status["model"]
         assert status["training"].startswith("Training:") and status["retrain"].startswith("Retrain counter:")
+        retrain = again.info().get("retrain")
+        if retrain:  # the counter comes from /info (no save in this session): the labels saved before count
+            assert retrain["threshold"] == 1000 and retrain["total"] >= 1
+            assert "/1000 labels toward the next training run" in status["retrain"]
         assert status["datastore"].startswith("Labelled ") and status["datastore"].endswith("/2 images")
         # the saved label, read back by OHIF from the PACS, holds what the annotator saved
         saved = annotate["save to SegVol Label (one button)"]

@@ -107,7 +107,8 @@ def seg_to_label(seg_files: Sequence[str], reference, source_geometry: Optional[
     ``reference`` is the image (a SimpleITK image or a file) whose grid the label takes. Each frame is placed by its
     plane position (PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence; the frame may be cropped
     in-plane), or, when it has none, by its source image (``source_geometry(sop_uid)`` -> a pydicom dataset with
-    ImagePositionPatient, ImageOrientationPatient and PixelSpacing). Voxel values are the segment numbers (where
+    ImagePositionPatient, ImageOrientationPatient and PixelSpacing; such a frame is taken to cover its whole source
+    image, as DICOM requires of frames without a position). Voxel values are the segment numbers (where
     segments overlap, the higher number is kept; ``notes["overlap_voxels"]`` counts them)."""
     import pydicom
     import SimpleITK as sitk

@@ -299,7 +299,9 @@ const state = {
   lastSave: null,
   produced: {}, // segment name -> {prompts, latency}
   dirty: false,
-  retrain: null,
+  retrain: null, // the last save's retrain answer
+  retrainAt: 0,
+  infoAt: 0,
   root: null,
   timer: null,
   listening: false,
@@ -315,6 +317,7 @@ async function loadInfo() {
     const response = await fetch(serverURL('info/'), { headers: { accept: 'application/json' } });
     if (!response.ok) throw new Error(`HTTP ${response.status}: ${await readError(response)}`);
     state.info = await response.json();
+    state.infoAt = Date.now();
     state.infoError = null;
     const names = new Set(Array.isArray(state.info.labels) ? state.info.labels : Object.keys(state.info.labels || {}));
     const model = state.info.models && state.info.models.segvol;
@@ -505,6 +508,7 @@ async function saveLabel() {
     if (!response.ok) throw new Error(`Not saved (HTTP ${response.status}): ${await readError(response)}. The labelmap is still here: save again.`);
     const body = await response.json();
     state.retrain = body.retrain || state.retrain;
+    state.retrainAt = Date.now();
     state.lastSave = { names: labelInfo.map(l => l.name), image: body.image, at: new Date().toLocaleTimeString(), retrain: body.retrain || null };
     state.dirty = false;
     const counter = body.retrain && body.retrain.threshold ? ` Retrain counter ${body.retrain.count}/${body.retrain.threshold}.` : '';
@@ -603,10 +607,24 @@ function modelStatusSection() {
     rows.push(el('div', { class: 'segvol-muted', 'data-segvol': 'datastore',
       text: `Labelled ${ds.completed || 0}/${ds.total || 0} images` }));
   }
-  const retrain = state.retrain;
-  rows.push(el('div', { 'data-segvol': 'retrain' }, el('b', { text: 'Retrain counter: ' }),
-    retrain && retrain.threshold ? `${retrain.count}/${retrain.threshold} saved labels${retrain.queued ? ' (training queued)' : ''}`
-      : retrain ? `${retrain.count} saved labels (automatic retraining off)` : 'shown after the next save'));
+  // the counter as /info reports it (the server's, so labels other viewers stored into the PACS are in it too); the
+  // last save's answer until the next /info
+  const fromInfo = info && info.retrain;
+  const retrain = fromInfo && state.retrain && state.retrainAt > state.infoAt ? { ...fromInfo, ...state.retrain }
+    : fromInfo || state.retrain;
+  let retrainText = 'not reported by this server';
+  if (retrain && retrain.threshold) {
+    retrainText = `${retrain.count}/${retrain.threshold} labels toward the next training run`;
+    if (retrain.queued) retrainText += ' (a training run is queued)';
+  } else if (retrain) {
+    retrainText = 'automatic retraining off (--conf retrain_threshold)';
+  }
+  const retrainDetail = retrain && typeof retrain.total === 'number'
+    ? `${retrain.total} label(s) counted in all${retrain.external ? `, ${retrain.external} stored into the PACS by other viewers` : ''}` +
+      (retrain.last_queued && retrain.last_queued.ts ? ` · last run queued ${new Date(retrain.last_queued.ts * 1000).toLocaleString()}` : '')
+    : '';
+  rows.push(el('div', { 'data-segvol': 'retrain' }, el('b', { text: 'Retrain counter: ' }), retrainText,
+    retrainDetail ? el('div', { class: 'segvol-muted', 'data-segvol': 'retrain-detail', text: retrainDetail }) : null));
   return el('section', { 'data-segvol': 'status' }, el('h3', { text: 'Model status' }), rows,
     el('button', { onClick: () => loadInfo(), title: 'Read /info again' }, 'Refresh'));
 }

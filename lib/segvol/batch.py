@@ -24,9 +24,10 @@ import time
 import uuid
 from typing import Any, Dict, Iterator, List, Optional
 
+from .io import PARTIAL_DIR, atomic_output
+
 logger = logging.getLogger("segvol.batch")
 
-PARTIAL_DIR = ".partial"  # the folder pseudo_labels.py writes its temp files to, beside the outputs
 _ENGINES: Dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -64,26 +65,7 @@ def _engine(options: Dict[str, Any]):
 def atomic_write_label(target: str, label, affine, header=None) -> None:
     from .io import write_label
 
-    folder = os.path.dirname(os.path.abspath(target))
-    partial = os.path.join(folder, PARTIAL_DIR)
-    os.makedirs(partial, exist_ok=True)
-    tmp = os.path.join(partial, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(target)}")
-    try:
-        write_label(tmp, label, affine, header)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_label(target, label, affine, header, atomic=True)
 
 
 def write_probability(label_path: str, name: str, probability, affine) -> str:
@@ -94,15 +76,8 @@ def write_probability(label_path: str, name: str, probability, affine) -> str:
     stem = label_path[:-7] if label_path.endswith(".nii.gz") else os.path.splitext(label_path)[0]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     target = f"{stem}_prob_{safe}.nii.gz"
-    partial = os.path.join(os.path.dirname(os.path.abspath(target)), PARTIAL_DIR)
-    os.makedirs(partial, exist_ok=True)
-    tmp = os.path.join(partial, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(target)}")
-    try:
+    with atomic_output(target, temp_dir=os.path.join(os.path.dirname(os.path.abspath(target)), PARTIAL_DIR)) as tmp:
         nib.save(nib.Nifti1Image(np.asarray(probability, dtype=np.float32), affine), tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return target
 
 
@@ -233,6 +208,9 @@ def _run_dask(jobs, options, scheduler, workers, retries, bar) -> Iterator[Dict[
     finally:
         for future in futures:
             future.cancel()
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        try:  # every result is in: a slow shutdown (a loaded machine) must not fail the run
+            client.close(timeout=60)
+            if cluster is not None:
+                cluster.close(timeout=60)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("dask shutdown: %s: %s", type(error).__name__, error)

@@ -39,6 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from segvol.modes import DEFAULT_MODE, MODES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="SegVol weights (official or project format, or folder)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: beside the checkpoint)")
@@ -67,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="inclusive voxel box in the stored array's indices")
     parser.add_argument("--point", nargs=4, action="append", metavar=("I", "J", "K", "SIGN"), default=[],
                         help="a click: voxel indices and + (positive) or - (negative); repeatable")
-    parser.add_argument("--mode", choices=["zoom_out", "zoom_out_zoom_in"], default="zoom_out_zoom_in")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE.value)
     parser.add_argument("--overlap", type=float, default=0.5, help="zoom-in window overlap")
     parser.add_argument("--no-reorient", action="store_true",
                         help="feed the stored array order (the reference demo) instead of reorienting to RAS")

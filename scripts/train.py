@@ -45,6 +45,7 @@ def parse_slice(text):
 
 def build_parser() -> argparse.ArgumentParser:
     from segvol.training.trainer import DEFAULT_FREEZE, FREEZABLE, TrainOptions
+    from segvol.modes import MODES
 
     defaults = TrainOptions(output_dir="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = parser.add_argument_group("validation")
     val.add_argument("--val-every", type=int, default=defaults.val_every)
     val.add_argument("--val-prompt", default=defaults.val_prompt, choices=("text", "text+box", "box"))
-    val.add_argument("--val-mode", default=defaults.val_mode, choices=("zoom_out", "zoom_out_zoom_in"))
+    val.add_argument("--val-mode", default=defaults.val_mode, choices=MODES)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -1,4 +1,7 @@
-"""Zoom-in planning: the region of interest, the sliding-window grid over it, and the blending weight.
+"""Zoom-in planning: what the zoom-out pass found per category (``CategoryPlan``, its foreground packed 8 voxels a
+byte), the region of interest around it and the prompts, the sliding-window grid over that region (``Grid``, chosen
+among the fresh one and a session's earlier grids by ``plan_zoom_in``), which windows each category runs in, the
+prompts each window gets (``window_prompts``), and the Gaussian blending weight of a window.
 
 All coordinates are in the native frame (see ``segvol.frames``); boxes are inclusive ``[a0, a1, a2, b0, b1, b2]``,
 ROIs are half-open ``(start, stop)`` triples.
@@ -7,12 +10,16 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from .frames import Triple, Window, as_box
+from .frames import Triple, Window, as_box, bounding_box
+
+if TYPE_CHECKING:
+    from .prompts import NativePrompts
 
 
 def union_box(boxes: Iterable[Optional[np.ndarray]]) -> Optional[np.ndarray]:
@@ -127,3 +134,123 @@ def gaussian_weight(window: Window, sigma_scale: float = 0.125, floor: float = 1
     parts = [np.maximum(_axis_gaussian(int(s), float(sigma_scale))[sl], floor)
              for s, sl in zip(window.size, window.window_slices)]
     return parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :]
+
+
+class PackedMask:
+    """A 3-D boolean mask stored 8 voxels per byte (a category's zoom-out foreground can span the whole CT)."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape = tuple(mask.shape)
+        self.bits = np.packbits(mask, axis=-1)
+
+    def region(self, low, high) -> np.ndarray:
+        """The mask on ``[low, high)`` (per axis) as a bool array."""
+        (d0, h0, w0), (d1, h1, w1) = [int(v) for v in low], [int(v) for v in high]
+        packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8]
+        return np.unpackbits(packed, axis=-1)[..., w0 % 8:w0 % 8 + (w1 - w0)].astype(bool)
+
+
+@dataclass
+class CategoryPlan:
+    """Zoom-out outcome of one category: its logits in the zoom frame and its foreground at native resolution."""
+
+    name: str
+    value: int
+    zoom_logits: torch.Tensor  # (Z0, Z1, Z2) on the model device
+    support: Optional[np.ndarray] = None  # native box where zoom-out logits can be > 0
+    foreground: Optional[PackedMask] = None  # over ``support``
+    foreground_box: Optional[np.ndarray] = None  # tight native box of the zoom-out foreground
+    windows: List[int] = field(default_factory=list)  # indices into ZoomInPlan.windows
+
+    def _overlap(self, window: Window):
+        """(low, high) native corners of the window's part inside ``support``, or None."""
+        low = np.maximum(np.asarray(window.start), self.support[:3])
+        high = np.minimum(np.asarray(window.stop), self.support[3:] + 1)
+        return None if np.any(high <= low) else (low, high)
+
+    def has_foreground(self, window: Window) -> bool:
+        if self.foreground_box is None or window.box_to_window(self.foreground_box) is None:
+            return False
+        low, high = self._overlap(window)
+        return bool(self.foreground.region(low - self.support[:3], high - self.support[:3]).any())
+
+    def foreground_in(self, window: Window) -> Optional[np.ndarray]:
+        """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
+        if not self.has_foreground(window):
+            return None
+        low, high = self._overlap(window)
+        part = self.foreground.region(low - self.support[:3], high - self.support[:3])
+        out = np.zeros(window.valid_shape, dtype=bool)
+        out[tuple(slice(a - w, b - w) for a, b, w in zip(low, high, window.start))] = part
+        return out
+
+
+@dataclass
+class ZoomInPlan:
+    """Where zoom-in work happens: the core ROI (foreground united with prompts), the grown ROI and the grid."""
+
+    core: Optional[np.ndarray] = None
+    roi: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None
+    grid: Optional[Grid] = None
+    windows: List[Window] = field(default_factory=list)  # every window of the grid
+    used: List[int] = field(default_factory=list)  # indices of the windows run for at least one category
+    reused_grid: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return len(self.windows) - len(self.used)
+
+
+def active_windows(plan: CategoryPlan, windows: List[Window], prompts: "NativePrompts") -> List[int]:
+    """Windows that hold this category's zoom-out foreground or a user prompt (box or positive point)."""
+    active = []
+    for index, window in enumerate(windows):
+        if prompts.box is not None and window.box_to_window(prompts.box) is not None:
+            active.append(index)
+        elif len(prompts.positive) and window.contains(prompts.positive).any():
+            active.append(index)
+        elif plan.has_foreground(window):
+            active.append(index)
+    return active
+
+
+def plan_zoom_in(plans: List[CategoryPlan], prompts: "NativePrompts", shape: Sequence[int],
+                 window_size: Sequence[int], margin: Sequence[int], overlap: float, earlier: Sequence[Grid] = (),
+                 cached: Callable[[Window], bool] = lambda window: False) -> ZoomInPlan:
+    """The zoom-in plan: the core ROI, grown by ``margin``; the grid over it, or one of the ``earlier`` grids when it
+    covers the core and needs fewer uncached encoder forwards (``cached``); each category's windows
+    (``plan.windows`` is set)."""
+    core = union_box([p.foreground_box for p in plans] + [prompts.extent])
+    if core is None:
+        return ZoomInPlan()
+    roi = grow_roi(core, shape, window_size, margin, overlap)
+    candidates = [(grid, True) for grid in earlier if grid.covers(core)]
+    candidates.append((Grid.over(roi, shape, window_size, overlap), False))
+    best = None
+    for grid, reused in candidates:
+        windows = grid.windows()
+        active = [active_windows(plan, windows, prompts) for plan in plans]
+        used = sorted(set().union(*active))
+        cost = (sum(not cached(windows[i]) for i in used), len(used))
+        if best is None or cost < best[0]:
+            best = (cost, grid, reused, windows, active, used)
+    _, grid, reused, windows, active, used = best
+    for plan, indices in zip(plans, active):
+        plan.windows = indices
+    return ZoomInPlan(core=core, roi=roi, grid=grid, windows=windows, used=used, reused_grid=reused)
+
+
+def window_prompts(plan: CategoryPlan, window: Window, prompts: "NativePrompts"):
+    """(box in window coordinates or None, (coords, labels) or None) for one category in one window: the user's box
+    clipped to the window, else the tight box of the zoom-out foreground in it; every point inside the window."""
+    box = window.box_to_window(prompts.box) if prompts.box is not None else None
+    if box is None:
+        foreground = plan.foreground_in(window)
+        if foreground is not None:
+            box = bounding_box(foreground) + np.tile(np.asarray(window.pad_before), 2)
+    points = None
+    if len(prompts.points):
+        inside = window.contains(prompts.points)
+        if inside.any():
+            points = (window.points_to_window(prompts.points[inside]), prompts.labels[inside])
+    return box, points

@@ -30,13 +30,15 @@ MAX_REQUESTS_PER_CLIENT = 100_000
 
 
 def add_arguments(parser) -> None:
+    from segvol.modes import MODES
+
     parser.add_argument("--url", default="", help="a running server on loopback (default: start one)")
     parser.add_argument("--image", default="example_ct_sm", help="datastore image id to use")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--mix", default="infer=1,info=4,save=1", help="endpoint weights")
-    parser.add_argument("--zoom", default="zoom_out", choices=["zoom_out", "zoom_out_zoom_in"])
+    parser.add_argument("--zoom", default="zoom_out", choices=MODES)
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -1,0 +1,345 @@
+"""One image under segmentation: ``ImageSession`` (from ``SegVolEngine.open``) holds the prepared image, its zoom-out
+embedding, the zoom-in grids it used and its blending states, and runs one request per ``segment`` call: validate and
+map the prompts, zoom-out (encode once, decode every category), plan the zoom-in windows, encode and decode them in
+blocks (``DecodeRequest``s batched by prompt structure), blend (``segvol.merger``) and map the label back. Window
+embeddings and decoder outputs are content-keyed caches of the engine, shared by every session of the same image;
+the session's blending states live in the engine's byte-bounded pool under the session's own key.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Hashable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import BadPromptError, BadRequestError
+from .frames import bounding_box
+from .merger import BlendState, WindowMerger, merge_categories
+from .modes import Mode
+from .prompts import OBJECT_LABEL, NativePrompts, Prompts, to_native
+from .windows import CategoryPlan, Grid, PackedMask, ZoomInPlan, plan_zoom_in, window_prompts
+
+logger = logging.getLogger("segvol.engine")  # the engine's logger: scripts quieten per-window progress through it
+_TOKENS = itertools.count()
+Outputs = Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]  # (window index, category) -> (cache key, logits)
+
+
+@dataclass
+class SegmentationResult:
+    """``label``: the original array's shape (uint8, uint16 past 255 labels), 0 = background; ``labels``: name ->
+    value; ``probabilities``: name -> float32 map on the original grid (when asked); ``stats``: timings and counts."""
+
+    label: np.ndarray
+    affine: Optional[np.ndarray]
+    labels: Dict[str, int]
+    probabilities: Optional[Dict[str, np.ndarray]] = None
+    stats: Dict[str, Any] = field(default_factory=dict)
+    plan: Optional[ZoomInPlan] = None
+    header: Any = None  # the input NIfTI header, for writing the label next to it
+
+
+@dataclass
+class DecodeRequest:
+    """One prompt set to decode against one zoom-in window: the window's index in the plan, the category, the
+    window-frame box and points, the decoder-cache key of the result and the window's embedding."""
+
+    window: int
+    plan: CategoryPlan
+    box: Optional[np.ndarray]
+    points: Optional[Tuple[np.ndarray, np.ndarray]]
+    key: Hashable
+    embedding: Optional[torch.Tensor] = None
+
+    @property
+    def structure(self) -> Tuple[bool, int]:
+        """(has a box, number of points): requests of one structure are decoded in one batch."""
+        return self.box is not None, 0 if self.points is None else len(self.points[1])
+
+
+class _Clock:
+    """``with clock("stage"):`` adds the stage's wall seconds to a dict."""
+
+    def __init__(self, seconds: Dict[str, float]):
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class ImageSession:
+    """Requests on one image; see the module docstring. ``segment`` calls are serialised by the engine's lock.
+
+    With the engine's ``reuse_windows`` (default), a request keeps an earlier grid of this session when it covers the
+    new ROI and needs fewer encoder forwards, and re-blends only the windows whose prompts changed; otherwise every
+    request plans and blends from scratch. Either way a session's results never depend on other sessions.
+    """
+
+    def __init__(self, engine, prepared, original: Dict[str, Any], preprocess_seconds: float = 0.0):
+        self.engine = engine
+        self.prepared = prepared
+        self.affine, self.header, self.source = original["affine"], original["header"], original["source"]
+        self.zoom_out_embedding: Optional[torch.Tensor] = None  # encoded by the first request
+        self.grids: List[Grid] = []  # zoom-in grids used, newest first
+        self.token = next(_TOKENS)
+        self._preprocess_seconds = preprocess_seconds  # reported by the first request
+        self._blend_names: set = set()
+
+    @property
+    def key(self) -> str:
+        """The content key of the prepared image."""
+        return self.prepared.key
+
+    def __enter__(self) -> "ImageSession":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop this session's blending states from the engine's pool (the content-keyed caches stay)."""
+        for name in self._blend_names:
+            self.engine.blends.pop((self.token, name))
+        self._blend_names.clear()
+
+    def segment(self, prompts: Optional[Prompts] = None, *, texts=None, box=None, points=None,
+                mode: Optional[str] = None, return_probabilities: bool = False):
+        """Segment ``prompts`` (a ``segvol.prompts.Prompts``), or the ``texts``/``box``/``points`` keywords (see
+        ``SegVolEngine.segment``). -> ``SegmentationResult``."""
+        mode = Mode.parse(mode or self.engine.mode)
+        if prompts is None:
+            prompts = Prompts(texts=texts, points=points, box=box)
+        elif texts is not None or box is not None or points is not None:
+            raise BadRequestError("give either a Prompts object or texts/box/points, not both")
+        with self.engine._lock, torch.inference_mode():
+            return self._segment(prompts, mode, return_probabilities)
+
+    def _segment(self, prompts: Prompts, mode: Mode, return_probabilities: bool):
+        prepared = self.prepared
+        counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoded_prompts": 0, "decoder_cache_hits": 0,
+                    "embedding_cache_hits": 0}
+        seconds: Dict[str, float] = {"preprocess": self._preprocess_seconds}
+        self._preprocess_seconds = 0.0
+        clock = _Clock(seconds)
+        native = to_native(prompts, prepared.frames)
+        if not prompts.texts and not native.any():
+            if native.dropped:
+                raise BadPromptError("every box and point lies outside the body (the region above the minimum "
+                                     "intensity): nothing there to segment")
+            raise BadRequestError("nothing to segment: give at least one text, a box or a point")
+        with_text = bool(prompts.texts)
+        plans = self._zoom_out(list(prompts.texts) or [OBJECT_LABEL], with_text, native, clock, counters)
+        zoom_in = ZoomInPlan()
+        window_logits: Outputs = {}
+        if mode is Mode.ZOOM_OUT_ZOOM_IN:
+            with clock("plan"):
+                zoom_in = self._plan(plans, native)
+            window_logits = self._zoom_in(plans, native, zoom_in, with_text, seconds, counters)
+        with clock("blend"):
+            states = {plan.name: self._blend(plan, zoom_in, window_logits) for plan in plans}
+            label_native, probabilities = merge_categories(prepared.frames, plans, states, return_probabilities)
+        with clock("output"):
+            label = prepared.frames.native_to_original_array(label_native)
+            if probabilities is not None:
+                probabilities = {name: prepared.frames.native_to_original_array(p)
+                                 for name, p in probabilities.items()}
+        seconds["total"] = sum(seconds.values())
+        stats = {
+            "mode": mode.value,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            **counters,
+            "windows": {"grid": len(zoom_in.windows), "used": len(zoom_in.used), "skipped": zoom_in.skipped,
+                        "reused_grid": zoom_in.reused_grid, "per_label": {p.name: len(p.windows) for p in plans}},
+            "prompts_dropped": native.dropped,
+            "native_shape": list(prepared.frames.native_shape),
+        }
+        return SegmentationResult(label=label, affine=self.affine, labels={p.name: p.value for p in plans},
+                                  probabilities=probabilities, stats=stats, plan=zoom_in, header=self.header)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # zoom-out
+    # ---------------------------------------------------------------------------------------------------------------
+    def _zoom_out(self, categories: List[str], with_text: bool, prompts: NativePrompts, clock: _Clock,
+                  counters: Dict[str, int]) -> List[CategoryPlan]:
+        """Encode the zoom-out view (once per session), decode every category, and find each one's foreground."""
+        with clock("zoom_out_encode"):
+            if self.zoom_out_embedding is None:
+                self.zoom_out_embedding = self.engine.embedding(self.prepared, "zoom_out", self.prepared.zoom_out,
+                                                                counters)
+            else:
+                counters["embedding_cache_hits"] += 1
+        with clock("zoom_out_decode"):
+            return self._zoom_out_decode(categories, with_text, prompts, counters)
+
+    def _zoom_out_decode(self, categories: List[str], with_text: bool, prompts: NativePrompts,
+                         counters: Dict[str, int]) -> List[CategoryPlan]:
+        engine, frames = self.engine, self.prepared.frames
+        count, step, device = len(categories), engine.decode_batch, engine.model.device
+        text = engine.model.encode_text(categories) if with_text else None
+        boxes = None
+        if prompts.box is not None:
+            boxes = torch.as_tensor(frames.native_to_zoom_box(prompts.box), dtype=torch.float32,
+                                    device=device).reshape(1, 6).expand(count, 6)
+        point_prompt = None
+        if len(prompts.points):
+            coords = torch.as_tensor(frames.native_to_zoom_points(prompts.points), dtype=torch.float32, device=device)
+            labels = torch.as_tensor(prompts.labels, dtype=torch.float32, device=device)
+            point_prompt = (coords[None].expand(count, -1, -1), labels[None].expand(count, -1))
+        low_res = torch.cat([
+            engine.decode(self.zoom_out_embedding, None if text is None else text[i:i + step],
+                          None if boxes is None else boxes[i:i + step],
+                          None if point_prompt is None else (point_prompt[0][i:i + step], point_prompt[1][i:i + step]),
+                          counters)
+            for i in range(0, count, step)])
+        logits = engine.model.upsample(low_res)[:, 0]  # (B, Z0, Z1, Z2)
+        plans = []
+        for index, name in enumerate(categories):
+            plan = CategoryPlan(name=name, value=index + 1, zoom_logits=logits[index])
+            zoom_box = bounding_box((plan.zoom_logits > 0).cpu().numpy())
+            if zoom_box is not None:
+                plan.support = frames.zoom.native_support(zoom_box)
+                native_logits = frames.zoom.upsample_region(plan.zoom_logits, plan.support)
+                mask = (native_logits > 0).cpu().numpy()
+                del native_logits
+                tight = bounding_box(mask)
+                plan.foreground = PackedMask(mask)
+                if tight is not None:
+                    plan.foreground_box = tight + np.tile(plan.support[:3], 2)
+            plans.append(plan)
+        return plans
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # zoom-in
+    # ---------------------------------------------------------------------------------------------------------------
+    def _plan(self, plans: List[CategoryPlan], prompts: NativePrompts) -> ZoomInPlan:
+        engine = self.engine
+        plan = plan_zoom_in(plans, prompts, self.prepared.frames.native_shape, engine.window_size, engine.roi_margin,
+                            engine.overlap, self.grids if engine.reuse_windows else (),
+                            cached=lambda window: engine.is_encoded(self.prepared, window))
+        if plan.grid is not None:
+            self.grids = [plan.grid] + [g for g in self.grids if g != plan.grid][:3]
+        return plan
+
+    def _zoom_in(self, plans: List[CategoryPlan], prompts: NativePrompts, zoom_in: ZoomInPlan, with_text: bool,
+                 seconds: Dict[str, float], counters: Dict[str, int]) -> Outputs:
+        """Run every used window once: encode (or reuse), decode each category needing it. -> low-res logits.
+
+        Windows go in blocks of ``window_block``: encode the block's windows, then decode all their requests
+        together, batched across windows and categories (a batch of prompt sets costs about half per set on CPU).
+        """
+        engine, prepared = self.engine, self.prepared
+        out: Outputs = {}
+        seconds.setdefault("zoom_in_encode", 0.0)
+        seconds.setdefault("zoom_in_decode", 0.0)
+        if not zoom_in.used:
+            return out
+        names = [p.name for p in plans]
+        text_embeddings = dict(zip(names, engine.model.encode_text(names))) if with_text else {}
+        started = time.perf_counter()
+        for first in range(0, len(zoom_in.used), engine.window_block):
+            block = zoom_in.used[first:first + engine.window_block]
+            requests: List[DecodeRequest] = []
+            work = []  # (step, window index, window, categories needing it, pending decoder requests)
+            for step, index in enumerate(block, start=first):
+                window = zoom_in.windows[index]
+                needing = [p for p in plans if index in p.windows]
+                pending = []
+                for plan in needing:
+                    box, points = window_prompts(plan, window, prompts)
+                    key = (engine.model_tag, prepared.key, window.start, plan.name if with_text else None,
+                           None if box is None else tuple(int(v) for v in box),
+                           None if points is None else (points[0].round(4).tobytes(), points[1].tobytes()))
+                    cached = engine.decodes.get(key)
+                    if cached is not None:
+                        counters["decoder_cache_hits"] += 1
+                        out[(index, plan.name)] = (key, cached)
+                    elif box is not None or points is not None or with_text:
+                        pending.append(DecodeRequest(index, plan, box, points, key))
+                work.append((step, index, window, needing, pending))
+            fresh: Dict[Tuple[int, ...], torch.Tensor] = {}
+            if engine.encode_batch > 1:  # GPU: the block's windows to decode in batched encoder forwards
+                tick = time.perf_counter()
+                fresh = engine.encode_windows(prepared, [window for _, _, window, _, pending in work if pending],
+                                              counters)
+                seconds["zoom_in_encode"] += time.perf_counter() - tick
+            for step, index, window, needing, pending in work:
+                if pending:
+                    tick = time.perf_counter()
+                    embedding = fresh.get(window.start)
+                    if embedding is None:
+                        image = torch.from_numpy(window.extract(prepared.native))[None, None]
+                        embedding = engine.embedding(prepared, window.start, image, counters)
+                    for request in pending:
+                        request.embedding = embedding
+                    requests += pending
+                    seconds["zoom_in_encode"] += time.perf_counter() - tick
+                elapsed = time.perf_counter() - started
+                # Per-window progress is INFO once a run is long enough for someone to wait on it, DEBUG before.
+                logger.log(logging.INFO if elapsed > engine.progress_after_s else logging.DEBUG,
+                           "zoom-in window %d/%d at %s for %s: %s, %.1fs elapsed, about %.0fs left", step + 1,
+                           len(zoom_in.used), window.start, ", ".join(p.name for p in needing),
+                           "to decode" if pending else "all cached", elapsed,
+                           elapsed / (step + 1) * (len(zoom_in.used) - step - 1))
+            tick = time.perf_counter()
+            self._decode_requests(requests, text_embeddings, out, counters)
+            seconds["zoom_in_decode"] += time.perf_counter() - tick
+        return out
+
+    def _decode_requests(self, requests: List[DecodeRequest], text_embeddings: Dict[str, torch.Tensor],
+                         out: Outputs, counters: Dict[str, int]) -> None:
+        """Decode window requests in batches of the same prompt structure (box or not, number of points)."""
+        engine = self.engine
+        device = engine.model.device
+        groups: Dict[Tuple[bool, int], List[DecodeRequest]] = {}
+        for request in requests:
+            groups.setdefault(request.structure, []).append(request)
+        for (has_box, point_count), group in groups.items():
+            for start in range(0, len(group), engine.decode_batch):
+                chunk = group[start:start + engine.decode_batch]
+                embedding = torch.cat([r.embedding for r in chunk])
+                text = torch.stack([text_embeddings[r.plan.name] for r in chunk]) if text_embeddings else None
+                boxes = None
+                if has_box:
+                    boxes = torch.as_tensor(np.stack([r.box for r in chunk]), dtype=torch.float32, device=device)
+                point_prompt = None
+                if point_count:
+                    coords = torch.as_tensor(np.stack([r.points[0] for r in chunk]), dtype=torch.float32,
+                                             device=device)
+                    labels = torch.as_tensor(np.stack([r.points[1] for r in chunk]), dtype=torch.float32,
+                                             device=device)
+                    point_prompt = (coords, labels)
+                low_res = engine.decode(embedding, text, boxes, point_prompt, counters)
+                for request, logits in zip(chunk, low_res):
+                    logits = logits[None].clone()  # its own storage: the cache must not pin the whole batch
+                    engine.remember_decode(request.key, logits)
+                    out[(request.window, request.plan.name)] = (request.key, logits)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # blending
+    # ---------------------------------------------------------------------------------------------------------------
+    def _blend(self, plan: CategoryPlan, zoom_in: ZoomInPlan, outputs: Outputs) -> Optional[BlendState]:
+        """The category's blending sums over its windows, starting from this session's previous ones when the same
+        windows are active again (``reuse_windows``): a new click then re-blends only the windows it changed."""
+        if not plan.windows:
+            return None
+        engine = self.engine
+        state_key = (self.token, plan.name)
+        previous = engine.blends.get(state_key) if engine.reuse_windows else None
+        merger = WindowMerger([zoom_in.windows[i] for i in plan.windows], engine.window_probability,
+                              engine.sigma_scale, previous)
+        for index in plan.windows:
+            merger.aggregate(zoom_in.windows[index], *outputs[(index, plan.name)])
+        state = merger.finalize()
+        if engine.reuse_windows:
+            engine.blends.put(state_key, state, state.nbytes)
+            self._blend_names.add(plan.name)
+        return state

@@ -1,0 +1,98 @@
+"""Image sessions: one image's state held by the caller (``engine.open``), prompts added request by request, the
+encoder run only for what is new, and the same result as a fresh session given every prompt at once."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import segvol
+from segvol.engine import SegVolEngine
+from segvol.errors import BadPromptError, BadTextError
+from segvol.prompts import Prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _engine_fixtures import synthetic_ct  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    tokenizer = SHARED / "clip-tokenizer"
+    if not tokenizer.exists():
+        pytest.skip(f"{tokenizer} is missing (tests read it from ../shared beside the repository)")
+    torch.manual_seed(0)
+    model = segvol.SegVol(segvol.SMALL).eval()
+    model.text_encoder.tokenizer = segvol.modeling.text_encoder.load_tokenizer(str(tokenizer))
+    return model
+
+
+def starts(result):
+    return {result.plan.windows[i].start for i in result.plan.used}
+
+
+def test_text_then_box_then_clicks_encode_only_what_is_new_and_equal_a_fresh_session(small_model):
+    array, affine, _ = synthetic_ct()
+    box, positive, negative = [20, 20, 10, 60, 60, 40], [40, 40, 25, 1], [30, 35, 20, 0]
+    session = SegVolEngine(small_model).open(array, affine=affine)
+
+    text = session.segment(texts=["liver"])
+    assert text.stats["encoder_forwards"] == 1 + len(text.plan.used)  # the zoom-out view and every used window
+    assert session.zoom_out_embedding is not None and text.stats["seconds"]["preprocess"] >= 0
+    encoded = starts(text)
+
+    boxed = session.segment(texts=["liver"], box=box)
+    assert boxed.stats["encoder_forwards"] == len(starts(boxed) - encoded)  # only windows not encoded before
+    encoded |= starts(boxed)
+
+    clicked = session.segment(texts=["liver"], box=box, points=[positive])
+    assert clicked.stats["encoder_forwards"] == len(starts(clicked) - encoded)
+    encoded |= starts(clicked)
+
+    final = session.segment(Prompts(texts=["liver"], box=box, points=[positive, negative]), return_probabilities=True)
+    assert final.stats["encoder_forwards"] == len(starts(final) - encoded) == 0  # a click changes no window set
+    holding = sum(final.plan.windows[i].contains(session.prepared.frames.original_to_native_points(
+        [negative[:3]])).any() for i in final.plan.used)
+    assert final.stats["decoded_prompts"] == 1 + holding  # the zoom-out decoder and the windows the click is in
+
+    fresh = SegVolEngine(small_model).open(array, affine=affine).segment(
+        texts=["liver"], box=box, points=[positive, negative], return_probabilities=True)
+    assert fresh.stats["encoder_forwards"] == 1 + len(fresh.plan.used)
+    assert final.plan.grid == fresh.plan.grid and final.plan.used == fresh.plan.used
+    assert np.array_equal(final.label, fresh.label) and final.label.any()
+    assert np.allclose(final.probabilities["liver"], fresh.probabilities["liver"], atol=1e-5)
+
+
+def test_sessions_of_one_image_share_encodings_but_not_state(small_model):
+    array, affine, _ = synthetic_ct()
+    engine = SegVolEngine(small_model)
+    first = engine.open(array, affine=affine)
+    one = first.segment(texts=["spleen"], box=[20, 20, 10, 60, 60, 40])
+    second = engine.open(array, affine=affine)
+    assert second.key == first.key and second.token != first.token
+    two = second.segment(texts=["spleen"], box=[20, 20, 10, 60, 60, 40])
+    assert two.stats["encoder_forwards"] == 0  # content-keyed embeddings of the engine
+    assert np.array_equal(one.label, two.label)
+    assert (first.token, "spleen") in engine.blends
+    first.close()
+    assert (first.token, "spleen") not in engine.blends and (second.token, "spleen") in engine.blends
+
+
+def test_prompts_are_validated_once_on_construction():
+    assert Prompts(texts=[" liver ", "liver"]).texts == ("liver",)
+    assert Prompts.from_clicks(positive=[(1, 2, 3)], negative=[(4, 5, 6)]).points == ((1, 2, 3, 1), (4, 5, 6, 0))
+    prompts = Prompts.from_clicks(texts=[], positive=[(1, 2, 3)], box=(0, 0, 0, 5, 5, 5))
+    assert prompts.texts == () and not prompts.is_empty()
+    assert prompts.to_json() == {"texts": [], "positive_points": [[1, 2, 3]], "negative_points": [],
+                                 "box": [0, 0, 0, 5, 5, 5]}
+    assert Prompts(points=(np.zeros((2, 3)), np.array([1, 0]))).negative == [(0.0, 0.0, 0.0)]
+    with pytest.raises(BadTextError, match="empty"):
+        Prompts(texts=[])
+    with pytest.raises(BadPromptError, match="inverted"):
+        Prompts(box=[5, 0, 0, 1, 5, 5])
+    with pytest.raises(BadPromptError, match="labels"):
+        Prompts(points=[(1, 2, 3, 2)])

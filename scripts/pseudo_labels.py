@@ -26,6 +26,7 @@ raises is retried ``--retries`` times; a task whose worker dies is rescheduled b
 another worker (up to ``distributed.scheduler.allowed-failures``).  A case that still fails is
 reported and the others go on; the exit status is then 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,26 +37,31 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-PARTIAL_DIR = ".partial"
-NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+PARTIAL_DIR = ".partial"  # segvol.io.PARTIAL_DIR: where segvol.io.write_label(atomic=True) keeps its temp files
 
 
 # ----------------------------------------------------------------------------------------------
 # discovery
 # ----------------------------------------------------------------------------------------------
 def image_id(filename: str) -> str:
-    for ext in NIFTI_EXTENSIONS:
-        if filename.endswith(ext):
-            return filename[: -len(ext)]
-    return os.path.splitext(filename)[0]
+    from segvol.io import strip_image_suffix
+
+    return strip_image_suffix(filename)
 
 
 def is_datastore(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, ".datastore.json")) or os.path.isdir(os.path.join(folder, "labels", "final"))
+    return os.path.isfile(os.path.join(folder, ".datastore.json")) or os.path.isdir(
+        os.path.join(folder, "labels", "final")
+    )
 
 
 def find_cases(
-    input_dir: str, output_dir: Optional[str], patterns: List[str], ground_truth_dir: Optional[str], tag: str, use_gt: bool
+    input_dir: str,
+    output_dir: Optional[str],
+    patterns: List[str],
+    ground_truth_dir: Optional[str],
+    tag: str,
+    use_gt: bool,
 ) -> Tuple[List[Dict[str, Optional[str]]], str]:
     """[{image, output, ground_truth}], output folder."""
     input_dir = os.path.abspath(input_dir)
@@ -77,7 +83,9 @@ def find_cases(
         case_id = image_id(name)
         gt = None
         if use_gt and ground_truth_dir:
-            for ext in NIFTI_EXTENSIONS:
+            from segvol.io import NIFTI_SUFFIXES
+
+            for ext in NIFTI_SUFFIXES:
                 candidate = os.path.join(ground_truth_dir, case_id + ext)
                 if os.path.isfile(candidate):
                     gt = candidate
@@ -97,50 +105,37 @@ def _squeeze3(array, what: str):
     return array
 
 
-def write_label_atomic(labels, reference_image, output_path: str) -> None:
-    """Save ``labels`` as NIfTI with the reference image's affine: temp file, fsync, rename."""
-    import nibabel as nib
+def write_label_atomic(labels, reference, output_path: str) -> None:
+    """Save ``labels`` on the reference ``segvol.io.Volume``'s grid (affine and NIfTI header) with
+    ``segvol.io.write_label``: int16 (int32 when needed), temp file in ``.partial/``, fsync, rename."""
     import numpy as np
 
+    from segvol.io import write_label
+
     dtype = np.int16 if labels.size == 0 or (labels.min() >= -32768 and labels.max() <= 32767) else np.int32
-    nifti = nib.Nifti1Image(labels.astype(dtype, copy=False), reference_image.affine)
-    header = reference_image.header
-    nifti.header.set_qform(reference_image.affine, code=int(header["qform_code"]) or 1)
-    nifti.header.set_sform(reference_image.affine, code=int(header["sform_code"]) or 1)
-    nifti.header.set_xyzt_units(*header.get_xyzt_units())
-    out_dir = os.path.dirname(output_path)
-    partial = os.path.join(out_dir, PARTIAL_DIR)
-    os.makedirs(partial, exist_ok=True)
-    tmp = os.path.join(partial, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{os.path.basename(output_path)}")
-    try:
-        nib.save(nifti, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_label(output_path, labels, reference.affine, reference.header, dtype=dtype, atomic=True)
 
 
-def process_case(case: Dict[str, Optional[str]], params: Dict[str, Any], numba_threads: Optional[int] = None) -> Dict[str, Any]:
+def process_case(
+    case: Dict[str, Optional[str]], params: Dict[str, Any], numba_threads: Optional[int] = None
+) -> Dict[str, Any]:
     """Compute and write one pseudo-label map; returns a small summary."""
-    import nibabel as nib
     import numpy as np
 
     from segvol import fh
+    from segvol.io import read_image, spacing
 
     if numba_threads:
         import numba
 
         numba.set_num_threads(max(1, min(int(numba_threads), numba.config.NUMBA_NUM_THREADS)))
     start = time.perf_counter()
-    image = nib.load(case["image"])
-    volume = _squeeze3(np.asarray(image.dataobj, dtype=np.float32), "image")
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    image = read_image(case["image"])  # the project's one image reader and spacing rule (segvol.io)
+    volume = _squeeze3(np.asarray(image.array, dtype=np.float32), "image")
     ground_truth = None
     if case.get("ground_truth"):
-        ground_truth = _squeeze3(np.asarray(nib.load(case["ground_truth"]).dataobj), "ground truth")
-    labels = fh.pseudo_labels(volume, spacing, ground_truth, **params)
+        ground_truth = _squeeze3(np.asarray(read_image(case["ground_truth"]).array), "ground truth")
+    labels = fh.pseudo_labels(volume, spacing(image.affine), ground_truth, **params)
     del volume, ground_truth
     write_label_atomic(labels, image, case["output"])
     fh_ids = np.unique(labels[labels > params.get("fh_offset", fh.FH_ID_OFFSET)])
@@ -161,18 +156,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tag", default="fh", help="datastore label tag (folder under labels/) (default: fh)")
     parser.add_argument("--pattern", default="*.nii.gz,*.nii", help="comma-separated image file patterns")
     parser.add_argument("--ground-truth", help="folder of ground-truth label maps named like the images")
-    parser.add_argument("--no-ground-truth", action="store_true", help="ignore ground truth (also a datastore's labels/final)")
+    parser.add_argument(
+        "--no-ground-truth", action="store_true", help="ignore ground truth (also a datastore's labels/final)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
     parser.add_argument("--scheduler", help="address of an existing Dask scheduler (default: start a local cluster)")
-    parser.add_argument("--workers", type=int, default=0, help="local cluster worker processes (default: CPU count, at most one per image)")
-    parser.add_argument("--memory-limit", default="auto", help="local cluster memory limit per worker (Dask syntax, default auto)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="local cluster worker processes (default: CPU count, at most one per image)",
+    )
+    parser.add_argument(
+        "--memory-limit", default="auto", help="local cluster memory limit per worker (Dask syntax, default auto)"
+    )
     parser.add_argument("--synchronous", action="store_true", help="run in this process without Dask (debugging)")
     parser.add_argument("--retries", type=int, default=2, help="retries of a failing case (default 2)")
-    parser.add_argument("--k", type=float, default=None, help="FH scale k for [0,1] intensities (default segvol.fh.DEFAULT_K)")
-    parser.add_argument("--sigma", type=float, default=None, help="Gaussian sigma in mm (default segvol.fh.DEFAULT_SIGMA)")
+    parser.add_argument(
+        "--k", type=float, default=None, help="FH scale k for [0,1] intensities (default segvol.fh.DEFAULT_K)"
+    )
+    parser.add_argument(
+        "--sigma", type=float, default=None, help="Gaussian sigma in mm (default segvol.fh.DEFAULT_SIGMA)"
+    )
     parser.add_argument("--connectivity", type=int, default=6, choices=(6, 10, 18, 26))
     parser.add_argument("--method", default="fh", choices=("fh", "reference"))
-    parser.add_argument("--min-fraction", type=float, default=None, help="cleaning threshold, fraction of the volume (default 0.001)")
+    parser.add_argument(
+        "--min-fraction", type=float, default=None, help="cleaning threshold, fraction of the volume (default 0.001)"
+    )
     parser.add_argument("--working-shape", default=None, help="run FH on this XxYxZ grid (e.g. 256x256x32)")
     parser.add_argument(
         "--max-voxels",
@@ -236,7 +246,13 @@ def _run_dask(todo, params, args, bar) -> Tuple[List[Dict[str, Any]], List[Tuple
     try:
         for case in todo:
             future = client.submit(
-                process_case, case, params, numba_threads, key=f"pseudo-labels-{uuid.uuid4().hex}", retries=args.retries, pure=False
+                process_case,
+                case,
+                params,
+                numba_threads,
+                key=f"pseudo-labels-{uuid.uuid4().hex}",
+                retries=args.retries,
+                pure=False,
             )
             futures[future] = case
         for future in as_completed(list(futures)):
@@ -258,14 +274,19 @@ def _run_dask(todo, params, args, bar) -> Tuple[List[Dict[str, Any]], List[Tuple
 def main(argv=None) -> int:
     args = parse_args(argv)
     patterns = [p.strip() for p in args.pattern.split(",") if p.strip()]
-    cases, output_dir = find_cases(args.input, args.output, patterns, args.ground_truth, args.tag, not args.no_ground_truth)
+    cases, output_dir = find_cases(
+        args.input, args.output, patterns, args.ground_truth, args.tag, not args.no_ground_truth
+    )
     params = _params(args)
     if os.path.abspath(output_dir) == os.path.abspath(args.input):
         raise SystemExit("--output must differ from --input")
     os.makedirs(output_dir, exist_ok=True)
     todo = [c for c in cases if args.overwrite or not os.path.exists(c["output"])]
     skipped = len(cases) - len(todo)
-    print(f"{len(cases)} images in {args.input}; {skipped} already done, {len(todo)} to compute -> {output_dir}", flush=True)
+    print(
+        f"{len(cases)} images in {args.input}; {skipped} already done, {len(todo)} to compute -> {output_dir}",
+        flush=True,
+    )
     done: List[Dict[str, Any]] = []
     failed: List[Tuple[str, str]] = []
     if todo:

@@ -44,8 +44,8 @@ def parse_slice(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from segvol.training.trainer import DEFAULT_FREEZE, FREEZABLE, TrainOptions
     from segvol.modes import MODES
+    from segvol.training.trainer import DEFAULT_FREEZE, FREEZABLE, TrainOptions
 
     defaults = TrainOptions(output_dir="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

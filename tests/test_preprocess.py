@@ -10,7 +10,7 @@ import torch
 
 from segvol.errors import BadImageError, SegVolInputError
 from segvol.io import Volume, list_images, read_image, write_label
-from segvol.preprocess import normalize_intensity, preprocess, reference_crop_box
+from segvol.preprocess import reference_normalize, preprocess, reference_crop_box
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 EXAMPLE = SHARED / "data" / "totalseg-example"
@@ -79,7 +79,7 @@ def test_same_ct_in_other_orientations_gives_identical_preprocessing():
                                                                                           reference.native)
 
 
-def test_normalize_intensity_is_the_reference_formula():
+def test_reference_normalize_is_the_reference_formula():
     rng = np.random.default_rng(0)
     volume = rng.normal(0, 300, size=(20, 30, 40)).astype(np.float32)
     volume[:, :5] = -1000  # air
@@ -88,7 +88,7 @@ def test_normalize_intensity_is_the_reference_formula():
     low, high = np.percentile(fg, 0.05), np.percentile(fg, 99.95)
     z = (np.clip(volume, low, high) - fg.mean()) / fg.std()
     expected = (z - z.min()) / (z.max() - z.min())
-    out = normalize_intensity(volume)
+    out = reference_normalize(volume)
     assert out.dtype == np.float32 and out.min() == 0 and out.max() == pytest.approx(1.0)
     assert np.allclose(out, expected, atol=1e-5)
     assert volume[0, 0, 0] == -1000  # the input is not modified

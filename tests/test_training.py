@@ -10,15 +10,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _train_data import TINY, write_dataset
 
 import segvol
-from segvol.training import (COMBINATIONS, PromptConfig, StopTraining, TrainOptions, WarmupCosine, dice_loss,
-                             load_dataset, read_last, run_training, sample_prompts, split_cases)
+from segvol.training import (
+    COMBINATIONS,
+    PromptConfig,
+    StopTraining,
+    TrainOptions,
+    WarmupCosine,
+    dice_loss,
+    load_dataset,
+    read_last,
+    run_training,
+    sample_prompts,
+    split_cases,
+)
 from segvol.training.data import CaseStore, ViewConfig, sample_view, view_rng
 from segvol.training.prompts import boundary_ring, combination_parts, jitter_box, pseudo_target, stack_points
 from segvol.vocabulary import Vocabulary
-
-from _train_data import TINY, write_dataset
 
 NAMES = {1: "zorblax gland", 2: "Brainstem"}
 
@@ -143,7 +153,8 @@ def test_warmup_cosine_has_positive_lr_from_the_first_step():
 
 def test_patch_embedding_lr_multiplier_holds_through_the_schedule():
     from segvol.modeling.segvol import SegVol
-    from segvol.training.trainer import _parameter_groups, patch_embedding_lr_scale
+    from segvol.training.setup import parameter_groups as _parameter_groups
+    from segvol.training.setup import patch_embedding_lr_scale
 
     assert patch_embedding_lr_scale(1) == {}
     model = SegVol(TINY)

@@ -1,4 +1,4 @@
-"""The single way to read and write SegVol weights.
+"""The single way to read and write SegVol weights, to name them (``checkpoint_id``) and to find their tokenizer.
 
 Accepted inputs (all matched strictly, tensor by tensor):
 
@@ -6,6 +6,10 @@ Accepted inputs (all matched strictly, tensor by tensor):
 * the Hugging Face ``pytorch_model.bin`` or ``model.safetensors``: a flat dict with ``model.<key>``;
 * a Hugging Face snapshot folder holding one of those files (and usually the tokenizer);
 * the project's own checkpoints (``save_checkpoint``): ``{'format': 'segvol-label', 'config', 'model', ...}``.
+
+``checkpoint_id`` is the one identity of a weights file (engine caches, result provenance, scoring freshness and the
+DICOM SEG's algorithm version all use it); ``find_tokenizer`` is the one tokenizer fallback (an explicit folder, else
+the folder of the weights, else any further candidate), used by loading, training and the app.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .config import SegVolConfig
+from .io import atomic_output
 from .modeling.segvol import SegVol
 from .modeling.text_encoder import find_tokenizer_dir, load_tokenizer
 
@@ -116,6 +121,20 @@ def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source} does not match the SegVol network:\n" + "\n".join(parts))
 
 
+def find_tokenizer(tokenizer: Optional[str], *fallbacks: Optional[str]) -> str:
+    """The CLIP tokenizer folder: ``tokenizer`` when given (a folder, or the folder of a file, or its ``tokenizer`` /
+    ``clip`` sub-folder), else the first of ``fallbacks`` (weights files or folders) that holds one;
+    ``FileNotFoundError`` saying where to put it otherwise."""
+    found = find_tokenizer_dir(tokenizer) if tokenizer else find_tokenizer_dir(*fallbacks)
+    if found is None:
+        searched = [tokenizer] if tokenizer else [os.path.abspath(f) for f in fallbacks if f]
+        raise FileNotFoundError(
+            f"no CLIP tokenizer found in {', '.join(map(repr, searched)) or 'no folder'}: pass "
+            "tokenizer=<folder with tokenizer.json/vocab.json> (the official weights use the CLIP ViT-B/32 tokenizer "
+            "shipped with SegVol; text prompts need it, also when training from scratch)")
+    return found
+
+
 def checkpoint_id(path: str) -> str:
     """Short stable id of a weights file: its name plus a hash of size, mtime and the first MiB."""
     path = resolve_weights_file(path)
@@ -147,13 +166,7 @@ def load_model(checkpoint: str, device: str = "cpu", tokenizer: Optional[str] = 
     a ``FileNotFoundError`` says where to put it.
     """
     weights_file = resolve_weights_file(checkpoint)
-    tokenizer_dir = find_tokenizer_dir(tokenizer) if tokenizer else find_tokenizer_dir(weights_file)
-    if tokenizer_dir is None:
-        where = f"{tokenizer!r}" if tokenizer else f"the checkpoint folder {os.path.dirname(os.path.abspath(weights_file))!r}"
-        raise FileNotFoundError(
-            f"no CLIP tokenizer found in {where}: pass tokenizer=<folder with tokenizer.json/vocab.json> "
-            "(the official weights use the CLIP ViT-B/32 tokenizer shipped with SegVol)"
-        )
+    tokenizer_dir = find_tokenizer(tokenizer, weights_file)
     state, meta = read_checkpoint(weights_file)
     config = SegVolConfig.from_dict(meta["config"]) if "config" in meta else SegVolConfig()
     with torch.device("meta"):
@@ -175,10 +188,8 @@ def load_model(checkpoint: str, device: str = "cpu", tokenizer: Optional[str] = 
 def save_checkpoint(path: str, model: SegVol, **extra: Any) -> str:
     """Write a project checkpoint (config, weights and any plain-typed extras: optimizer, epoch, vocabulary...)."""
     payload = {"format": FORMAT, "config": model.config.to_dict(), "model": model.state_dict(), **extra}
-    tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written checkpoint
+    with atomic_output(path) as tmp:  # a reader never sees a half-written checkpoint
+        torch.save(payload, tmp)
     return path
 
 

@@ -66,6 +66,7 @@ the first buffer and freed, and the int32 output replaces the edge list.  That i
 for 6-connectivity (1.5 GB for 512x512x200) and 68 B/voxel for 26-connectivity.  Volumes with
 more than ``2**32 / 2**ceil(log2 D)`` voxels switch to uint64 edge ids.
 """
+
 from __future__ import annotations
 
 import math
@@ -198,11 +199,20 @@ def _bin(w, scale, nbins):
 
 
 @njit(cache=True, parallel=True)
-def _edge_histogram(img, X, Y, Z, dx, dy, dz, scale, nbins, nchunks):
-    hist = np.zeros((nchunks, nbins), dtype=np.int64)
+def _edge_pass(img, roots, X, Y, Z, dx, dy, dz, scale, nbins, nchunks, starts, shift, order):
+    """The one loop over every voxel's forward neighbours (directions ``dx, dy, dz``), in ``nchunks`` fixed x slabs.
+
+    Two modes: with an empty ``starts`` it counts the edges per (chunk, weight bin) and returns that histogram;
+    with ``starts`` (each chunk's first slot per bin, from the histogram) it scatters the edge ids
+    ``(p << shift) | d`` into ``order``, stably sorted by bin. With a non-empty ``roots`` only the edges whose
+    endpoints have different roots count (the min-size pass's boundary edges)."""
+    scatter = starts.shape[0] > 0
+    boundary = roots.shape[0] > 0
+    hist = np.zeros((1 if scatter else nchunks, nbins), dtype=np.int64)
     ndir = dx.shape[0]
     YZ = Y * Z
     for c in prange(nchunks):
+        pos = starts[c].copy() if scatter else hist[0]
         x0 = c * X // nchunks
         x1 = (c + 1) * X // nchunks
         for x in range(x0, x1):
@@ -218,34 +228,15 @@ def _edge_histogram(img, X, Y, Z, dx, dy, dz, scale, nbins, nchunks):
                         if xx >= X or yy < 0 or yy >= Y or zz < 0 or zz >= Z:
                             continue
                         q = p + dx[d] * YZ + dy[d] * Z + dz[d]
-                        hist[c, _bin(abs(v - img[q]), scale, nbins)] += 1
-    return hist
-
-
-@njit(cache=True, parallel=True)
-def _edge_scatter(img, X, Y, Z, dx, dy, dz, scale, nbins, nchunks, starts, shift, order):
-    ndir = dx.shape[0]
-    YZ = Y * Z
-    for c in prange(nchunks):
-        pos = starts[c].copy()
-        x0 = c * X // nchunks
-        x1 = (c + 1) * X // nchunks
-        for x in range(x0, x1):
-            for y in range(Y):
-                base = (x * Y + y) * Z
-                for z in range(Z):
-                    p = base + z
-                    v = img[p]
-                    for d in range(ndir):
-                        xx = x + dx[d]
-                        yy = y + dy[d]
-                        zz = z + dz[d]
-                        if xx >= X or yy < 0 or yy >= Y or zz < 0 or zz >= Z:
+                        if boundary and roots[q] == roots[p]:
                             continue
-                        q = p + dx[d] * YZ + dy[d] * Z + dz[d]
                         b = _bin(abs(v - img[q]), scale, nbins)
-                        order[pos[b]] = (p << shift) | d
-                        pos[b] += 1
+                        if scatter:
+                            order[pos[b]] = (p << shift) | d
+                            pos[b] += 1
+                        else:
+                            hist[c, b] += 1
+    return hist
 
 
 def _prefetch_codegen(context, builder, signature, args):
@@ -258,7 +249,11 @@ def _prefetch_codegen(context, builder, signature, args):
     byte_ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())
     i32 = ir.IntType(32)
     fnty = ir.FunctionType(ir.VoidType(), [byte_ptr.type, i32, i32, i32])
-    name = "llvm.prefetch.p0" if getattr(__import__("llvmlite"), "opaque_pointers_enabled", False) else "llvm.prefetch.p0i8"
+    name = (
+        "llvm.prefetch.p0"
+        if getattr(__import__("llvmlite"), "opaque_pointers_enabled", False)
+        else "llvm.prefetch.p0i8"
+    )
     function = cgutils.get_or_insert_function(builder.module, fnty, name)
     # (address, write=1, locality=3: keep in all cache levels, data cache=1)
     builder.call(function, [byte_ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
@@ -358,62 +353,6 @@ def _threshold_pass(order, n_edges, doff, shift, mask, parent, size):
 def _flatten(parent):
     for i in range(parent.shape[0]):
         parent[i] = _find(parent, i)
-
-
-@njit(cache=True, parallel=True)
-def _boundary_histogram(img, roots, X, Y, Z, dx, dy, dz, scale, nbins, nchunks):
-    """Like _edge_histogram, for the edges whose endpoints have different ``roots``."""
-    hist = np.zeros((nchunks, nbins), dtype=np.int64)
-    ndir = dx.shape[0]
-    YZ = Y * Z
-    for c in prange(nchunks):
-        x0 = c * X // nchunks
-        x1 = (c + 1) * X // nchunks
-        for x in range(x0, x1):
-            for y in range(Y):
-                base = (x * Y + y) * Z
-                for z in range(Z):
-                    p = base + z
-                    v = img[p]
-                    r = roots[p]
-                    for d in range(ndir):
-                        xx = x + dx[d]
-                        yy = y + dy[d]
-                        zz = z + dz[d]
-                        if xx >= X or yy < 0 or yy >= Y or zz < 0 or zz >= Z:
-                            continue
-                        q = p + dx[d] * YZ + dy[d] * Z + dz[d]
-                        if roots[q] != r:
-                            hist[c, _bin(abs(v - img[q]), scale, nbins)] += 1
-    return hist
-
-
-@njit(cache=True, parallel=True)
-def _boundary_scatter(img, roots, X, Y, Z, dx, dy, dz, scale, nbins, nchunks, starts, shift, order):
-    ndir = dx.shape[0]
-    YZ = Y * Z
-    for c in prange(nchunks):
-        pos = starts[c].copy()
-        x0 = c * X // nchunks
-        x1 = (c + 1) * X // nchunks
-        for x in range(x0, x1):
-            for y in range(Y):
-                base = (x * Y + y) * Z
-                for z in range(Z):
-                    p = base + z
-                    v = img[p]
-                    r = roots[p]
-                    for d in range(ndir):
-                        xx = x + dx[d]
-                        yy = y + dy[d]
-                        zz = z + dz[d]
-                        if xx >= X or yy < 0 or yy >= Y or zz < 0 or zz >= Z:
-                            continue
-                        q = p + dx[d] * YZ + dy[d] * Z + dz[d]
-                        if roots[q] != r:
-                            b = _bin(abs(v - img[q]), scale, nbins)
-                            order[pos[b]] = (p << shift) | d
-                            pos[b] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -604,20 +543,17 @@ def _sorted_edges(img, roots, shape, offs, scale, shift):
     X, Y, Z = shape
     dx, dy, dz = (np.ascontiguousarray(offs[:, i]) for i in range(3))
     nchunks = max(1, min(_NCHUNKS, X))
-    if roots is None:
-        hist = _edge_histogram(img, X, Y, Z, dx, dy, dz, scale, _NBINS, nchunks)
-    else:
-        hist = _boundary_histogram(img, roots, X, Y, Z, dx, dy, dz, scale, _NBINS, nchunks)
+    roots = np.empty(0, dtype=np.int32) if roots is None else roots
+    no_starts = np.empty((0, _NBINS), dtype=np.int64)
+    no_order = np.empty(0, dtype=np.uint32)
+    hist = _edge_pass(img, roots, X, Y, Z, dx, dy, dz, scale, _NBINS, nchunks, no_starts, shift, no_order)
     per_bin = hist.sum(axis=0)
     n_edges = int(per_bin.sum())
     starts = (np.cumsum(per_bin) - per_bin)[None, :] + (np.cumsum(hist, axis=0) - hist)
     del hist
     id_dtype = np.uint32 if (X * Y * Z) << shift <= 2**32 else np.uint64
     order = np.empty(n_edges, dtype=id_dtype)
-    if roots is None:
-        _edge_scatter(img, X, Y, Z, dx, dy, dz, scale, _NBINS, nchunks, starts, shift, order)
-    else:
-        _boundary_scatter(img, roots, X, Y, Z, dx, dy, dz, scale, _NBINS, nchunks, starts, shift, order)
+    _edge_pass(img, roots, X, Y, Z, dx, dy, dz, scale, _NBINS, nchunks, starts, shift, order)
     return order, per_bin
 
 
@@ -932,7 +868,9 @@ def _gt_label_map(ground_truth: np.ndarray, shape: Tuple[int, ...]) -> np.ndarra
     return np.maximum(gt, 0)
 
 
-def working_grid(shape: Sequence[int], working_shape=None, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS) -> Tuple[int, ...]:
+def working_grid(
+    shape: Sequence[int], working_shape=None, max_voxels: Optional[int] = DEFAULT_MAX_VOXELS
+) -> Tuple[int, ...]:
     """The grid :func:`pseudo_labels` runs FH on (see its ``working_shape`` and ``max_voxels``)."""
     shape = tuple(int(s) for s in shape)
     if working_shape is not None:

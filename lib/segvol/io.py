@@ -1,22 +1,31 @@
-"""Reading CT images (NIfTI, NRRD and MetaImage files, DICOM series folders); writing labels on the input's grid.
+"""Files: the one home of the project's rules for reading images, writing labels and writing any file atomically.
 
-Images are read with MONAI's ``LoadImage`` (the loader MONAI Label uses), so the array is "as stored" in the sense
-clients use for their voxel indices, and the affine is MONAI's (RAS world). Labels are written as NIfTI with the
-input's affine; for a NIfTI input its header (qform/sform codes, units) is kept too.
+It owns which names are images (the suffix lists, ``strip_image_suffix``), how an image is read (MONAI's
+``LoadImage``, the loader MONAI Label uses, so the array is "as stored" in the sense clients use for their voxel
+indices and the affine is MONAI's RAS world), what a voxel's spacing is (``spacing``: the affine's column norms), the
+one label writer (``write_label``: NIfTI on the input's affine, a NIfTI input's header kept, optionally atomic) and
+the atomic writes every module uses (``atomic_output``, ``atomic_write_bytes``, ``atomic_write_json``,
+``atomic_copy``, ``replace_durably``, ``fsync_dir``): temp file beside the target, fsync, rename, fsync the folder, so
+a reader, a ``kill -9`` or a power cut sees the previous file or the new one, never a partial one.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, BinaryIO, Iterator, List, Optional, Union
 
 import numpy as np
 
 from .errors import BadImageError
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # the longer first: a folder holding both is read as .nii.gz
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read through ITK, what Slicer and many datastores save
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+PARTIAL_DIR = ".partial"  # where atomic label writes keep their temp files (the name's ending kept for nibabel)
 
 
 @dataclass
@@ -33,12 +42,26 @@ class Volume:
         return tuple(self.array.shape)
 
 
+def strip_image_suffix(name: str) -> str:
+    """``case_1.nii.gz`` -> ``case_1`` (any image suffix, case-insensitive; other names lose their last extension)."""
+    lower = name.lower()
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def spacing(affine: np.ndarray) -> tuple:
+    """Voxel spacing (mm) along the array's three axes: the norms of the affine's first three columns."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
 def is_nifti(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(NIFTI_SUFFIXES)
 
 
 def is_image_file(path: str) -> bool:
-    return os.path.isfile(path) and path.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)
+    return os.path.isfile(path) and path.lower().endswith(IMAGE_SUFFIXES)
 
 
 def is_dicom_folder(path: str) -> bool:
@@ -87,12 +110,31 @@ def read_image(path: str) -> Volume:
     return Volume(array=array, affine=affine, source=path, header=header)
 
 
-def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None) -> str:
-    """Write a label map as NIfTI on the given affine (and header, when the input was NIfTI)."""
+def label_dtype(label: np.ndarray) -> np.dtype:
+    """The smallest of uint8 / uint16 / int16 / int32 that holds every value of ``label``."""
+    if label.size == 0:
+        return np.dtype(np.uint8)
+    low, high = int(label.min()), int(label.max())
+    if low >= 0:
+        return np.dtype(np.uint8 if high <= 255 else np.uint16 if high <= 65535 else np.int32)
+    return np.dtype(np.int16 if low >= -32768 and high <= 32767 else np.int32)
+
+
+def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None, dtype=None, atomic: bool = False,
+                temp_dir: Optional[str] = None) -> str:
+    """Write a label map as NIfTI on the given affine (and header, when the input was NIfTI).
+
+    ``dtype``: default ``label_dtype(label)``. ``atomic``: through ``atomic_output`` (``temp_dir``: where the temp
+    file goes, default beside ``path``)."""
+    if atomic:  # nibabel picks the format by the name's ending: the temp file keeps it, in a .partial folder
+        folder = os.path.dirname(os.path.abspath(path))
+        with atomic_output(path, temp_dir=temp_dir or os.path.join(folder, PARTIAL_DIR)) as tmp:
+            write_label(tmp, label, affine, header, dtype)
+        return path
     import nibabel as nib
 
     label = np.asarray(label)
-    dtype = np.uint8 if label.size == 0 or label.max() <= 255 else np.uint16
+    dtype = label_dtype(label) if dtype is None else np.dtype(dtype)
     image = nib.Nifti1Image(label.astype(dtype), np.asarray(affine, dtype=np.float64),
                             header=header.copy() if header is not None else None)
     image.set_data_dtype(dtype)
@@ -135,3 +177,77 @@ def source_signature(path: str) -> Optional[str]:
     except OSError:
         return None
     return None
+
+
+# ---------------------------------------------------------------------------------------------------- atomic writes
+def fsync_dir(folder: str, strict: bool = False) -> None:
+    """Make a rename in ``folder`` durable; errors are ignored unless ``strict``."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if strict:
+            raise
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def replace_durably(tmp: str, path: str, strict: bool = False) -> None:
+    """Rename a written (and fsynced) temp file over ``path`` and fsync the folder."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)), strict=strict)
+
+
+def temp_name(path: str, temp_dir: Optional[str] = None) -> str:
+    """``<path>.<pid>.tmp`` (or ``<temp_dir>/<pid>-<hex>-<name>``): the temp file of an atomic write of ``path``."""
+    if temp_dir is None:
+        return f"{path}.{os.getpid()}.tmp"
+    return os.path.join(temp_dir, f"{os.getpid()}-{os.urandom(4).hex()}-{os.path.basename(path)}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, temp_dir: Optional[str] = None, fsync: bool = True) -> Iterator[str]:
+    """``with atomic_output(path) as tmp: <write tmp>``: on success ``tmp`` is fsynced and renamed over ``path``
+    and the folder fsynced; on any error (or interrupt) ``tmp`` is removed and ``path`` is untouched."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    if temp_dir is not None:
+        os.makedirs(temp_dir, exist_ok=True)
+    tmp = temp_name(path, temp_dir)
+    try:
+        yield tmp
+        if fsync:
+            fsync_file(tmp)
+        replace_durably(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> str:
+    with atomic_output(path) as tmp, open(tmp, "wb") as out:
+        out.write(data)
+    return path
+
+
+def atomic_write_json(path: str, payload: Any, indent: Optional[int] = 1) -> str:
+    """``payload`` as JSON (non-JSON values through ``str``), written atomically."""
+    return atomic_write_bytes(path, json.dumps(payload, indent=indent, default=str).encode())
+
+
+def atomic_copy(source: Union[str, BinaryIO], destination: str) -> str:
+    """Copy a file (a path, or an open binary file read from its start) atomically to ``destination``."""
+    with atomic_output(destination) as tmp, open(tmp, "wb") as out:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+        else:
+            source.seek(0)
+            shutil.copyfileobj(source, out, 16 << 20)
+    return destination

@@ -4,7 +4,7 @@ Steps (reference ``data_process/demo_data_process.py``; see ``segvol.frames`` fo
 
 1. orient: stored array -> model ``(D, H, W)`` array (RAS reorientation by default, then the reference's axis swap);
 2. intensity: threshold = mean of all voxels; over the voxels above it take the 0.05/99.95 percentiles, mean and
-   std; clip, z-score, then min-max to [0, 1] (``normalize_intensity``);
+   std; clip, z-score, then min-max to [0, 1] (``reference_normalize``);
 3. crop: bounding box of the voxels > 0 (the body: everything above the minimum intensity) -> native volume;
 4. zoom-out: ``nearest-exact`` resize of the native volume to ``config.image_size``.
 
@@ -62,7 +62,7 @@ def check_volume(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def normalize_intensity(volume: np.ndarray) -> np.ndarray:
+def reference_normalize(volume: np.ndarray) -> np.ndarray:
     """CT intensities -> float32 in [0, 1] exactly as the reference (ForegroundNormalization, then MinMax).
 
     Raises ``BadImageError`` for a constant volume (nothing above the mean: no body to segment).
@@ -124,7 +124,7 @@ def preprocess(array: np.ndarray, affine: Optional[np.ndarray] = None, image_siz
     axis_map = AxisMap.from_affine(affine, array.shape, reorient=reorient)
     key = key or content_key(array, axis_map, image_size)
     model_array = axis_map.to_model(array)
-    normalized = normalize_intensity(model_array)
+    normalized = reference_normalize(model_array)
     del model_array
     crop = foreground_crop(normalized)
     native = np.ascontiguousarray(normalized[crop.slices])

@@ -49,6 +49,8 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 
 from lib.validation import check_name
 from segvol.errors import BadImageError
+from segvol.io import fsync_dir as _fsync_dir
+from segvol.io import replace_durably
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +77,8 @@ def fault_point(name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- atomic writes
 def fsync_dir(folder: str) -> None:
-    fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """``segvol.io.fsync_dir``, strict: a datastore write whose folder cannot be synced fails."""
+    _fsync_dir(folder, strict=True)
 
 
 def temp_path(dest: str) -> str:
@@ -127,8 +126,7 @@ def atomic_write(dest: str, content, kind: str, before_rename=None) -> os.stat_r
         if before_rename is not None:
             before_rename(stat)
         fault_point(f"{kind}-before-rename")
-        os.replace(tmp, dest)
-        fsync_dir(os.path.dirname(dest))
+        replace_durably(tmp, dest, strict=True)  # segvol.io: rename, then fsync the folder
         return stat
     finally:
         if os.path.lexists(tmp):

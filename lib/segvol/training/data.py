@@ -24,19 +24,17 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..frames import bounding_box
-from ..io import read_image
+from ..io import NIFTI_SUFFIXES, read_image, strip_image_suffix
 from ..preprocess import PreparedImage, preprocess
 
 logger = logging.getLogger("segvol.training")
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BACKGROUND_NAMES = {"background", "bg", "_background_"}
 
 
@@ -108,20 +106,14 @@ def _case_id(item: Any) -> str:
     raise ValueError(f"cannot find the case id in {item!r} (expected a string or an object with 'patient'/'id')")
 
 
-def strip_nifti(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
-
-
 def load_dataset(path: str, select: Optional[slice] = None, pseudo_dir: Optional[str] = None) -> List[Case]:
     """A dataset folder (with ``dataset.json``) or a datalist JSON file -> cases (``select`` slices the case list)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         spec_path = os.path.join(path, "dataset.json")
         if not os.path.isfile(spec_path):
-            raise FileNotFoundError(f"{path!r} has no dataset.json (expected 'labels' and 'cases', see scripts/train.py)")
+            raise FileNotFoundError(f"{path!r} has no dataset.json (expected 'labels' and 'cases', "
+                                    "see scripts/train.py)")
         base = path
     elif os.path.isfile(path):
         spec_path, base = path, os.path.dirname(os.path.abspath(path))
@@ -159,7 +151,7 @@ def datalist_from_spec(spec: Any, base: str) -> List[Case]:
         if isinstance(item, dict) and "image" in item and "label" in item:
             image = _resolve(base, item["image"])
             label = _resolve(base, item["label"])
-            case_id = item.get("id") or strip_nifti(os.path.basename(image))
+            case_id = item.get("id") or strip_image_suffix(os.path.basename(image))
         else:
             case_id = _case_id(item)
             if not image_suffix or not label_suffix:
@@ -184,7 +176,7 @@ def attach_pseudo_labels(cases: Sequence[Case], folder: str) -> int:
     """Set ``case.pseudo`` to ``<folder>/<case id or image name>.nii(.gz)`` where such a file exists; -> count."""
     found = 0
     for case in cases:
-        stems = [case.id, strip_nifti(os.path.basename(case.image))]
+        stems = [case.id, strip_image_suffix(os.path.basename(case.image))]
         for stem in stems:
             hit = next((os.path.join(folder, stem + s) for s in NIFTI_SUFFIXES
                         if os.path.isfile(os.path.join(folder, stem + s))), None)
@@ -201,7 +193,7 @@ def cases_from_datastore(datastore, default_names: Dict[int, str], pseudo_tag: s
     cases = []
     for item in datastore.datalist():
         image, label = item["image"], item["label"]
-        case_id = strip_nifti(os.path.basename(image))
+        case_id = strip_image_suffix(os.path.basename(image))
         names = dict(default_names)
         try:
             info = datastore.get_label_info(case_id, "final") or {}
@@ -442,13 +434,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), 7919]).permutation(n)
 
 
-def label_box(mask: np.ndarray) -> Optional[np.ndarray]:
-    """Tight inclusive box of a boolean mask (``segvol.frames.bounding_box``), None when empty."""
-    return bounding_box(np.asarray(mask, dtype=bool))
-
-
 __all__ = [
     "Case", "CaseStore", "PreparedCase", "View", "ViewConfig", "attach_pseudo_labels", "cases_from_datastore",
-    "datalist_from_spec", "epoch_order", "label_box", "load_dataset", "parse_label_names", "prepare_case",
+    "datalist_from_spec", "epoch_order", "load_dataset", "parse_label_names", "prepare_case",
     "sample_view", "split_cases", "view_rng",
 ]

@@ -11,7 +11,6 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..frames import bounding_box
 from .data import CaseStore

@@ -16,7 +16,7 @@ length with label -1 (the prompt encoder's "not a point").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -112,7 +112,8 @@ def sample_points(mask: np.ndarray, box: np.ndarray, rng: np.random.Generator, c
             far = np.unique(candidates)[:n_far]
         negatives = np.concatenate([from_ring, far]).astype(np.int64)
     flat = np.concatenate([positives, negatives]).astype(np.int64)
-    coords = np.stack(np.unravel_index(flat, shape), axis=1).astype(np.float32) if flat.size else np.zeros((0, 3), np.float32)
+    coords = (np.stack(np.unravel_index(flat, shape), axis=1).astype(np.float32) if flat.size
+              else np.zeros((0, 3), np.float32))
     labels = np.concatenate([np.ones(len(positives), np.int64), np.zeros(len(negatives), np.int64)])
     return coords, labels
 

@@ -11,14 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
+from segvol.checkpoint import checkpoint_id
+from segvol.training.losses import dice_score
+
 from .base import ImageScoring
 
 DEFAULT_LABELS = ("liver", "spleen", "kidney left", "kidney right", "pancreas", "stomach", "aorta")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
 class DisagreementScoring(ImageScoring):
@@ -41,13 +39,11 @@ class DisagreementScoring(ImageScoring):
         return self.key in info and info.get(f"{self.key}_model") == self._model_id()
 
     def _model_id(self):
+        """The served checkpoint's ``segvol.checkpoint.checkpoint_id`` (None when there is none)."""
         try:
-            path = self.service.weights_file()
+            return checkpoint_id(self.service.weights_file())
         except Exception:
             return None
-        import os
-
-        return f"{os.path.basename(path)}:{os.stat(path).st_mtime_ns}"
 
     def score(self, image_id, path):
         def both(engine):
@@ -60,6 +56,6 @@ class DisagreementScoring(ImageScoring):
         for name, value in fine.labels.items():
             a, b = coarse.label == coarse.labels[name], fine.label == value
             if a.any() or b.any():
-                scores.append(dice(a, b))
+                scores.append(dice_score(a, b))
         disagreement = 1.0 - (float(np.mean(scores)) if scores else 1.0)
         return {self.key: round(disagreement, 6), f"{self.key}_model": self._model_id()}

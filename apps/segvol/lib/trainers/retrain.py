@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from segvol.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 MISSING = object()
@@ -55,11 +56,7 @@ class RetrainCounter:
         return {"count": 0, "total": 0, "seen": {}, "queued": []}
 
     def _write(self, state: Dict[str, Any]) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(state, handle, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, state)
 
     def on_save_label(self, datastore, image_id: str, label_id: str,
                       queue: Callable[[], Optional[Dict[str, Any]]], pending: Callable[[], bool]) -> Dict[str, Any]:
@@ -86,7 +83,8 @@ class RetrainCounter:
             self._write(state)
             return {"retrain": summary}
 
-    def _maybe_queue(self, state: Dict[str, Any], summary: Dict[str, Any], queue: Callable[[], Optional[Dict[str, Any]]],
+    def _maybe_queue(self, state: Dict[str, Any], summary: Dict[str, Any],
+                     queue: Callable[[], Optional[Dict[str, Any]]],
                      pending: Callable[[], bool]) -> None:
         """At the threshold: queue one run (or rely on the one waiting) and restart the count."""
         if state["count"] >= self.threshold:

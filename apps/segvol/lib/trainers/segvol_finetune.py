@@ -129,10 +129,8 @@ class SegVolFinetune(TrainTask):
             from segvol.checkpoint import resolve_weights_file
 
             weights = resolve_weights_file(self.service.weights)  # the served base weights (--conf weights)
-        tokenizer = self.service.tokenizer
-        if tokenizer is None:
-            tokenizer = self.service.weights if os.path.isdir(self.service.weights) else \
-                os.path.dirname(os.path.abspath(self.service.weights))
+        # segvol.checkpoint.find_tokenizer: --conf tokenizer, else beside the served weights (a file or a folder)
+        tokenizer = self.service.tokenizer or self.service.weights
         resume = values["resume"]
         resume = "auto" if str(resume).lower() == "auto" else _bool(resume)
         minutes = float(values["minutes"] or 0)

@@ -18,6 +18,8 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
+from segvol.io import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 STATS = "train_stats.json"
@@ -98,14 +100,8 @@ def read_stats(path: str) -> Dict[str, Any]:
 
 
 def write_stats(path: str, stats: Dict[str, Any]) -> None:
-    """Atomic: temp file in the same folder, fsync, rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(stats, handle, indent=1, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Atomic (``segvol.io.atomic_write_json``: temp file in the same folder, fsync, rename)."""
+    atomic_write_json(path, stats)
 
 
 def _live_runs(model_dir: str) -> List[str]:

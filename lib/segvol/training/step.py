@@ -1,0 +1,208 @@
+"""One optimizer step's data and loss: a batch of sampled views with their prompt targets (``build_batch``), the
+differentiable step (``TrainStep``: encode each image once, decode every category under every prompt combination,
+Dice + BCE, plus the weighted FH pseudo-label terms; the module DDP wraps) and the ``Prefetcher`` that builds the next
+batch on a thread while the current one trains.
+
+One optimizer step:
+
+1. a batch of views (``data.sample_view``: zoom-out views and native crops) is drawn, and for every category present
+   in a view a box and points are sampled (``prompts.sample_prompts``);
+2. each image is **encoded once**; all categories and all six prompt combinations (point+text, box+text, text, box,
+   point, box+point) are decoded against that embedding (the reference re-encoded the image per category);
+3. the loss is the sum over combinations of the mean per-sample Dice + BCE (``losses``), plus ``pseudo_weight`` (0.1)
+   times the same on FH pseudo-label targets when a case has them;
+4. AdamW with linear warm-up and cosine decay (``schedule.WarmupCosine``, lr > 0 from the first step), optional
+   gradient clipping, autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler): ``Trainer.train_step``.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..modeling.segvol import SegVol
+from .losses import dice_bce_loss
+from .prompts import (
+    COMBINATIONS,
+    PromptConfig,
+    PromptSample,
+    combination_parts,
+    pseudo_target,
+    sample_prompts,
+    stack_boxes,
+    stack_points,
+)
+
+
+@dataclass
+class Target:
+    sample: int  # index of the view in the batch
+    text: Optional[str]
+    mask: np.ndarray  # (D, H, W) bool
+    prompts: PromptSample
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 1, D, H, W)
+    targets: List[Target]
+    pseudo: List[Tuple[str, Target]] = field(default_factory=list)  # (kind, target)
+    kinds: List[str] = field(default_factory=list)
+    combinations: Optional[Tuple[str, ...]] = None  # this step's prompt combinations (None: all)
+
+
+def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, pseudo_passes: int,
+                combinations: Sequence[str] = COMBINATIONS, per_step: int = 0) -> Batch:
+    targets: List[Target] = []
+    pseudo: List[Tuple[str, Target]] = []
+    for index, (view, rng) in enumerate(zip(views, rngs)):
+        values = list(view.texts)
+        if len(values) > max_categories:
+            values = [values[i] for i in sorted(rng.choice(len(values), size=max_categories, replace=False))]
+        label = view.label.numpy()
+        for value in values:
+            mask = label == value
+            targets.append(Target(index, view.texts[value], mask, sample_prompts(mask, rng, prompt_config)))
+        if view.pseudo is not None and pseudo_passes > 0:
+            pseudo_map = view.pseudo.numpy()
+            for number in range(pseudo_passes):
+                kind = "point" if number % 2 == 0 else "box"
+                found = pseudo_target(pseudo_map, rng, kind, prompt_config)
+                if found is not None:
+                    pseudo.append((kind, Target(index, None, found[0], found[1])))
+    images = torch.stack([v.image for v in views])
+    chosen = None
+    if 0 < per_step < len(combinations):
+        chosen = tuple(combinations[i] for i in sorted(rngs[0].choice(len(combinations), per_step, replace=False)))
+    return Batch(images=images, targets=targets, pseudo=pseudo, kinds=[v.kind for v in views], combinations=chosen)
+
+
+class TrainStep(nn.Module):
+    """``forward(batch) -> (loss, parts)`` for one batch; the module DDP wraps."""
+
+    def __init__(self, model: SegVol, freeze: Sequence[str], combinations: Sequence[str], pseudo_weight: float,
+                 loss_resolution: str = "full"):
+        super().__init__()
+        self.model = model
+        self.loss_resolution = loss_resolution
+        self.freeze = set(freeze)
+        self.combinations = tuple(combinations)
+        self.pseudo_weight = float(pseudo_weight)
+        self._pooled: Dict[str, torch.Tensor] = {}  # frozen CLIP tower output per name
+
+    def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
+        encoder = self.model.text_encoder
+        device = encoder.dim_align.weight.device
+        if "text_encoder" in self.freeze:
+            missing = [n for n in dict.fromkeys(names) if n not in self._pooled]
+            if missing:
+                with torch.no_grad():
+                    tokens = encoder.tokenize(missing)
+                    pooled = encoder.clip_text_model(tokens["input_ids"].to(device),
+                                                     tokens["attention_mask"].to(device)).float()
+                for name, row in zip(missing, pooled):
+                    self._pooled[name] = row
+            pooled = torch.stack([self._pooled[n] for n in names])
+        else:
+            tokens = encoder.tokenize(list(names))
+            pooled = encoder.clip_text_model(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        if "dim_align" in self.freeze:
+            with torch.no_grad():
+                return encoder.dim_align(pooled)
+        return encoder.dim_align(pooled)
+
+    def _decode_loss(self, embedding, targets: Sequence[Target], use_text: bool, use_box: bool, use_points: bool,
+                     text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor], truth: torch.Tensor):
+        device = embedding.device
+        index = torch.as_tensor([t.sample for t in targets], device=device)
+        prompts = [t.prompts for t in targets]
+        text = text_table[text_index] if use_text else None
+        boxes = stack_boxes(prompts, device) if use_box else None
+        points = stack_points(prompts, device) if use_points else None
+        low_res = self.model.decode(embedding[index], text, boxes, points)
+        logits = low_res if self.loss_resolution == "low" else self.model.upsample(low_res)
+        return dice_bce_loss(logits, truth).mean()
+
+    def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
+        """(N, 1, *image_size) float targets, area-averaged to the decoder's grid for ``loss_resolution='low'``."""
+        truth = torch.from_numpy(np.stack(masks)[:, None]).to(device=device, dtype=torch.float32)
+        if self.loss_resolution == "low":
+            factor = [s // l for s, l in zip(self.model.config.image_size, self.model.config.low_res_size)]
+            if any(f > 1 for f in factor):
+                truth = torch.nn.functional.avg_pool3d(truth, kernel_size=factor, stride=factor)
+        return truth
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        model = self.model
+        images = batch.images.to(model.device)
+        if "image_encoder" in self.freeze:
+            with torch.no_grad():
+                embedding = model.image_encoder(images)
+        else:
+            embedding = model.image_encoder(images)
+        parts: Dict[str, float] = {}
+        losses = []
+        if batch.targets:
+            truth = self._truth([t.mask for t in batch.targets], images.device)
+            names = list(dict.fromkeys(t.text for t in batch.targets))
+            table = self.text_embeddings(names)
+            text_index = torch.as_tensor([names.index(t.text) for t in batch.targets], device=images.device)
+            for combination in batch.combinations or self.combinations:
+                use_text, use_box, use_points = combination_parts(combination)
+                loss = self._decode_loss(embedding, batch.targets, use_text, use_box, use_points, table, text_index,
+                                         truth)
+                losses.append(loss)
+                parts[combination] = float(loss.detach())
+        if batch.pseudo and self.pseudo_weight > 0:
+            for kind in ("point", "box"):
+                group = [t for k, t in batch.pseudo if k == kind]
+                if not group:
+                    continue
+                truth = self._truth([t.mask for t in group], images.device)
+                loss = self._decode_loss(embedding, group, False, kind == "box", kind == "point", None, None, truth)
+                losses.append(self.pseudo_weight * loss)
+                parts[f"pseudo_{kind}"] = float(loss.detach())
+        if not losses:  # nothing to learn from in this batch: a zero loss that still touches every parameter (DDP)
+            zero = sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad),
+                       torch.zeros((), device=images.device))
+            return zero, parts
+        return torch.stack(losses).sum(), parts
+
+
+class Prefetcher:
+    """Builds the next batch on a background thread while the current one trains."""
+
+    def __init__(self, make: Callable[[int], Batch], steps: Sequence[int], enabled: bool):
+        self.make, self.steps, self.enabled = make, list(steps), enabled
+
+    def __iter__(self):
+        if not self.enabled or len(self.steps) < 2:
+            for step in self.steps:
+                yield step, self.make(step)
+            return
+        result: Dict[str, Any] = {}
+
+        def work(step):
+            try:
+                result["batch"] = self.make(step)
+            except BaseException as error:  # re-raised in the consumer
+                result["error"] = error
+
+        thread = threading.Thread(target=work, args=(self.steps[0],), daemon=True)
+        thread.start()
+        for position, step in enumerate(self.steps):
+            thread.join()
+            if "error" in result:
+                raise result.pop("error")
+            batch = result.pop("batch")
+            if position + 1 < len(self.steps):
+                thread = threading.Thread(target=work, args=(self.steps[position + 1],), daemon=True)
+                thread.start()
+            yield step, batch
+
+
+__all__ = ["Batch", "Prefetcher", "Target", "TrainStep", "build_batch"]

@@ -13,18 +13,19 @@ import os
 from typing import Dict
 
 from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.exception import MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
 from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy
 from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer, SegVolScribblesInfer
 from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring
 from lib.service import SegVolService, WeightsUnavailableError
-from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.exception import MONAILabelException
-from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.interfaces.tasks.scoring import ScoringMethod
-from monailabel.interfaces.tasks.strategy import Strategy
-
 from segvol.errors import SegVolInputError
+from segvol.modes import DEFAULT_MODE, Mode
 from segvol.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 PROJECT_DIR = os.path.dirname(os.path.dirname(APP_DIR))
 DEFAULT_MODELS_DIR = os.path.join(PROJECT_DIR, "models")
-MODES = ("zoom_out_zoom_in", "zoom_out")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -48,16 +48,14 @@ def _last_train_task(model: str):
 
 class SegVolApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        mode = conf.get("zoom", "zoom_out_zoom_in")
+        mode = Mode.parse(conf.get("zoom", DEFAULT_MODE), "--conf zoom").value  # a ValueError when unknown
         device = conf.get("device", "auto")
-        if mode not in MODES:
-            raise ValueError(f"--conf zoom must be one of {MODES}, got {mode!r}")
         if device not in DEVICES and not device.startswith("cuda:"):
             raise ValueError(f"--conf device must be one of {DEVICES} (or cuda:N), got {device!r}")
         precision = conf.get("precision", "auto").strip().lower()
         if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"--conf precision must be auto, fp32, bf16 or fp16 (int8 is not served: it lost more "
-                             f"than 0.005 Dice on real anatomy, see the README), got {precision!r}")
+            raise ValueError(f"--conf precision must be auto, fp32, bf16 or fp16 (int8 is not served until its "
+                             f"accuracy on real anatomy is shown, see the README), got {precision!r}")
         vocabulary = Vocabulary.load(conf.get("labels") or None)
         self.service = SegVolService(
             weights=conf.get("weights", DEFAULT_MODELS_DIR),
@@ -158,8 +156,9 @@ class SegVolApp(MONAILabelApp):
         sidecars, upload checks); ``http(s)://`` studies keep MONAI Label's dispatch to ``init_remote_datastore``."""
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        from lib.datastore import SegVolDatastore
         from monailabel.config import settings
+
+        from lib.datastore import SegVolDatastore
 
         return SegVolDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -168,16 +167,16 @@ class SegVolApp(MONAILabelApp):
     def init_remote_datastore(self):
         """DICOMweb datastore (``--studies http(s)://...``), offline and failing clearly.
 
-        ``deploy/dcmqi`` (a pydicom-seg DICOM SEG writer) goes on PATH so MONAI Label does not try to download dcmqi;
+        dcmqi's ``itkimage2segimage`` (the ``dcmqi`` package of requirements.txt, in this Python's bin folder) goes on
+        PATH, so MONAI Label finds it and never tries to download dcmqi;
         a save the DICOMweb server refuses is answered 502 with the reason (nothing stored, the client keeps the
         label); ``/info`` (also called by ``/infer``) survives an unreachable server with the last known status.
         """
         import shutil
         import sys
 
-        tools = os.path.join(PROJECT_DIR, "deploy", "dcmqi")
-        if not shutil.which("itkimage2segimage") and os.path.isdir(tools):
-            os.environ["PATH"] = os.pathsep.join([tools, os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        if not shutil.which("itkimage2segimage"):
+            os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
         from lib.dicomweb import SegVolDICOMwebDatastore
 
         def pacs_labels_arrived(arrived):  # SEGs other viewers stored into the PACS: each counts once (lib.dicomweb)

@@ -454,7 +454,8 @@ def test_end_to_end_official_size_on_example_ct_sm(official_filled_model):
     assert plan.used == expected and len(plan.used) >= 1
     assert all(plan.windows[i].box_to_window(plan.core) is not None for i in plan.used)
     assert result.stats["encoder_forwards"] == 1 + len(plan.used)
-    assert set(result.stats["seconds"]) >= {"preprocess", "zoom_out_encode", "zoom_out_decode", "zoom_in_encode", "zoom_in_decode", "blend"}
+    assert set(result.stats["seconds"]) >= {"preprocess", "zoom_out_encode", "zoom_out_decode", "zoom_in_encode",
+                                             "zoom_in_decode", "blend"}
 
 
 def test_end_to_end_real_ct_with_official_window_size_runs_only_where_the_roi_is():

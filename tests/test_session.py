@@ -96,3 +96,28 @@ def test_prompts_are_validated_once_on_construction():
         Prompts(box=[5, 0, 0, 1, 5, 5])
     with pytest.raises(BadPromptError, match="labels"):
         Prompts(points=[(1, 2, 3, 2)])
+
+
+def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(small_model):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "segvol"))
+    try:
+        from lib.service import SegVolService
+    finally:
+        sys.path.pop(0)
+    array, affine, _ = synthetic_ct()
+    other = np.ascontiguousarray(array[::-1])
+    service = SegVolService(weights="", max_sessions=2)
+    engine = SegVolEngine(small_model, mode="zoom_out")
+    service.engine = lambda: engine  # no checkpoint file: the engine is given
+    seen = lambda image, client=None: service.run_session(image, lambda session: session, client_id=client)  # noqa
+    first = seen(array)
+    assert seen(array) is first  # the same image, no client: the same session
+    assert seen(array, "annotator-2") is not first  # another client: its own state
+    run = service.run_session(array, lambda session: session.segment(texts=["liver"]), client_id="annotator-2")
+    assert run.stats["encoder_forwards"] == 1
+    run = service.run_session(array, lambda session: session.segment(texts=["liver"]))
+    assert run.stats["encoder_forwards"] == 0  # the content-keyed zoom-out embedding is shared
+    seen(other)  # a third session: the least recently used one ("annotator-2") goes
+    assert len(service._sessions) == 2 and seen(array) is first
+    engine = SegVolEngine(small_model, mode="zoom_out")  # another checkpoint: no session survives
+    assert seen(array) is not first and len(service._sessions) == 1

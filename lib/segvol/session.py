@@ -248,7 +248,7 @@ class ImageSession:
         for first in range(0, len(zoom_in.used), engine.window_block):
             block = zoom_in.used[first:first + engine.window_block]
             requests: List[DecodeRequest] = []
-            work = []  # (step, window index, window, categories needing it, pending decoder requests)
+            work = []  # (step, window, categories needing it, pending decoder requests)
             for step, index in enumerate(block, start=first):
                 window = zoom_in.windows[index]
                 needing = [p for p in plans if index in p.windows]
@@ -264,14 +264,14 @@ class ImageSession:
                         out[(index, plan.name)] = (key, cached)
                     elif box is not None or points is not None or with_text:
                         pending.append(DecodeRequest(index, plan, box, points, key))
-                work.append((step, index, window, needing, pending))
+                work.append((step, window, needing, pending))
             fresh: Dict[Tuple[int, ...], torch.Tensor] = {}
             if engine.encode_batch > 1:  # GPU: the block's windows to decode in batched encoder forwards
                 tick = time.perf_counter()
-                fresh = engine.encode_windows(prepared, [window for _, _, window, _, pending in work if pending],
+                fresh = engine.encode_windows(prepared, [window for _, window, _, pending in work if pending],
                                               counters)
                 seconds["zoom_in_encode"] += time.perf_counter() - tick
-            for step, index, window, needing, pending in work:
+            for step, window, needing, pending in work:
                 if pending:
                     tick = time.perf_counter()
                     embedding = fresh.get(window.start)

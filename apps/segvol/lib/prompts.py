@@ -1,4 +1,7 @@
-"""Parsing and validation of the prompt fields clients send, into one neutral form.
+"""Parsing of the prompt fields clients send (OHIF vista3d points and label indices, Slicer clicks, ROI and segment
+name, the project's own ``texts``/``box``) straight into the library's one prompt type: ``Prompts`` here is
+``segvol.prompts.Prompts`` (validated on construction) plus what the app echoes and numbers by (``requested``,
+``values``, ``segment_name``); the engine's session takes it as it is.
 
 All coordinates are voxel indices (i, j, k) of the image as stored in the file or DICOM series, which is what OHIF
 and Slicer send. Malformed input raises ``BadPromptError``/``BadTextError``, which the app answers with HTTP 4xx.
@@ -7,8 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import segvol.prompts
 from segvol.errors import BadPromptError, BadTextError
 from segvol.vocabulary import Vocabulary
 
@@ -19,22 +23,13 @@ Box = Tuple[int, int, int, int, int, int]  # i0, j0, k0, i1, j1, k1 (inclusive)
 _GENERIC_SEGMENT = re.compile(r"^\s*(segment|label|background|foreground)?[\s_-]*\d*\s*$", re.IGNORECASE)
 
 
-@dataclass
-class Prompts:
-    texts: List[str] = field(default_factory=list)  # text prompts (training strings or free text)
-    positive: List[Point] = field(default_factory=list)
-    negative: List[Point] = field(default_factory=list)
-    box: Optional[Box] = None
+@dataclass(frozen=True)
+class Prompts(segvol.prompts.Prompts):
+    """A request's prompts (built with ``Prompts.from_clicks``) and what the app needs beside them."""
+
     requested: List[Any] = field(default_factory=list)  # what the client asked for, echoed in the response
     values: Dict[str, int] = field(default_factory=dict)  # text -> the label value its label_prompt index asks for
     segment_name: Optional["SegmentName"] = None  # how a client's segment name was treated (interactive faces)
-
-    def is_empty(self) -> bool:
-        return not (self.texts or self.positive or self.box)
-
-    def to_json(self) -> dict:
-        return {"texts": self.texts, "positive_points": [list(p) for p in self.positive],
-                "negative_points": [list(p) for p in self.negative], "box": list(self.box) if self.box else None}
 
 
 def _as_bool(value: Any) -> bool:
@@ -63,33 +58,32 @@ def parse_points(value: Any, what: str) -> List[Point]:
     return [parse_point(v, f"{what}[{n}]") for n, v in enumerate(value)]
 
 
-def parse_slicer_roi(value: Any) -> Optional[Box]:
-    """Slicer's ``roi = [i0, i1, j0, j1, k0, k1]``; each pair may come reversed (RAS->IJK flips), so it is sorted."""
+def _six_indices(value: Any, name: str, layout: str) -> Optional[List[int]]:
+    """A request field of 6 voxel indices (rounded), or None when absent."""
     if value in (None, "", []):
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 6:
-        raise BadPromptError(f"roi must be [i0, i1, j0, j1, k0, k1] (6 voxel indices), got {value!r}")
+        raise BadPromptError(f"{name} must be {layout} (6 voxel indices), got {value!r}")
     try:
-        numbers = [int(round(float(v))) for v in value]
-    except (TypeError, ValueError):
-        raise BadPromptError(f"roi must hold six numbers, got {value!r}") from None
+        return [int(round(float(v))) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        raise BadPromptError(f"{name} must hold six numbers, got {value!r}") from None
+
+
+def parse_slicer_roi(value: Any) -> Optional[Box]:
+    """Slicer's ``roi = [i0, i1, j0, j1, k0, k1]``; each pair may come reversed (RAS->IJK flips), so it is sorted."""
+    numbers = _six_indices(value, "roi", "[i0, i1, j0, j1, k0, k1]")
+    if numbers is None:
+        return None
     (i0, i1), (j0, j1), (k0, k1) = (sorted(numbers[a:a + 2]) for a in (0, 2, 4))
     return (i0, j0, k0, i1, j1, k1)
 
 
 def parse_box(value: Any) -> Optional[Box]:
-    """The project's own ``box = [i0, j0, k0, i1, j1, k1]`` (inclusive), for scripts and the Python client."""
-    if value in (None, "", []):
-        return None
-    if not isinstance(value, (list, tuple)) or len(value) != 6:
-        raise BadPromptError(f"box must be [i0, j0, k0, i1, j1, k1] (6 voxel indices), got {value!r}")
-    try:
-        numbers = [int(round(float(v))) for v in value]
-    except (TypeError, ValueError):
-        raise BadPromptError(f"box must hold six numbers, got {value!r}") from None
-    if any(numbers[a] > numbers[a + 3] for a in range(3)):
-        raise BadPromptError(f"box must have i0 <= i1, j0 <= j1, k0 <= k1, got {value!r}")
-    return tuple(numbers)  # type: ignore[return-value]
+    """The project's own ``box = [i0, j0, k0, i1, j1, k1]`` (inclusive), for scripts and the Python client; an
+    inverted box is refused by ``Prompts``."""
+    numbers = _six_indices(value, "box", "[i0, j0, k0, i1, j1, k1]")
+    return None if numbers is None else tuple(numbers)  # type: ignore[return-value]
 
 
 def parse_label_prompt(request: dict, lookup: Callable[[int], str]) -> List[Tuple[str, int]]:
@@ -205,7 +199,8 @@ def vista_points(request: dict) -> Tuple[List[Point], List[Point]]:
     if not points:
         return [], []
     if not isinstance(labels, (list, tuple)) or len(labels) != len(points):
-        raise BadPromptError(f"point_labels must give one label (1 or 0) per point: {len(points)} points, labels {labels!r}")
+        raise BadPromptError(f"point_labels must give one label (1 or 0) per point: {len(points)} points, "
+                             f"labels {labels!r}")
     positive, negative = [], []
     for point, label in zip(points, labels):
         if label in (1, "1", True):
@@ -219,7 +214,3 @@ def vista_points(request: dict) -> Tuple[List[Point], List[Point]]:
 
 def requested_free_text(request: dict) -> bool:
     return _as_bool(request.get("free_text", False))
-
-
-def unique(points: Sequence[Point]) -> List[Point]:
-    return list(dict.fromkeys(points))

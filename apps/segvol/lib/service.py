@@ -8,6 +8,12 @@ working server down: the engine already loaded keeps serving; with none loaded y
 did load (``segvol_finetuned.last_good.pt``, an atomic copy made each time a newly published checkpoint loads) is
 tried, then the configured base weights. A 503 only comes when none of them loads. Every fallback is logged and
 ``status()`` (``model_status`` in ``/info``) tells which checkpoint serves and why.
+
+Requests run in image sessions (``run_session``): one ``segvol.session.ImageSession`` per image content and client
+(``client_id`` when the request carries one), at most ``max_sessions`` of them, least recently used dropped first, all
+dropped when another checkpoint starts serving. A session keeps its zoom-out embedding, grids and blending sums, so a
+client's next click on the same image costs only the windows it changes; two clients never see each other's state.
+Lock order: the service lock, then the engine's.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from segvol.checkpoint import CheckpointError, resolve_weights_file
+from segvol.modes import DEFAULT_MODE
 from segvol.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -61,9 +69,9 @@ def _fsync_dir(folder: str) -> None:
 
 
 class SegVolService:
-    def __init__(self, weights: str, tokenizer: str = "", device: str = "auto", mode: str = "zoom_out_zoom_in",
+    def __init__(self, weights: str, tokenizer: str = "", device: str = "auto", mode: str = DEFAULT_MODE.value,
                  cache_mb: int = 2048, vocabulary: Optional[Vocabulary] = None, published: str = "",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", max_sessions: int = 8):
         self.weights = weights
         self.precision = precision  # image encoder (segvol.accel); "auto": bf16 where native, else fp32
         self.tokenizer = tokenizer or None
@@ -79,6 +87,9 @@ class SegVolService:
         self._loaded_ts: Optional[float] = None
         self._failed: Dict[Stamp, str] = {}  # checkpoints that did not load (not retried until the file changes)
         self._error: Optional[Dict[str, Any]] = None  # the last load failure, while it still matters
+        self.max_sessions = max(1, int(max_sessions))
+        self._sessions: "OrderedDict[Tuple[str, str], Any]" = OrderedDict()  # (content key, client) -> session
+        self._sessions_engine = None  # the engine the sessions belong to
 
     # ------------------------------------------------------------------------------------------------------------
     # which file
@@ -271,3 +282,30 @@ class SegVolService:
         engine = self.engine()
         with self._lock:
             return function(engine)
+
+    def run_session(self, image, function, client_id: Optional[str] = None):
+        """Run ``function(session)`` under the service lock, in the session of ``image`` for ``client_id``."""
+        engine = self.engine()
+        with self._lock:
+            return function(self._session(engine, image, client_id))
+
+    def _session(self, engine, image, client_id: Optional[str]):
+        if self._sessions_engine is not engine:  # another checkpoint: nothing of the old sessions applies
+            self.close_sessions()
+            self._sessions_engine = engine
+        opened = engine.open(image)  # cheap for an image seen before (its prepared form is cached)
+        key = (opened.key, str(client_id or ""))
+        session = self._sessions.get(key)
+        if session is not None:
+            self._sessions.move_to_end(key)
+            # the same voxels may come with another file's geometry: the result is written with this request's
+            session.affine, session.header, session.source = opened.affine, opened.header, opened.source
+            return session
+        self._sessions[key] = opened
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)[1].close()
+        return opened
+
+    def close_sessions(self) -> None:
+        while self._sessions:
+            self._sessions.popitem(last=False)[1].close()

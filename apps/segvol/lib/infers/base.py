@@ -1,4 +1,5 @@
-"""What every SegVol infer task shares: run the engine on the request's image and write the label file."""
+"""What every SegVol infer task shares: turn the request into ``Prompts``, run them in the service's session for the
+request's image (and ``client_id``), renumber the labels the way the face promised, and write the label file."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from segvol.errors import BadRequestError
+from segvol.modes import Mode
 
 from ..prompts import Prompts
 from ..service import SegVolService
@@ -80,18 +82,14 @@ class SegVolInferTask(InferTask):
         prompts = self.prompts(request)
         if prompts.is_empty():
             raise BadRequestError(self.no_prompt_message(prompts))
-        mode = request.get("zoom", self.service.mode)
-        if mode not in ("zoom_out_zoom_in", "zoom_out"):
-            raise BadRequestError(f"zoom must be 'zoom_out_zoom_in' or 'zoom_out', got {mode!r}")
+        mode = Mode.parse(request.get("zoom", self.service.mode), "zoom").value
         image = request["image"]
         if not isinstance(image, str):
             raise BadRequestError("this task needs an image file or datastore id")
         values = {} if self.class_agnostic() or not prompts.texts else self.label_values(prompts)
 
-        result = self.service.run(lambda engine: engine.segment(
-            image, texts=prompts.texts or None, box=prompts.box,
-            points=[(*p, 1) for p in prompts.positive] + [(*p, 0) for p in prompts.negative] or None,
-            mode=mode))
+        result = self.service.run_session(image, lambda session: session.segment(prompts, mode=mode),
+                                          client_id=request.get("client_id"))
 
         vocabulary = self.service.vocabulary
         if not values:

@@ -48,4 +48,4 @@ class SegVolAutoInfer(SegVolInferTask):
     def prompts(self, request) -> Prompts:
         texts, values = parse_texts(request, self.service.vocabulary, lookup=self.position)
         texts = texts or list(self.auto_labels)
-        return Prompts(texts=texts, requested=texts, values=values)
+        return Prompts.from_clicks(texts=texts, requested=texts, values=values)

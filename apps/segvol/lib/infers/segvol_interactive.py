@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from ..prompts import (Prompts, SegmentName, parse_box, parse_points, parse_segment_name,
-                       parse_slicer_roi, parse_texts, requested_free_text)
+from ..prompts import (
+    Prompts,
+    SegmentName,
+    parse_box,
+    parse_points,
+    parse_segment_name,
+    parse_slicer_roi,
+    parse_texts,
+    requested_free_text,
+)
 from .base import SegVolInferTask
 
 
@@ -37,7 +45,7 @@ class SegVolInteractiveInfer(SegVolInferTask):
         extra, _ = parse_texts(request, vocabulary)
         texts += [t for t in extra if t not in texts]
         box = parse_slicer_roi(request.get("roi")) or parse_box(request.get("box"))
-        return Prompts(
+        return Prompts.from_clicks(
             texts=texts[:1],  # one object per request: the current segment
             positive=parse_points(request.get("foreground"), "foreground"),
             negative=parse_points(request.get("background"), "background"),

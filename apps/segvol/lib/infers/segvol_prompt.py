@@ -40,7 +40,7 @@ class SegVolPromptInfer(SegVolInferTask):
             logger.info("%d labels requested (more than max_labels=%d): segmenting the %d auto labels among them",
                         len(texts), limit, len(subset))
             texts = subset or texts[:limit]
-        return Prompts(
+        return Prompts.from_clicks(
             texts=texts,
             positive=positive,
             negative=negative,

@@ -7,9 +7,8 @@
 #   SEGVOL_START_ORTHANC=1   also start Orthanc (scripts/orthanc.py start, sample studies uploaded) if none answers
 # Extra arguments go to `monailabel start_server`, e.g. --conf weights /path/to/SegVol_v1.pth --conf device cuda
 #
-# DICOM SEG: MONAI Label writes the SEG of a saved label with dcmqi's itkimage2segimage and downloads dcmqi from GitHub
-# at start when it is missing; deploy/dcmqi is put first on PATH so the offline pydicom-seg stand-in is used instead
-# (a real dcmqi already on PATH is not used: set SEGVOL_USE_SYSTEM_DCMQI=1 to prefer it).
+# DICOM SEG: MONAI Label writes the SEG of a saved label with dcmqi's itkimage2segimage (the dcmqi package of
+# requirements.txt, installed in .venv/bin by setup_env.sh and first on PATH), so it never downloads dcmqi.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
@@ -30,11 +29,7 @@ then
   exit 1
 fi
 
-if [ "${SEGVOL_USE_SYSTEM_DCMQI:-0}" = "1" ]; then
-  export PATH="$PATH:$ROOT/deploy/dcmqi"
-else
-  export PATH="$ROOT/deploy/dcmqi:$PATH"
-fi
+export PATH="$(dirname "$(command -v python)"):$PATH"
 # MONAI Label caches the DICOMweb series lists (images, and images that have a SEG) for 2 hours by default, so a label
 # saved from OHIF would not show as "labeled" before then; 30 s keeps the counts fresh (QIDO on Orthanc is cheap).
 export MONAI_LABEL_DICOMWEB_CACHE_EXPIRY="${MONAI_LABEL_DICOMWEB_CACHE_EXPIRY:-30}"

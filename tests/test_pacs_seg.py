@@ -92,7 +92,7 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_dir(tmp_path_factory):
-    """apps/segvol as links, with a ``model/`` folder of its own (deploy/ linked beside it for the SEG writer)."""
+    """apps/segvol as links, with a ``model/`` folder of its own (deploy/ linked beside it)."""
     top = tmp_path_factory.mktemp("project")
     app = top / "apps" / "segvol"
     app.mkdir(parents=True)
@@ -112,8 +112,7 @@ class Server:
         env = dict(os.environ, MONAI_LABEL_DICOMWEB_CACHE_PATH=str(cache), MONAI_LABEL_DICOMWEB_CACHE_EXPIRY=str(TTL),
                    MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
                    MONAI_LABEL_TRACKING_ENABLED="false", PYTHONUNBUFFERED="1",
-                   PATH=os.pathsep.join([str(ROOT / "deploy" / "dcmqi"), os.path.dirname(sys.executable),
-                                         os.environ.get("PATH", "")]))
+                   PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
         args = [sys.executable, str(app_dir / "segvol_server.py"), "--app", str(app_dir), "--studies", dicomweb,
                 "--host", "127.0.0.1", "--port", str(self.port), "--conf", "retrain_threshold", "1000",
                 "--conf", "weights", str(app_dir / "no-weights-needed")]

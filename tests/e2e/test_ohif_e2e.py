@@ -414,7 +414,7 @@ def test_brush_and_eraser_correct_the_labelmap(annotate):
     assert _changed_pixels(Path(step["brush_screenshot"]), Path(step["screenshot"])) > 0
 
 
-def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, orthanc):
+def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, orthanc, tmp_path_factory):
     failed = annotate["save while the server fails: error shown, nothing lost"]
     assert failed["puts"] == 1 and failed["outcome"]["kind"] == "error"
     assert "simulated by the e2e test" in failed["outcome"]["text"]
@@ -440,6 +440,31 @@ def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, 
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == CT_SERIES
     assert sorted(str(s.SegmentLabel) for s in ds.SegmentSequence) == present
     assert _seg_table(ds, _ct_positions(orthanc)) == _labelmap(saved["stats"])
+    _assert_written_by_dcmqi_with_provenance(ds, app, tmp_path_factory.mktemp("seg"))
+
+
+def _assert_written_by_dcmqi_with_provenance(ds, app, folder: Path):
+    """The SEG came from dcmqi's itkimage2segimage (the real converter: its Manufacturer and model name), and each
+    segment SegVol produced names the algorithm (SegVol + the serving checkpoint's id) and its prompts, read back
+    both with pydicom and with dcmqi's segimage2itkimage."""
+    assert ds.Manufacturer == "QIICR" and "dcmqi" in str(ds.ManufacturerModelName), (ds.Manufacturer,)
+    serving = (app.info().get("model_status") or {}).get("serving") or {}
+    produced = {str(s.SegmentLabel): s for s in ds.SegmentSequence if s.SegmentAlgorithmType == "SEMIAUTOMATIC"}
+    assert FREE_TEXT in produced and TEXT_LABEL in produced, sorted(produced)
+    for name, segment in produced.items():
+        assert str(segment.SegmentAlgorithmName) == f"SegVol {serving['id']}"[:64]
+        provenance = json.loads(str(segment.SegmentDescription))
+        assert provenance["checkpoint"] == serving["id"] and provenance["mode"]
+        assert name in provenance["prompts"]["texts"] or provenance["prompts"].get("box"), provenance
+    assert FREE_TEXT in json.loads(str(produced[FREE_TEXT].SegmentDescription))["prompts"]["texts"]
+    tool = shutil.which("segimage2itkimage", path=os.path.dirname(sys.executable)) or shutil.which("segimage2itkimage")
+    ds.save_as(str(folder / "seg.dcm"))
+    subprocess.run([tool, "--inputDICOM", str(folder / "seg.dcm"), "--outputDirectory", str(folder)], check=True,
+                   capture_output=True, timeout=300)
+    meta = json.loads((folder / "meta.json").read_text())
+    segments = {s["SegmentLabel"]: s for group in meta["segmentAttributes"] for s in group}
+    assert segments[FREE_TEXT]["SegmentAlgorithmName"] == str(produced[FREE_TEXT].SegmentAlgorithmName)
+    assert json.loads(segments[FREE_TEXT]["SegmentDescription"])["checkpoint"] == serving["id"]
 
 
 def test_next_sample_opens_the_unlabelled_study(annotate, orthanc):

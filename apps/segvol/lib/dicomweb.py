@@ -514,7 +514,12 @@ class SegVolDICOMwebDatastore(DICOMWebDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
                    label_id: str = "") -> str:
         """MONAI Label's save (a final label is stored as a SEG in the PACS), then its SEG uid recorded as saved (our
-        PUT counts it), before a listing can see it as new."""
+        PUT counts it), before a listing can see it as new. The SEG's segments carry names, colours and SegVol's
+        provenance (``lib.seg_metadata``)."""
+        if label_tag == FINAL and isinstance(label_info, dict):
+            from .seg_metadata import with_segment_attributes
+
+            with_segment_attributes(label_info)
         with self._count_lock:
             saved = super().save_label(image_id, label_filename, label_tag, label_info, label_id)
             uid = (label_info or {}).get("SeriesInstanceUID") if label_tag == FINAL else None

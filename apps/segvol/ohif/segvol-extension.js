@@ -462,6 +462,8 @@ async function runSegVol() {
         texts: texts.filter(t => t === s.name || names[t] === undefined), free: state.texts.some(t => t.name === s.name && !t.known),
         box: used.box || null, positive: (used.positive_points || []).length, negative: (used.negative_points || []).length,
         server_s: latency.total, voxels: counts[s.index] || 0,
+        // what the saved DICOM SEG records for this segment (lib/seg_metadata.py): checkpoint, zoom mode, prompts
+        provenance: { model: meta.model, mode: meta.mode, prompts: used },
       };
     }
     state.lastRun = { names: Object.keys(names), server_s: latency.total, round_trip_s: roundTrip, counts,
@@ -488,6 +490,8 @@ async function saveLabel() {
   const labelInfo = indices.map(idx => {
     const segment = all[idx] || {};
     const entry = { name: segment.label || `segment ${idx}`, idx, model_name: SEG_DESCRIPTION };
+    const produced = state.produced[entry.name];
+    if (produced && produced.provenance && produced.provenance.model) entry.provenance = produced.provenance;
     try {
       const color = services.segmentationService.getSegmentColor(activeViewportId(), SEGMENTATION_ID, idx);
       if (color && color.length >= 3) entry.color = Array.from(color).slice(0, 3).map(Number);

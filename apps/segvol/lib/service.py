@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from segvol.checkpoint import CheckpointError, resolve_weights_file
+from segvol.io import atomic_copy
 from segvol.modes import DEFAULT_MODE
 from segvol.vocabulary import Vocabulary
 
@@ -53,19 +53,6 @@ def last_good_path(published: str) -> str:
 def _stamp(path: str) -> Stamp:
     st = os.stat(path)
     return path, st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class SegVolService:
@@ -196,34 +183,23 @@ class SegVolService:
         return None
 
     def _keep_last_good(self, handle) -> None:
-        """Atomically copy the published checkpoint that just loaded (open as ``handle``) to ``last_good``."""
+        """Atomically copy the published checkpoint that just loaded (open as ``handle``) to ``last_good``
+        (``segvol.io.atomic_copy``: temp file, fsync, rename, fsync the folder; the temp file removed on failure)."""
         if not self.last_good:
             return
-        folder = os.path.dirname(os.path.abspath(self.last_good))
-        tmp = f"{self.last_good}.{os.getpid()}.tmp"
         try:
-            handle.seek(0)
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(handle, out, 16 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.last_good)
-            _fsync_dir(folder)
+            atomic_copy(handle, self.last_good)
         except OSError as error:
             logger.warning("could not keep a last-good copy of %s: %s", self.published, error)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
     def _build_engine(self, path: str):
         import segvol
         from segvol.engine import SegVolEngine
 
         started = time.perf_counter()
-        tokenizer = self.tokenizer
-        if tokenizer is None and path in (self.published, self.last_good):
-            tokenizer = os.path.dirname(self.weights) if os.path.isfile(self.weights) else self.weights
+        # segvol.checkpoint.find_tokenizer: --conf tokenizer, else beside the served weights for a fine-tuned
+        # checkpoint (it has none of its own), else beside the checkpoint
+        tokenizer = self.tokenizer or (self.weights if path in (self.published, self.last_good) else None)
         model = segvol.load_model(path, device=self.device, tokenizer=tokenizer)
         if self.precision != "fp32":  # converted once per checkpoint and cached on disk (segvol.accel)
             from segvol.accel import accelerate, default_server_precision

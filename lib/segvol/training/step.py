@@ -12,10 +12,11 @@ One optimizer step:
 3. the loss is the sum over combinations of the mean per-sample Dice + BCE (``losses``), plus ``pseudo_weight`` (0.1)
    times the same on FH pseudo-label targets when a case has them;
 4. AdamW with linear warm-up and cosine decay (``schedule.WarmupCosine``, lr > 0 from the first step), optional
-   gradient clipping, autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler): ``Trainer.train_step``.
+   gradient clipping, autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler): ``optimizer_step``.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -173,6 +174,30 @@ class TrainStep(nn.Module):
         return torch.stack(losses).sum(), parts
 
 
+def optimizer_step(runner: nn.Module, batch: Batch, optimizer, scheduler, scaler, parameters, grad_clip,
+                   autocast_dtype=None) -> Tuple[float, Dict[str, float]]:
+    """One optimizer step on ``batch``: forward under CUDA autocast (``autocast_dtype``; None: off), backward (through
+    the gradient ``scaler`` when there is one), optional clipping, the optimizer and the schedule; -> (loss, parts)."""
+    optimizer.zero_grad(set_to_none=True)
+    autocast = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with autocast:
+        loss, parts = runner(batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(parameters, float(grad_clip))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), parts
+
+
 class Prefetcher:
     """Builds the next batch on a background thread while the current one trains."""
 
@@ -205,4 +230,4 @@ class Prefetcher:
             yield step, batch
 
 
-__all__ = ["Batch", "Prefetcher", "Target", "TrainStep", "build_batch"]
+__all__ = ["Batch", "Prefetcher", "Target", "TrainStep", "build_batch", "optimizer_step"]

@@ -21,7 +21,6 @@ joins a process group that ``torchrun`` set up.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -39,28 +38,14 @@ from ..io import atomic_copy, atomic_write_json
 from ..modeling.segvol import SegVol
 from ..modeling.text_encoder import load_tokenizer
 from ..vocabulary import Vocabulary
-from . import distributed
+from . import distributed, setup
 from .data import Case, CaseStore, ViewConfig, epoch_order, sample_view, view_rng
 from .evaluate import evaluate, format_dice
 from .options import BEST, DEFAULT_FREEZE, FREEZABLE, LAST, StopTraining, TrainOptions, TrainResult, TrainStatus
 from .prompts import PromptConfig
 from .schedule import WarmupCosine
-from .setup import (
-    close_progress,
-    freeze_parameters,
-    init_path,
-    init_text_tower_like_clip,
-    parameter_groups,
-    patch_embedding_lr_scale,
-    progress_bar,
-    read_last,
-    remove_stale_temp_files,
-    resolve_config,
-    set_modes,
-    stop_on_signals,
-    tokenizer_dir,
-)
-from .step import Batch, Prefetcher, TrainStep, build_batch
+from .setup import freeze_parameters, patch_embedding_lr_scale, read_last, resolve_config  # noqa: F401 (API)
+from .step import Batch, Prefetcher, TrainStep, build_batch, optimizer_step
 
 logger = logging.getLogger("segvol.training")
 
@@ -91,14 +76,14 @@ class Trainer:
         self.main = self.rank == 0
         os.makedirs(options.output_dir, exist_ok=True)
         if self.main:
-            remove_stale_temp_files(options.output_dir)
+            setup.remove_stale_temp_files(options.output_dir)
         device = resolve_device(options.device)
         if distributed.active() and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.amp = (device.type == "cuda") if options.amp is None else bool(options.amp) and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
-        self.tokenizer = tokenizer_dir(options)
+        self.tokenizer = setup.tokenizer_dir(options)
         self.last_path = os.path.join(options.output_dir, LAST)
         self.resumed_from: Optional[Dict[str, Any]] = None
         meta = self.restore()
@@ -125,7 +110,7 @@ class Trainer:
         """The model: ``last.pt`` of an unfinished run (``resume``; -> its metadata, whose optimizer, schedule and
         counters ``_build_optimisation`` restores), else a fresh one from ``init`` (-> None)."""
         options = self.options
-        meta = read_last(options.output_dir) if options.resume else None
+        meta = setup.read_last(options.output_dir) if options.resume else None
         if meta is not None and options.resume == "auto" and meta.get("status") == TrainStatus.FINISHED.value:
             meta = None  # a finished run is not resumed automatically: start a new one (from options.init)
         if meta is not None:
@@ -137,12 +122,12 @@ class Trainer:
                             self.resumed_from["step"], meta.get("status"))
         elif options.init == "scratch":
             torch.manual_seed(options.seed)
-            model = SegVol(resolve_config(options.config), load_tokenizer(self.tokenizer))
-            init_text_tower_like_clip(model)
+            model = SegVol(setup.resolve_config(options.config), load_tokenizer(self.tokenizer))
+            setup.init_text_tower_like_clip(model)
             model = model.to(self.device)
             model.vocabulary = []
         else:
-            model = load_model(init_path(options), device=str(self.device), tokenizer=self.tokenizer)
+            model = load_model(setup.init_path(options), device=str(self.device), tokenizer=self.tokenizer)
         self.model = model.float()
         return meta
 
@@ -171,11 +156,11 @@ class Trainer:
     def _build_optimisation(self, meta: Optional[Dict[str, Any]]) -> None:
         """Optimizer, schedule, scaler, the step module (DDP-wrapped) and the counters, restored from ``meta``."""
         options, model = self.options, self.model
-        self.trainable = freeze_parameters(model, options.freeze)
+        self.trainable = setup.freeze_parameters(model, options.freeze)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError(f"nothing to train: every part is frozen ({', '.join(options.freeze)})")
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, float(options.lr), options.lr_scale),
+        self.optimizer = torch.optim.AdamW(setup.parameter_groups(model, float(options.lr), options.lr_scale),
                                            lr=float(options.lr), weight_decay=float(options.weight_decay))
         self.per_epoch = len(self.train_store) * int(options.repeats)
         self.steps_per_epoch = max(1, math.ceil(self.per_epoch / (self.world * int(options.batch_size))))
@@ -216,9 +201,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Run (or continue) the plan; -> the result (rank 0 also writes it to ``history.json`` unless the run stopped
         inside an epoch)."""
-        with stop_on_signals(self._on_signal):
+        with setup.stop_on_signals(self._on_signal):
             try:
-                set_modes(self.model, self.options.freeze)
+                setup.set_modes(self.model, self.options.freeze)
                 self._validate_initial_model()
                 while self.epoch < self.total_epochs:
                     log = self.run_epoch()
@@ -228,7 +213,7 @@ class Trainer:
                         break
                 distributed.barrier()
             finally:
-                self._progress = close_progress(self._progress)
+                self._progress = setup.close_progress(self._progress)
         result = self.result()
         if self.main:
             atomic_write_json(os.path.join(self.options.output_dir, "history.json"), result.to_json())
@@ -249,7 +234,8 @@ class Trainer:
         def make(step: int) -> Batch:
             return self.make_batch(epoch, mine, step)
 
-        self._progress = progress_bar(options, self.main, len(steps), f"epoch {self.epoch + 1}/{self.total_epochs}")
+        description = f"epoch {self.epoch + 1}/{self.total_epochs}"
+        self._progress = setup.progress_bar(options, self.main, len(steps), description)
         for step, batch in Prefetcher(make, steps, options.prefetch):
             value, parts = self.train_step(batch)
             log.losses.append(value)
@@ -267,7 +253,7 @@ class Trainer:
                                     self.epoch + 1, step + 1, self.steps_per_epoch, self.stop.value)
                     return None
                 break
-        self._progress = close_progress(self._progress)
+        self._progress = setup.close_progress(self._progress)
         return log
 
     def make_batch(self, epoch: int, mine: np.ndarray, step: int) -> Batch:
@@ -281,27 +267,11 @@ class Trainer:
                            int(options.combinations_per_step))
 
     def train_step(self, batch: Batch):
-        """One optimizer step (autocast, scaler, clipping, schedule); -> (loss, loss parts)."""
-        optimizer, scaler = self.optimizer, self.scaler
-        optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
-        with autocast:
-            loss, parts = self.runner(batch)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if self.options.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.parameters, float(self.options.grad_clip))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        self.scheduler.step()
+        """One optimizer step (``step.optimizer_step``); -> (loss, loss parts)."""
+        result = optimizer_step(self.runner, batch, self.optimizer, self.scheduler, self.scaler, self.parameters,
+                                self.options.grad_clip, self.amp_dtype if self.amp else None)
         self.global_step += 1
-        return float(loss.detach()), parts
+        return result
 
     def _stop_requested(self, step: int, loss: float) -> bool:
         """This rank's view: a signal, the callback's ``StopTraining`` or the time budget (-> ``self.stop``)."""
@@ -394,7 +364,7 @@ class Trainer:
             return None
         result = evaluate(self.model, self.val_store, prompt=self.options.val_prompt, mode=self.options.val_mode,
                           reorient=self.options.reorient)
-        set_modes(self.model, self.options.freeze)
+        setup.set_modes(self.model, self.options.freeze)
         return result
 
     def _validate_initial_model(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 from fastapi import HTTPException
 
 from segvol.errors import BadPromptError, BadRequestError
+from segvol.modes import MODES
 
 MAX_STRING = 10_000
 MAX_LIST = 100_000
@@ -38,7 +39,7 @@ TRAIN_RANGES = {
 TRAIN_CHOICES = {
     "init": ("auto", "official", "scratch", "published"),
     "scratch_config": ("small", "official"),
-    "val_mode": ("zoom_out_zoom_in", "zoom_out"),
+    "val_mode": MODES,
     "loss_resolution": ("full", "low"),
     "resume": ("auto", "true", "false", True, False),
 }

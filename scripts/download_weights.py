@@ -43,8 +43,10 @@ def check_reachable(endpoint: str, timeout: float) -> None:
 def download(url: str, target: str, timeout: float) -> None:
     from tqdm import tqdm
 
-    tmp = target + ".part"
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    from segvol.io import atomic_output
+
+    # never leave a truncated file under the final name (segvol.io: temp file, fsync, rename; removed on failure)
+    with urllib.request.urlopen(url, timeout=timeout) as response, atomic_output(target) as tmp:
         total = int(response.headers.get("Content-Length") or 0) or None
         with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(target)) as bar:
             while True:
@@ -53,7 +55,6 @@ def download(url: str, target: str, timeout: float) -> None:
                     break
                 out.write(chunk)
                 bar.update(len(chunk))
-    os.replace(tmp, target)  # never leave a truncated file under the final name
 
 
 def main(argv=None) -> int:

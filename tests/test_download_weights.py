@@ -40,7 +40,7 @@ def test_downloads_from_a_hub_layout_and_skips_existing(tmp_path):
         assert first.returncode == 0, first.stderr
         for name, content in files.items():
             assert (models / name).read_bytes() == content
-        assert not list(models.glob("*.part"))
+        assert not list(models.glob("*.part")) and not list(models.glob("*.tmp"))
         second = run("--models-dir", str(models), "--endpoint", endpoint)
         assert second.returncode == 0 and "pytorch_model.bin: already present, skipped" in second.stderr
     finally:

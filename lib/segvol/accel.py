@@ -43,6 +43,8 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .io import fsync_file, replace_durably
+
 logger = logging.getLogger("segvol.accel")
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -283,9 +285,10 @@ def convert_encoder(encoder: torch.nn.Module, shape: Sequence[int], path_xml: st
     tmp = tempfile.mkdtemp(prefix=f".{stem}.", dir=folder)
     try:
         ov.save_model(model, os.path.join(tmp, stem + ".xml"), compress_to_fp16=False)
-        # .bin first: the .xml's presence is what marks a complete entry
-        os.replace(os.path.join(tmp, stem + ".bin"), os.path.join(folder, stem + ".bin"))
-        os.replace(os.path.join(tmp, stem + ".xml"), path_xml)
+        # .bin first: the .xml's presence is what marks a complete entry (segvol.io: fsynced, renamed, folder fsynced)
+        for name, final in ((stem + ".bin", os.path.join(folder, stem + ".bin")), (stem + ".xml", path_xml)):
+            fsync_file(os.path.join(tmp, name))
+            replace_durably(os.path.join(tmp, name), final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.warning("  OpenVINO encoder ready in %.1f s: %s", time.perf_counter() - started, path_xml)

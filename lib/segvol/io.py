@@ -205,9 +205,11 @@ def replace_durably(tmp: str, path: str, strict: bool = False) -> None:
 
 
 def temp_name(path: str, temp_dir: Optional[str] = None) -> str:
-    """``<path>.<pid>.tmp`` (or ``<temp_dir>/<pid>-<hex>-<name>``): the temp file of an atomic write of ``path``."""
+    """``<path>.<hex>.<pid>.tmp`` (or ``<temp_dir>/<pid>-<hex>-<name>``): the temp file of an atomic write of
+    ``path``, unique per call (threads of one process may write the same file), the writer's pid last (what start-up
+    cleaning reads to spare a live writer's file)."""
     if temp_dir is None:
-        return f"{path}.{os.getpid()}.tmp"
+        return f"{path}.{os.urandom(4).hex()}.{os.getpid()}.tmp"
     return os.path.join(temp_dir, f"{os.getpid()}-{os.urandom(4).hex()}-{os.path.basename(path)}")
 
 

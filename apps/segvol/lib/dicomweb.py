@@ -42,6 +42,8 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from segvol.io import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 FINAL = DefaultLabelTag.FINAL.value
@@ -224,12 +226,7 @@ class SegRecord:
         if len(sources) > MAX_SOURCES:  # keep the most recently used DICOMweb roots
             keep = sorted(sources, key=lambda s: sources[s].get("updated", 0), reverse=True)[:MAX_SOURCES]
             data["sources"] = {s: sources[s] for s in keep}
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, data)  # segvol.io: temp file, fsync, rename, fsync the folder
 
     def _locked(self, change: Callable[[Dict[str, Any]], Any]) -> Any:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)

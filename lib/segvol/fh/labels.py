@@ -128,31 +128,19 @@ def _close_labels(lab, X, Y, Z):
     YZ = Y * Z
     out = lab.copy()
     cand = np.empty(6, dtype=lab.dtype)
+    steps = np.array([-YZ, YZ, -Z, Z, -1, 1], dtype=np.int64)  # the cross: -x, +x, -y, +y, -z, +z
     for x in range(X):
         for y in range(Y):
             for z in range(Z):
                 p = (x * Y + y) * Z + z
                 if lab[p] != 0:
                     continue
+                inside = (x > 0, x < X - 1, y > 0, y < Y - 1, z > 0, z < Z - 1)
                 nc = 0
-                if x > 0:
-                    cand[nc] = lab[p - YZ]
-                    nc += 1
-                if x < X - 1:
-                    cand[nc] = lab[p + YZ]
-                    nc += 1
-                if y > 0:
-                    cand[nc] = lab[p - Z]
-                    nc += 1
-                if y < Y - 1:
-                    cand[nc] = lab[p + Z]
-                    nc += 1
-                if z > 0:
-                    cand[nc] = lab[p - 1]
-                    nc += 1
-                if z < Z - 1:
-                    cand[nc] = lab[p + 1]
-                    nc += 1
+                for j in range(6):
+                    if inside[j]:
+                        cand[nc] = lab[p + steps[j]]
+                        nc += 1
                 best = 0
                 for i in range(nc):
                     a = cand[i]

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     try:
         check_reachable(args.endpoint, args.timeout)
     except OSError as error:
-        print(f"error: cannot reach {args.endpoint} ({error}).\n{manual_instructions(args.models_dir)}", file=sys.stderr)
+        print(f"error: cannot reach {args.endpoint} ({error}).\n{manual_instructions(args.models_dir)}",
+              file=sys.stderr)
         return 2
     for name in (WEIGHTS, *TOKENIZER_FILES):
         target = os.path.join(args.models_dir, name)
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
             print(f"error: {url}: HTTP {error.code}.\n{manual_instructions(args.models_dir)}", file=sys.stderr)
             return 2
         except OSError as error:
-            print(f"error: downloading {url} failed ({error}).\n{manual_instructions(args.models_dir)}", file=sys.stderr)
+            print(f"error: downloading {url} failed ({error}).\n{manual_instructions(args.models_dir)}",
+                  file=sys.stderr)
             return 2
     print(f"SegVol weights and tokenizer are in {args.models_dir}", file=sys.stderr)
     return 0

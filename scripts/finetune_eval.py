@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     train_dir = args.train or str(DEFAULT_DATA)
     val_dir = args.val or train_dir
     if not os.path.isdir(train_dir) or not os.path.isdir(val_dir):
-        print(json.dumps({"error": f"dataset folder not found: {train_dir if not os.path.isdir(train_dir) else val_dir}"}))
+        missing = train_dir if not os.path.isdir(train_dir) else val_dir
+        print(json.dumps({"error": f"dataset folder not found: {missing}"}))
         return 2
     train_slice = parse_slice(args.train_cases or (":30" if default_data else ":"))
     val_slice = parse_slice(args.val_cases or ("-10:" if default_data else ":"))
@@ -364,7 +365,8 @@ def evaluate_precisions(args, model, val_store, texts, fp32: dict, train_cases, 
                                if organ in reference}
         target_deltas = [deltas[v][t] for v in deltas for t in texts if t in deltas[v]]
         out[precision] = {"backend": backend.describe(), "dice": dice, "delta_vs_fp32": deltas,
-                          "mean_delta_target": round(sum(target_deltas) / len(target_deltas), 5) if target_deltas else None,
+                          "mean_delta_target": (round(sum(target_deltas) / len(target_deltas), 5) if target_deltas
+                                                else None),
                           "mean_delta_by_variant": {v: round(sum(d[t] for t in texts if t in d) /
                                                              max(1, sum(1 for t in texts if t in d)), 5)
                                                     for v, d in deltas.items()},

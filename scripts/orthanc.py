@@ -7,8 +7,9 @@
     python scripts/orthanc.py stop [--storage DIR]
 
 ``start`` runs ``Orthanc`` (Debian packages ``orthanc`` and ``orthanc-dicomweb``) as a background process of ours on
-127.0.0.1 (no system service), waits until it answers, then uploads the sample CT studies in ../shared/data/dicom (unless
-``--no-samples``) and every FOLDER given, through Orthanc's REST API (``POST /instances``). Re-uploading is harmless.
+127.0.0.1 (no system service), waits until it answers, then uploads the sample CT studies in ../shared/data/dicom
+(unless ``--no-samples``) and every FOLDER given, through Orthanc's REST API (``POST /instances``). Re-uploading is
+harmless.
 The DICOMweb root is then ``http://127.0.0.1:<port>/dicom-web`` (what ``--studies`` takes). Storage defaults to
 ``build/orthanc`` in the repository; the process id is kept in ``<storage>/orthanc.pid`` and its log in
 ``<storage>/orthanc.log``. ``--foreground`` runs Orthanc in this process instead (Ctrl-C stops it).

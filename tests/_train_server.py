@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-import requests
-
 import _server
+import requests
 from _server import Server
 
 

@@ -15,13 +15,11 @@ import pytest
 import requests
 import SimpleITK as sitk
 import torch
+from _server import Server
+from conftest import DATA, require
 
 import segvol
 from segvol.config import SMALL
-from segvol.modeling.text_encoder import load_tokenizer
-
-from _server import Server
-from conftest import DATA, require
 
 
 def _ras_to_itk_affine(image: sitk.Image) -> np.ndarray:

@@ -16,11 +16,11 @@ for the app-level ``/info`` labels, created when a sample is opened).
 
 **OHIF v3.** The requests are the MONAI Label panel's (``MonaiLabelClient.infer``: form field ``params`` with
 ``result_extension`` ``.nrrd``, ``result_dtype`` ``uint8``, ``result_compress`` false, ``restore_label_idx`` false,
-query ``output=image``; ``label_prompt`` indices taken from the model's ``/info`` labels; ``points`` + ``point_labels``),
-and the parsing is the panel's ``onInfo``/``updateView``: one uint8 segment per distinct name of all ``/info`` labels,
-sorted; a returned value is mapped through the model's ``/info`` labels (a list -> 1..N, a dict -> its values) for the
-names the tab passes. The Class Prompts preset lists are read at test time from the OHIF bundle the wheel ships
-(``monailabel/endpoints/static/ohif``).
+query ``output=image``; ``label_prompt`` indices taken from the model's ``/info`` labels; ``points`` +
+``point_labels``), and the parsing is the panel's ``onInfo``/``updateView``: one uint8 segment per distinct name of
+all ``/info`` labels, sorted; a returned value is mapped through the model's ``/info`` labels (a list -> 1..N, a dict
+-> its values) for the names the tab passes. The Class Prompts preset lists are read at test time from the OHIF bundle
+the wheel ships (``monailabel/endpoints/static/ohif``).
 
 What the server meant is read from a second request on the ``segvol`` face with the same text prompts (its
 ``label_names`` name each value): every client's import must give each named segment exactly those voxels.
@@ -43,13 +43,12 @@ import pytest
 import requests
 import SimpleITK as sitk
 import torch
+from _train_server import AppServer, copy_app
+from conftest import DATA, require
 
 import segvol
 from segvol.config import SMALL
 from segvol.vocabulary import Vocabulary
-
-from _train_server import AppServer, copy_app
-from conftest import DATA, require
 
 PLUGIN_ENV = "SEGVOL_SLICER_PLUGIN"
 

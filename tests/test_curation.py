@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import requests
 import torch
+from _server import APP, Server
+from conftest import DATA, require
 
 import segvol
 from segvol.config import SMALL
-
-from _server import APP, Server
-from conftest import DATA, require
 
 sys.path.insert(0, str(APP))  # the app's own `lib` package, as MONAI Label imports it
 from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy  # noqa: E402

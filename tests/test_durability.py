@@ -25,13 +25,11 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-
 from _server import APP, ROOT, Server
 
 sys.path.insert(0, str(APP))  # the app's own `lib` package, as MONAI Label imports it
 from lib.datastore import SegVolDatastore, atomic_write, is_temp_name  # noqa: E402
 from lib.validation import UnsafeNameError  # noqa: E402
-
 from segvol.errors import BadImageError  # noqa: E402
 
 SHAPE = (24, 20, 12)

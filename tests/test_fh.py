@@ -108,13 +108,15 @@ def test_connectivity_options_on_diagonal_lines():
     volume = np.zeros((10, 10, 10), np.float32)
     for i in range(8):
         volume[1 + i, 1 + i, 2] = 1.0  # in-plane (axes 0-1) diagonal
-    counts = {c: fh.segment(volume, None, k=0.5, sigma=0, min_size=1, connectivity=c).max() + 1 for c in fh.CONNECTIVITIES}
+    counts = {c: fh.segment(volume, None, k=0.5, sigma=0, min_size=1, connectivity=c).max() + 1
+              for c in fh.CONNECTIVITIES}
     assert counts[6] == 1 + 8  # each diagonal voxel alone, background in one piece
     assert counts[10] == counts[18] == counts[26] == 2
     body = np.zeros((10, 10, 10), np.float32)
     for i in range(8):
         body[1 + i, 1 + i, 1 + i] = 1.0  # space diagonal: only 26-connectivity links it
-    counts = {c: fh.segment(body, None, k=0.5, sigma=0, min_size=1, connectivity=c).max() + 1 for c in fh.CONNECTIVITIES}
+    counts = {c: fh.segment(body, None, k=0.5, sigma=0, min_size=1, connectivity=c).max() + 1
+              for c in fh.CONNECTIVITIES}
     assert counts[26] == 2 and counts[18] == counts[10] == counts[6] == 9
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train_data import TINY, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

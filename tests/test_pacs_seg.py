@@ -256,8 +256,9 @@ def _cases(orthanc, cache):
     """``segvol.training.cases_from_datastore`` on a datastore of ours over the same PACS (the train task's path)."""
     sys.path.insert(0, str(APP))
     try:
-        from lib.dicomweb import SegVolDICOMwebDatastore
         from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+        from lib.dicomweb import SegVolDICOMwebDatastore
         from segvol.training import cases_from_datastore
     finally:
         sys.path.remove(str(APP))

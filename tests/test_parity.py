@@ -102,7 +102,8 @@ def test_missing_tensor_is_named(tmp_path, filled_state_dict, tokenizer_dir):
     del state["mask_decoder.txt_align_upscaled_embedding.weight"]
     path = tmp_path / "SegVol_v1.pth"
     _write_official(path, state)
-    with pytest.raises(CheckpointError, match=r"1 missing tensor\(s\):\s+mask_decoder\.txt_align_upscaled_embedding\.weight"):
+    missing = r"1 missing tensor\(s\):\s+mask_decoder\.txt_align_upscaled_embedding\.weight"
+    with pytest.raises(CheckpointError, match=missing):
         segvol.load_model(str(path), tokenizer=str(tokenizer_dir))
     path.unlink()
 
@@ -116,6 +117,7 @@ def test_misshaped_and_unexpected_tensors_are_named(tmp_path, filled_state_dict,
     with pytest.raises(CheckpointError) as raised:
         segvol.load_model(str(path), tokenizer=str(tokenizer_dir))
     message = str(raised.value)
-    assert "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix: checkpoint (3, 128) vs model (3, 384)" in message
+    expected = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix: checkpoint (3, 128) vs model (3, 384)"
+    assert expected in message
     assert "1 unexpected tensor(s):\n    image_encoder.blocks.0.norm_cross_attn.weight" in message
     path.unlink()

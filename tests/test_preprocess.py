@@ -10,7 +10,7 @@ import torch
 
 from segvol.errors import BadImageError, SegVolInputError
 from segvol.io import Volume, list_images, read_image, write_label
-from segvol.preprocess import reference_normalize, preprocess, reference_crop_box
+from segvol.preprocess import preprocess, reference_crop_box, reference_normalize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 EXAMPLE = SHARED / "data" / "totalseg-example"

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import requests
 import torch
-
-import segvol
-
 from _train_data import LPS, TINY, make_volume
 from _train_server import AppServer, copy_app
+
+import segvol
 
 NEW_NAME = "zorblax gland"
 LABEL_INFO = [{"name": NEW_NAME, "idx": 1}, {"name": "Brainstem", "idx": 2}]

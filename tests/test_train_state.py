@@ -31,11 +31,10 @@ import numpy as np
 import pytest
 import requests
 import torch
-
-import segvol
-
 from _train_data import LPS, TINY, make_volume
 from _train_server import AppServer, copy_app
+
+import segvol
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "segvol_finetune"

@@ -62,7 +62,8 @@ def test_free_text_never_changes_the_vocabulary(vocabulary):
     ("kidney_left", "kidney left"), ("Kidney Left", "kidney left"), ("LeftKidney", "left kidney"),
     ("left kidney", "left kidney"), ("KIDNEY-LEFT", "kidney left"), ("vertebrae_L1", "vertebrae L1"),
     ("thyroid_gland", "thyroid"), ("Mandible", "bone mandible"), ("SpinalCord", "spinal cord"),
-    ("RightParotid", "parotid gland right"), ("IVC", "inferior vena cava"), ("lung_upper_lobe_left", "lung upper lobe left"),
+    ("RightParotid", "parotid gland right"), ("IVC", "inferior vena cava"),
+    ("lung_upper_lobe_left", "lung upper lobe left"),
     ("urinary_bladder", "urinary bladder"), ("Brainstem", "brainstem"),
 ])
 def test_client_spellings_resolve_to_training_text(vocabulary, spelling, expected):

@@ -298,7 +298,6 @@ def install_error_handlers(app) -> None:
 def install_auth_routes(app, policy: Policy) -> None:
     """``/auth`` as MONAI Label's clients use it (Slicer's login dialog): the token is the password."""
     from fastapi import Form, HTTPException, Request
-
     from monailabel.config import settings
 
     if settings.MONAI_LABEL_AUTH_ENABLE:
@@ -356,9 +355,9 @@ def _alive(pid: int) -> bool:
 
 
 def build_app():
-    from segvol_ohif import install_ohif_routes
     from monailabel.app import app as monailabel_app
     from monailabel.config import settings
+    from segvol_ohif import install_ohif_routes
     from starlette.middleware.cors import CORSMiddleware
 
     policy = Policy(dict(settings.MONAI_LABEL_APP_CONF or {}))

@@ -354,7 +354,8 @@ def check_batch_infer(kwargs: Dict[str, Any], policy) -> None:
 
 def refuse_model_upload(kwargs: Dict[str, Any], policy) -> None:
     raise HTTPException(status_code=403, detail="replacing or deleting model files over HTTP is disabled in SegVol "
-                                                "Label (a checkpoint is code to torch.load): train, or set --conf weights")
+                                                "Label (a checkpoint is code to torch.load): train, or set --conf "
+                                                "weights")
 
 
 ENDPOINT_CHECKS = {

@@ -52,7 +52,8 @@ def _engine(options: Dict[str, Any]):
                                       tokenizer=options.get("tokenizer"), precision=options.get("precision") or "fp32",
                                       **extra)
             engine = SegVolEngine(model, mode=options.get("mode") or "zoom_out_zoom_in",
-                                  overlap=float(options.get("overlap", 0.5)), reorient=bool(options.get("reorient", True)),
+                                  overlap=float(options.get("overlap", 0.5)),
+                                  reorient=bool(options.get("reorient", True)),
                                   cache_mb=float(options.get("cache_mb", 1024)))
             engine.load_seconds = time.perf_counter() - started
             _ENGINES.clear()  # one model per process: a new configuration replaces the old one
@@ -83,9 +84,9 @@ def write_probability(label_path: str, name: str, probability, affine) -> str:
 
 def segment_one(job: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
     """Segment ``job["image"]`` into ``job["out"]`` (skipped when it exists unless ``options["overwrite"]``)."""
-    from .errors import SegVolInputError
-
     import resource
+
+    from .errors import SegVolInputError
 
     image, target = job["image"], job["out"]
     line: Dict[str, Any] = {"image": image, "out": target, "worker_pid": os.getpid()}

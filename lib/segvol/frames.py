@@ -274,8 +274,9 @@ class Zoom:
 
 
     def interpolation_matrix(self, axis: int, low: int, high: int, device=None):
-        """(high - low + 1, Z) float32 matrix: row ``r`` holds the linear-interpolation weights (``align_corners=False``)
-        that native voxel ``low + r`` gives to the zoom voxels on ``axis`` (two per row; one at the clamped ends)."""
+        """(high - low + 1, Z) float32 matrix: row ``r`` holds the linear-interpolation weights
+        (``align_corners=False``) that native voxel ``low + r`` gives to the zoom voxels on ``axis`` (two per row; one
+        at the clamped ends)."""
         import torch
 
         n, z = self.native_shape[axis], self.zoom_shape[axis]

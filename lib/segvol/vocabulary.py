@@ -58,7 +58,8 @@ def normalise(name: str) -> str:
 
 
 def sided(name: str) -> str:
-    """Side-insensitive key: ``left``/``right`` wherever they stand moved to the end (``left rib 1`` -> ``rib 1 left``)."""
+    """Side-insensitive key: ``left``/``right`` wherever they stand moved to the end (``left rib 1`` ->
+    ``rib 1 left``)."""
     words = _words(name)
     return " ".join([w for w in words if w not in _SIDES] + [w for w in words if w in _SIDES])
 

@@ -41,7 +41,8 @@ PREFERRED = "ibsi-sts-dev/STS_001_CT_image.nii.gz"
 # ----------------------------------------------------------------------------------------------
 # the reference algorithm, re-implemented in plain Python for timing and agreement checks
 # ----------------------------------------------------------------------------------------------
-def reference_felzenszwalb(image: np.ndarray, sigma: float = 0.8, min_size: int = 1000, percentile: float = 25.0) -> np.ndarray:
+def reference_felzenszwalb(image: np.ndarray, sigma: float = 0.8, min_size: int = 1000,
+                           percentile: float = 25.0) -> np.ndarray:
     """The SegVol reference's ``_felzenszwalb_python`` as it behaves (segvol-reference.md 5.2).
 
     Isotropic Gaussian in voxels, a 10-neighbourhood graph (axis 0, axis 1, the two diagonals of
@@ -136,7 +137,7 @@ def _source_ct() -> Tuple[np.ndarray, Tuple[float, ...], str]:
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
     volume = np.full(shape, -1000.0, dtype=np.float32)
     volume[(grid[0] ** 2 + grid[1] ** 2) < 0.8] = 40.0  # body
-    for i in range(12):  # organs
+    for _ in range(12):  # organs
         centre = rng.uniform(-0.5, 0.5, 3)
         radius = rng.uniform(0.1, 0.3)
         volume[((grid - centre[:, None, None, None]) ** 2).sum(0) < radius**2] = rng.uniform(-100, 300)
@@ -300,7 +301,8 @@ def run(args) -> Dict[str, Any]:
         "data": description,
         "cpu_count": os.cpu_count(),
         "numba_threads": numba.config.NUMBA_NUM_THREADS,
-        "ours_params": {"method": "fh", "connectivity": args.connectivity, "k": None, "sigma_mm": None, "min_size": None},
+        "ours_params": {"method": "fh", "connectivity": args.connectivity, "k": None, "sigma_mm": None,
+                        "min_size": None},
         "sizes": {},
     }
     from segvol import fh
@@ -365,7 +367,9 @@ def run(args) -> Dict[str, Any]:
         result["reference_python_us_per_voxel_used_for_extrapolation"] = round(reference_us_per_voxel, 2)
     result["note"] = (
         "seconds are wall time of the call in a fresh child process (numba kernels loaded from the on-disk cache "
-        "beforehand); cpu_seconds sums all threads; bytes_per_voxel = (peak RSS during the call (VmHWM, reset before it) - RSS before it) / voxels; peak_rss_mb is ru_maxrss of the child, which on Linux starts at the parent's RSS. "
+        "beforehand); cpu_seconds sums all threads; bytes_per_voxel = (peak RSS during the call (VmHWM, reset before "
+        "it) - RSS before it) / voxels; peak_rss_mb is ru_maxrss of the child, which on Linux starts at the parent's "
+        "RSS. "
         "reference_python is our pure-Python re-implementation of the reference algorithm; the original code was "
         "measured at 57-81 us/voxel (segvol-reference.md 5.5), slower than this one."
     )

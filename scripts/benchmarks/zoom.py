@@ -134,7 +134,6 @@ def _reference_windows(size: int, window: int, overlap: float = 0.5):
 
 def reference_segment(model, prepared, name: str, zoom_box=None, counters=None) -> "object":
     """The reference demo's zoom-out-zoom-in for one category (inference_demo.py + monai_inferers_utils.py)."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -2,9 +2,10 @@
 
 Real parts only: Orthanc with its DICOMweb plugin started by scripts/orthanc.py (deploy/orthanc/orthanc.json) and
 filled with the CT studies of ../shared/data/dicom through its REST API; the app started by scripts/serve_dicomweb.sh
-with ``--studies http://127.0.0.1:<port>/dicom-web``; OHIF v3 as shipped inside the monailabel package (``/ohif/``, with our app-config.js, mode and SegVol panel),
-driven by tests/e2e/ohif_driver.js (Playwright on /usr/bin/chromium). The network is a small-configuration SegVol with
-random weights: the test proves the plumbing (grids, orientation, storage, counts), not segmentation quality.
+with ``--studies http://127.0.0.1:<port>/dicom-web``; OHIF v3 as shipped inside the monailabel package (``/ohif/``,
+with our app-config.js, mode and SegVol panel), driven by tests/e2e/ohif_driver.js (Playwright on /usr/bin/chromium).
+The network is a small-configuration SegVol with random weights: the test proves the plumbing (grids, orientation,
+storage, counts), not segmentation quality.
 
 Screenshots and the driver's step records go to tests/e2e/artifacts/ (or $SEGVOL_E2E_ARTIFACTS).
 System dependencies: ``bash scripts/install_system_deps.sh`` (Debian: orthanc, orthanc-dicomweb, chromium, npm).
@@ -18,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -431,7 +431,8 @@ def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, 
         assert "/1000" in saved["retrain_text"]
     # the view is kept: same labelmap, same picture
     assert _labelmap(saved["stats"]) == _labelmap(saved["before"])
-    assert _changed_pixels(Path(saved["before_screenshot"]), Path(saved["screenshot"])) < 0.01 * _area(saved["screenshot"])
+    changed = _changed_pixels(Path(saved["before_screenshot"]), Path(saved["screenshot"]))
+    assert changed < 0.01 * _area(saved["screenshot"])
 
     # the DICOM SEG in Orthanc: the segment names the annotator saw, the same voxels per segment and source slice
     segs = orthanc.seg_series()
@@ -523,7 +524,6 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
 
 def test_rest_save_while_the_pacs_is_down_fails_loudly_and_loses_nothing(orthanc, weights, artifacts,
                                                                          tmp_path_factory, tmp_path):
-    import SimpleITK as sitk
 
     server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-3"), artifacts / "server.log").wait()
     try:

@@ -185,8 +185,8 @@ def _frame_geometry(ds, index: int, source_geometry) -> Tuple[np.ndarray, np.nda
     orientation = _item(ds, index, "PlaneOrientationSequence")
     measures = _item(ds, index, "PixelMeasuresSequence")
     if position is not None and orientation is not None and measures is not None:
-        return (np.asarray(position.ImagePositionPatient, float), np.asarray(orientation.ImageOrientationPatient, float),
-                tuple(float(v) for v in measures.PixelSpacing))  # type: ignore[return-value]
+        return (np.asarray(position.ImagePositionPatient, float),  # type: ignore[return-value]
+                np.asarray(orientation.ImageOrientationPatient, float), tuple(float(v) for v in measures.PixelSpacing))
     derivation = _item(ds, index, "DerivationImageSequence")
     source = None
     if derivation is not None and derivation.get("SourceImageSequence") and source_geometry is not None:

@@ -204,7 +204,8 @@ class SegVolService:
         if self.precision != "fp32":  # converted once per checkpoint and cached on disk (segvol.accel)
             from segvol.accel import accelerate, default_server_precision
 
-            accelerate(model, default_server_precision(str(model.device)) if self.precision == "auto" else self.precision)
+            precision = default_server_precision(str(model.device)) if self.precision == "auto" else self.precision
+            accelerate(model, precision)
         self.vocabulary.extend(model.vocabulary)  # names learned by fine-tuning become prompts
         logger.info("SegVol loaded from %s on %s in %.1f s (image encoder: %s)", path, model.device,
                     time.perf_counter() - started, getattr(model, "precision_info", {"precision": "fp32"}))

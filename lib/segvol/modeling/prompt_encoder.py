@@ -122,7 +122,8 @@ class PromptEncoder(nn.Module):
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 3)
         embedding = self.pe_layer.at_voxels(corners, self.input_image_size, self.axis_swap)
-        corner_type = torch.cat([self.point_embeddings[self.BOX_MIN].weight, self.point_embeddings[self.BOX_MAX].weight])
+        corner_type = torch.cat([self.point_embeddings[self.BOX_MIN].weight,
+                                 self.point_embeddings[self.BOX_MAX].weight])
         return embedding + corner_type
 
     def forward(

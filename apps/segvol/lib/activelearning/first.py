@@ -1,4 +1,5 @@
-"""``first``: the first unlabelled image by id (MONAI Label's stock strategy name; deterministic, for scripted passes)."""
+"""``first``: the first unlabelled image by id (MONAI Label's stock strategy name; deterministic, for scripted
+passes)."""
 from __future__ import annotations
 
 from monailabel.interfaces.tasks.strategy import Strategy

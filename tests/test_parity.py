@@ -53,7 +53,10 @@ def test_forward_matches_reference(official_model, golden_image_embedding, golde
     assert torch.allclose(low_res, golden["low_res"], **TOL)
     print(f"{name}: low-res max abs diff {(low_res - golden['low_res']).abs().max().item():.2e}")
     assert torch.allclose(logits[:, :, ::2, ::8, ::8], golden["logits_sub"], **TOL)
-    assert logits.double().sum().item() == pytest.approx(golden["logits_sum"], rel=1e-5)
+    # The signed sum cancels (box+points: sum 8.5e4 of terms whose magnitudes sum to 9.3e5), so its rounding error is
+    # bounded relative to the magnitude, not to the sum itself. On a 2-core Ice Lake machine without avx512_bf16 the
+    # landed code (f77fe05) gave 84921.95 against 84920.33: 1.9e-5 of the sum, 1.7e-6 of the magnitude.
+    assert abs(logits.double().sum().item() - golden["logits_sum"]) <= 1e-5 * golden["logits_abs_sum"]
     assert logits.double().abs().sum().item() == pytest.approx(golden["logits_abs_sum"], rel=1e-5)
 
 

@@ -5,7 +5,8 @@
  * Usage: node ohif_driver.js CONFIG.json
  *
  * CONFIG: {phase: "annotate" | "reopen", server, study, series, artifacts, chromium, timeout_s, auto_model,
- *          class_model, class_label, paint_label, seg_description, text_prefix, text_label, free_text}
+ *          class_model, class_label, paint_label, seg_description, text_prefix, text_label, free_text,
+ *          train_timeout_s}
  * Writes ARTIFACTS/<phase>.json (rewritten after every step, so a crash still leaves the steps done so far) and
  * screenshots ARTIFACTS/<phase>-*.png; exits 0 when every step passed, 1 otherwise.
  *
@@ -16,7 +17,8 @@
  * phase "annotate": open the study, connect the MONAI Label panel, Auto-Segmentation, a Class Prompt; in the SegVol
  *   panel type a name (picked from the suggestions) and a free-text name, draw a box on two slices, a negative click,
  *   Run SegVol; a positive click and run again; paint with the brush and erase in OHIF's segmentation panel; Save to
- *   SegVol Label while the server fails (error shown, labelmap kept), then for real; Next sample.
+ *   SegVol Label while the server fails (error shown, labelmap kept), then for real; Update Model (the MONAI Label
+ *   panel) and the run's status followed in the SegVol panel until it ends; Next sample.
  * phase "reopen": open the study again (after a server restart), read the SegVol panel's model status, list the
  *   series (the saved DICOM SEG must be there) and load the saved SEG.
  */
@@ -376,6 +378,71 @@ async function annotate(page) {
       stats: await page.evaluate(LABELMAP_STATS), saved_text: await segvol(page, 'saved').innerText(),
       retrain_text: await segvol(page, 'retrain').innerText(), before_screenshot: beforeShot,
       screenshot: await shot(page, 'saved') };
+  });
+
+  await step('update the model (MONAI Label panel) and follow the run in the SegVol panel', async () => {
+    // the stock MONAI Label panel's "Update Model" (Active Learning tab) starts a run of every trainer with the
+    // server's defaults (here --conf train_epochs 1: a short run); the SegVol panel shows its status from /info
+    await panelTab(page, 'monailabel').click();
+    const activeLearning = page.locator('label.tab-label', { hasText: 'Active Learning' });
+    await page.waitForTimeout(500);
+    if (!(await activeLearning.count())) {
+      // the panel mounts afresh when its tab is shown again: connect it (its refresh button) as the annotator would
+      const connecting = await page.evaluate(() => Date.now());
+      await page.locator('table.settingsTable button.actionButton').first().click();
+      const seen = await waitForMessage(page, connecting, ['Connected to MONAI Label - Successful',
+        'Failed to Connect to MONAI Label'], 60000);
+      if (seen !== 'Connected to MONAI Label - Successful') throw new Error(seen);
+      await activeLearning.waitFor({ timeout: 30000 });
+    }
+    const update = page.getByRole('button', { name: 'Update Model', exact: true });
+    if (!(await update.isVisible())) await activeLearning.click();
+    await update.waitFor({ state: 'visible', timeout: 30000 });
+    const isTrain = r => r.method() === 'POST' && /\/train\/?$/.test(new URL(r.url()).pathname);
+    const requestSeen = page.waitForRequest(isTrain, { timeout: 30000 }).catch(() => null);
+    const responseSeen = page.waitForResponse(r => isTrain(r.request()), { timeout: 60000 }).catch(() => null);
+    const since = await page.evaluate(() => Date.now());
+    await update.click();
+    const request = await requestSeen;
+    const response = await responseSeen;
+    if (!request || !response) throw new Error('clicking Update Model sent no train request or got no answer');
+    const notice = await waitForMessage(page, since, ['Model update task STARTED', 'Failed to RUN training'], 60000);
+    if (notice !== 'Model update task STARTED') throw new Error(`${notice} (HTTP ${response.status()})`);
+    const started = await shot(page, 'train-started');
+
+    await panelTab(page, 'segvol').click();
+    const training = segvol(page, 'training').first();
+    const FINAL = ['FINISHED', 'BUDGET', 'STOPPED', 'ERROR', 'FAILED', 'DONE'];
+    const timeline = [];
+    let running = null;
+    let final = null;
+    const deadline = Date.now() + (cfg.train_timeout_s || 180) * 1000;
+    while (!final && Date.now() < deadline) {
+      if (await training.count()) {
+        const status = await training.getAttribute('data-status').catch(() => null);
+        const text = await training.innerText().catch(() => null);
+        if (status && text && (!timeline.length || timeline[timeline.length - 1].text !== text)) {
+          timeline.push({ t: Number(elapsed().toFixed(1)), status, text });
+          if (status === 'RUNNING' && !running) {
+            const panel = path.join(ART, `${cfg.phase}-training-running-status.png`);
+            await segvol(page, 'status').screenshot({ path: panel }).catch(() => {}); // scrolls the panel to it
+            running = { text, screenshot: await shot(page, 'training-running'), panel_screenshot: panel };
+          }
+        }
+        // a final status counts once this run was seen (the row showed the previous state before the click)
+        if (FINAL.includes(status) && timeline.some(e => e.status === 'STARTING' || e.status === 'RUNNING')) {
+          final = { status, text };
+        }
+      }
+      if (!final) await page.waitForTimeout(400);
+    }
+    if (!final) throw new Error(`no final training status within ${cfg.train_timeout_s || 180} s: ${JSON.stringify(timeline)}`);
+    const panelShot = path.join(ART, `${cfg.phase}-training-status.png`);
+    await segvol(page, 'status').screenshot({ path: panelShot });
+    return { url: request.url(), body: request.postData(), status: response.status(),
+      response: await response.json().catch(() => null), notice, timeline, running, final,
+      model: await segvol(page, 'model').innerText(), started_screenshot: started, panel_screenshot: panelShot,
+      screenshot: await shot(page, 'trained') };
   });
 
   await step('next sample', async () => {

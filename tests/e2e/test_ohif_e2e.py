@@ -42,6 +42,10 @@ PAINT_LABEL = "liver"
 REST_SEG = "SegVol Label"  # SeriesDescription of the SEG MONAI Label writes for PUT /datastore/label (model_name)
 TEXT_PREFIX, TEXT_LABEL = "liv", "liver"  # typed, then picked from the suggestions
 FREE_TEXT = "hepatic cyst xyz"  # not in the vocabulary: sent as free text
+# a training run short enough for the e2e (OHIF's "Update Model" trains with the server's defaults): one epoch from
+# the served small-configuration weights, at most one minute
+TRAIN_CONF = {"train_epochs": "1", "train_init": "official", "train_minutes": "1"}
+FINAL_TRAIN = ("FINISHED", "BUDGET")
 
 
 def _missing_requirements():
@@ -128,7 +132,7 @@ class Orthanc:
 class App:
     """scripts/serve_dicomweb.sh in its own process group."""
 
-    def __init__(self, orthanc: Orthanc, weights: Path, cache: Path, log: Path):
+    def __init__(self, orthanc: Orthanc, weights: Path, cache: Path, log: Path, app_dir: Path):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -139,6 +143,9 @@ class App:
         args = ["bash", str(ROOT / "scripts" / "serve_dicomweb.sh"), "--conf", "weights", str(weights),
                 "--conf", "device", "cpu", "--conf", "zoom", "zoom_out", "--conf", "auto_labels", ",".join(AUTO_LABELS),
                 "--conf", "max_labels", "3", "--conf", "retrain_threshold", "1000"]
+        args += [item for key, value in TRAIN_CONF.items() for item in ("--conf", key, value)]
+        args += ["--app", str(app_dir)]  # after the script's own --app: the last one counts
+        self.app_dir = app_dir
         self._log = open(log, "a")
         self.process = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -201,8 +208,21 @@ def orthanc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(orthanc, weights, tmp_path_factory, artifacts):
-    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache"), artifacts / "server.log").wait()
+def app_dir(tmp_path_factory):
+    """A copy of apps/segvol with an empty model folder, so the test's counters, SEG records and the checkpoint its
+    training run publishes never reach the repository's apps/segvol/model."""
+    folder = tmp_path_factory.mktemp("app") / "segvol"
+    shutil.copytree(ROOT / "apps" / "segvol", folder,
+                    ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    for name in ("model", "logs", "bin"):
+        (folder / name).mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app(orthanc, weights, tmp_path_factory, artifacts, app_dir):
+    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache"), artifacts / "server.log",
+                 app_dir).wait()
     yield server
     server.stop()
 
@@ -217,7 +237,7 @@ def _drive(app, phase, artifacts, timeout=420):
     config = {"phase": phase, "server": app.url, "study": CT_STUDY, "series": CT_SERIES, "artifacts": str(artifacts),
               "chromium": CHROMIUM, "timeout_s": 240, "auto_model": "segvol_auto", "class_model": "segvol",
               "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL, "seg_description": REST_SEG,
-              "text_prefix": TEXT_PREFIX, "text_label": TEXT_LABEL, "free_text": FREE_TEXT}
+              "text_prefix": TEXT_PREFIX, "text_label": TEXT_LABEL, "free_text": FREE_TEXT, "train_timeout_s": 150}
     path = artifacts / f"{phase}-config.json"
     path.write_text(json.dumps(config))
     done = subprocess.run(["node", str(E2E / "ohif_driver.js"), str(path)], cwd=str(E2E), capture_output=True,
@@ -468,6 +488,31 @@ def _assert_written_by_dcmqi_with_provenance(ds, app, folder: Path):
     assert json.loads(segments[FREE_TEXT]["SegmentDescription"])["checkpoint"] == serving["id"]
 
 
+def test_update_model_runs_a_training_and_the_panel_shows_its_status(annotate, app):
+    """The stock MONAI Label panel's Update Model, clicked after the save, trains on the saved label (the server's
+    defaults: one epoch); the SegVol panel shows the run starting or RUNNING with its epochs, then its final status,
+    the same the server records for it."""
+    step = annotate["update the model (MONAI Label panel) and follow the run in the SegVol panel"]
+    assert step["status"] == 200 and step["notice"] == "Model update task STARTED"
+    assert step["url"].split("?")[0].rstrip("/").endswith("/train")
+    assert "segvol_finetune" in step["response"], step["response"]
+    statuses = [entry["status"] for entry in step["timeline"]]
+    assert "RUNNING" in statuses, step["timeline"]  # seen while it ran, with its epoch count
+    assert Path(step["running"]["screenshot"]).is_file() and Path(step["running"]["panel_screenshot"]).is_file()
+    running = step["running"]["text"]
+    assert running.startswith("Training: RUNNING") and ("epoch 0/1" in running or "epoch 1/1" in running), running
+    # the run's last status, after RUNNING, with the epochs done
+    final = step["final"]
+    assert final["status"] in FINAL_TRAIN and statuses.index(final["status"]) > statuses.index("RUNNING"), statuses
+    assert final["text"].startswith(f"Training: {final['status']}") and "epoch 1/1" in final["text"], final
+    for key in ("panel_screenshot", "screenshot", "started_screenshot"):
+        assert Path(step[key]).is_file() and Path(step[key]).parent == ARTIFACTS
+    # what the panel showed is what the server records (its stats file, /info train_stats)
+    stats = app.info()["train_stats"]["segvol_finetune"]
+    assert stats["status"] == final["status"] and stats["epoch"] == stats["total_epochs"] == 1, stats
+    assert stats["train_cases"] == 1 and (app.app_dir / "model" / "segvol_finetune" / "train_stats.json").is_file()
+
+
 def test_next_sample_opens_the_unlabelled_study(annotate, orthanc):
     step = annotate["next sample"]
     sts_study = orthanc.qido("series", SeriesInstanceUID=STS_SERIES)[0]["0020000D"]["Value"][0]
@@ -493,12 +538,13 @@ def _assert_labelled(server):
 
 
 def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotate, app, orthanc, weights, artifacts,
-                                                                         tmp_path_factory):
+                                                                         tmp_path_factory, app_dir):
     time.sleep(3)  # MONAI Label's cached list of labelled series expires after 2 s here
     _assert_labelled(app)
 
     app.stop()  # a new server with an empty DICOMweb cache: everything must come back from Orthanc
-    again = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log").wait()
+    again = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log",
+                app_dir).wait()
     try:
         _assert_labelled(again)
         steps = _drive(again, "reopen", artifacts)
@@ -523,9 +569,10 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
 
 
 def test_rest_save_while_the_pacs_is_down_fails_loudly_and_loses_nothing(orthanc, weights, artifacts,
-                                                                         tmp_path_factory, tmp_path):
+                                                                         tmp_path_factory, tmp_path, app_dir):
 
-    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-3"), artifacts / "server.log").wait()
+    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-3"), artifacts / "server.log",
+                 app_dir).wait()
     try:
         before = orthanc.seg_series()
         # a label on the series grid (the .bin form OHIF's MonaiLabelClient.save_label sends: raw uint8, i fastest)

@@ -13,7 +13,9 @@
  *   - "Save to SegVol Label": PUT /datastore/label with the labelmap and the segment names (label_info); the answer
  *     (or the error) is shown, the labelmap stays in the viewer either way;
  *   - "Next sample": the next image of the server's active-learning strategy, opened in the viewer;
- *   - the model status: the checkpoint that answers (fine-tuned or base, fallback, load error), training progress and
+ *   - the model status: the checkpoint that answers (fine-tuned or base, fallback, load error), training progress (a
+ *     run started with the MONAI Label panel's "Update Model" is followed every 2 s: STARTING, RUNNING with its
+ *     epochs, then its final status) and
  *     the last validation Dice, the retrain counter.
  * The labelmap is OHIF segmentation '1', the one the MONAI Label panel fills, so its tabs (Auto-Segmentation, Class and
  * Point Prompts) and this panel work on the same segments, and OHIF's segmentation panel (brush, eraser) edits them.
@@ -302,6 +304,12 @@ const state = {
   retrain: null, // the last save's retrain answer
   retrainAt: 0,
   infoAt: 0,
+  trainTask: null, // MONAI Label's last train task while a run is watched: {id, status}
+  watchTrainUntil: 0,
+  watchingClicks: false,
+  sawRunning: false, // the watched run's stats said RUNNING (so a final status after it is this run's)
+  polling: false,
+  infoTriedAt: 0,
   root: null,
   timer: null,
   listening: false,
@@ -313,6 +321,9 @@ function setMessage(kind, text) {
 }
 
 async function loadInfo() {
+  state.infoTriedAt = Date.now();
+  if (state.watchTrainUntil && Date.now() < state.watchTrainUntil) await loadTrainTask();
+  else if (state.trainTask && ACTIVE_TASK.includes(state.trainTask.status)) state.trainTask = null;
   try {
     const response = await fetch(serverURL('info/'), { headers: { accept: 'application/json' } });
     if (!response.ok) throw new Error(`HTTP ${response.status}: ${await readError(response)}`);
@@ -580,6 +591,59 @@ const STYLE = `
 let suggestionsFor = '';
 let activeToolButton = null;
 
+/* A training run's status. The run's stats file (/info train_stats: status RUNNING, then FINISHED, BUDGET, STOPPED,
+ * ERROR or FAILED, with epoch/total_epochs and the best validation Dice) is written by the training process once it has
+ * started; until then MONAI Label's task (GET /train/, SUBMITTED or RUNNING) says a run was requested: STARTING. */
+const ACTIVE_TRAIN = ['RUNNING', 'STARTING'];
+const ACTIVE_TASK = ['SUBMITTED', 'RUNNING'];
+
+function trainingStatus(stats) {
+  const task = state.trainTask;
+  const requested = task && ACTIVE_TASK.includes(task.status);
+  if (stats.status === 'RUNNING') {
+    if (requested) state.sawRunning = true;
+    return 'RUNNING';
+  }
+  if (requested && !state.sawRunning) return 'STARTING'; // the stats still show the previous run
+  return stats.status || (stats.task && stats.task.status) || (stats.epoch ? 'DONE' : 'never run');
+}
+
+function trainingActive() {
+  if (state.trainTask && ACTIVE_TASK.includes(state.trainTask.status)) return true;
+  const stats = (state.info && state.info.train_stats) || {};
+  return Object.values(stats).some(s => s && (s.status === 'RUNNING' || (s.task && ACTIVE_TASK.includes(s.task.status))));
+}
+
+// MONAI Label's last train task (GET /train/), read only while a run is being watched: after a click on the MONAI
+// Label panel's "Update Model" until the task ends (404: the request made no task).
+async function loadTrainTask() {
+  try {
+    const response = await fetch(serverURL('train/'), { headers: { accept: 'application/json' } });
+    if (response.status === 404) {
+      state.trainTask = null;
+      state.watchTrainUntil = 0;
+      return;
+    }
+    if (!response.ok) return;
+    const task = await response.json();
+    state.trainTask = task && typeof task === 'object' ? { id: task.id, status: task.status } : null;
+    if (!state.trainTask || !ACTIVE_TASK.includes(state.trainTask.status)) state.watchTrainUntil = 0;
+  } catch (e) { /* the next poll tries again */ }
+}
+
+// A click on the stock panel's "Update Model" (or "Stop Training") starts watching the run: /info every 2 s.
+function watchTrainButtons() {
+  if (state.watchingClicks) return;
+  state.watchingClicks = true;
+  document.addEventListener('click', event => {
+    const button = event.target && event.target.closest && event.target.closest('button');
+    if (!button || !['Update Model', 'Stop Training'].includes(button.textContent.trim())) return;
+    state.watchTrainUntil = Date.now() + 10 * 60 * 1000;
+    state.sawRunning = false;
+    setTimeout(() => loadInfo(), 1500);
+  }, true);
+}
+
 function modelStatusSection() {
   const info = state.info;
   const rows = [];
@@ -596,15 +660,17 @@ function modelStatusSection() {
       el('div', { class: 'segvol-muted', text: checkpoint ? String(checkpoint).split('/').slice(-2).join('/') : 'no weights found' })));
     if (status.fallback) rows.push(el('div', { class: 'segvol-message error', text: 'The wanted checkpoint does not load: a fallback answers.' }));
     if (status.error && status.error.error) rows.push(el('div', { class: 'segvol-muted', text: `Last load error: ${String(status.error.error).slice(0, 200)}` }));
+    if (status.pending) rows.push(el('div', { class: 'segvol-muted', 'data-segvol': 'pending', text: 'A newer checkpoint is published: the next SegVol run loads it.' }));
     const stats = info.train_stats ? Object.entries(info.train_stats) : [];
     for (const [name, s] of stats) {
       if (!s || typeof s !== 'object') continue;
-      const task = s.task || {};
-      const statusText = s.status || task.status || (s.epoch ? 'DONE' : 'never run');
-      const epochs = s.total_epochs ? `epoch ${s.epoch || 0}/${s.total_epochs}` : '';
+      const statusText = trainingStatus(s);
+      const epochs = s.total_epochs && statusText !== 'STARTING' ? `epoch ${s.epoch || 0}/${s.total_epochs}` : '';
       const dice = typeof s.best_metric === 'number' ? `best validation Dice ${s.best_metric.toFixed(3)}` : 'no validation Dice yet';
-      rows.push(el('div', { 'data-segvol': 'training' }, el('b', { text: 'Training: ' }),
-        [statusText, epochs, dice].filter(Boolean).join(' · '),
+      const took = typeof s.total_time === 'number' && !ACTIVE_TRAIN.includes(statusText) ? `${seconds(s.total_time)}` : '';
+      rows.push(el('div', { 'data-segvol': 'training', 'data-trainer': name, 'data-status': statusText },
+        el('b', { text: 'Training: ' }), [statusText, epochs, dice, took].filter(Boolean).join(' · '),
+        statusText === 'STARTING' ? el('div', { class: 'segvol-muted', text: 'Run requested: the training process is loading the labels.' }) : null,
         s.reason ? el('div', { class: 'segvol-muted', text: String(s.reason).slice(0, 200) }) : null));
     }
     const ds = info.datastore || {};
@@ -813,7 +879,17 @@ function mount(node) {
   render();
   loadInfo();
   try { listen(); } catch (e) { console.warn('SegVol: no viewer events', e); }
-  if (!state.timer) state.timer = setInterval(() => { if (!state.running && !state.saving) loadInfo(); }, 15000);
+  try { watchTrainButtons(); } catch (e) { console.warn('SegVol: not watching the train button', e); }
+  // /info every 15 s; every 2 s while a training run is starting or running (its status and epochs)
+  if (!state.timer) {
+    state.timer = setInterval(() => {
+      if (state.running || state.saving || state.polling) return;
+      const watching = trainingActive() || (state.watchTrainUntil && Date.now() < state.watchTrainUntil);
+      if (!watching && Date.now() - state.infoTriedAt < 15000) return;
+      state.polling = true;
+      loadInfo().finally(() => { state.polling = false; });
+    }, 2000);
+  }
 }
 
 function SegVolPanel() {

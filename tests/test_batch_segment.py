@@ -118,9 +118,11 @@ def test_local_cluster_survives_a_killed_worker(inputs, tmp_path):
     assert killed, "no worker was killed: the test did not exercise a worker death"
     assert status == 0, lines
     assert sorted(Path(l["image"]).name for l in lines) == [f"case{i}.nii.gz" for i in range(6)]
-    assert all(l["status"] == "written" for l in lines), lines
+    # A worker killed after its rename but before its answer reached the scheduler: Dask reruns that image, which then
+    # finds its output in place and skips it. Either way the journal holds each output exactly once.
+    assert all(l["status"] in ("written", "exists") for l in lines), lines
     written = [json.loads(line)["out"] for line in journal.read_text().splitlines()]
-    assert sorted(written) == sorted(l["out"] for l in lines) and len(set(written)) == 6  # each output once
+    assert sorted(written) == sorted(l["out"] for l in lines) and len(written) == len(set(written)) == 6
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"case{i}_segvol.nii.gz" for i in range(6)]
     assert not list((out / ".partial").iterdir())
     for line in lines:

@@ -94,11 +94,12 @@ class SegVolFinetune(TrainTask):
         from .state import mark_failed, read_stats, run_is_dead
 
         stats = read_stats(self.stats_path())
+        if stats and stats.get("status") == "RUNNING" and _stopped_by_request(self.NAME):
+            # MONAI Label has killed the run's process tree (the process may take a moment to be gone)
+            stopped = {**mark_failed(stats, "stopped by a client request (DELETE /train)"), "status": "STOPPED"}
+            self._persist_if_unchanged(stats, stopped)  # a restart must not turn it into FAILED
+            return stopped
         if stats and run_is_dead(stats):
-            if _stopped_by_request(self.NAME):
-                stopped = {**mark_failed(stats, "stopped by a client request (DELETE /train)"), "status": "STOPPED"}
-                self._persist_if_unchanged(stats, stopped)  # a restart must not turn it into FAILED
-                return stopped
             return mark_failed(stats)
         return stats
 

@@ -3,8 +3,10 @@
 MONAI Label rebuilds this app in every train and scoring subprocess, so nothing heavy happens in the constructor:
 the network is loaded on the first inference (``lib.service.SegVolService``).
 
-Configuration (``--conf key value``): ``weights``, ``tokenizer``, ``device``, ``zoom``, ``labels``, ``cache_mb``,
-``auto_labels``, ``max_labels``, ``auto_scoring`` (see the README).
+Configuration (``--conf key value``): ``weights``, ``tokenizer``, ``device``, ``precision``, ``zoom``, ``labels``,
+``cache_mb``, ``auto_labels``, ``max_labels``, ``auto_scoring``, ``segment_name_free_text``, ``retrain_threshold``,
+``train_*``; the server's own (``segvol_server.py``): ``cors_origins``, ``auth_token_file``, ``allow_local_paths`` and
+the ``max_*`` request limits (see the README).
 """
 from __future__ import annotations
 

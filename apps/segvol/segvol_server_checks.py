@@ -237,11 +237,15 @@ def check_save_label(kwargs: Dict[str, Any], policy) -> None:
     check_image_id(kwargs.get("image"))
 
 
-def check_remove_label(kwargs: Dict[str, Any], policy) -> None:
-    label, tag = check_name(kwargs.get("id"), "id"), check_name(kwargs.get("tag"), "tag")
+def check_label_exists(label: Any, tag: Any, field: str) -> None:
+    label, tag = check_name(label, field), check_name(tag, "tag")
     uri = app().datastore().get_label_uri(label, tag)
     if not uri or not os.path.isfile(uri):
         raise not_found(f"no label {label!r} with tag {tag!r}")
+
+
+def check_remove_label(kwargs: Dict[str, Any], policy) -> None:
+    check_label_exists(kwargs.get("id"), kwargs.get("tag"), "id")
 
 
 def check_info_update(kwargs: Dict[str, Any], policy) -> None:
@@ -255,10 +259,7 @@ def check_image_info(kwargs: Dict[str, Any], policy) -> None:
 
 
 def check_label_info(kwargs: Dict[str, Any], policy) -> None:
-    label, tag = check_name(kwargs.get("label"), "label"), check_name(kwargs.get("tag"), "tag")
-    uri = app().datastore().get_label_uri(label, tag)
-    if not uri or not os.path.isfile(uri):
-        raise not_found(f"no label {label!r} with tag {tag!r}")
+    check_label_exists(kwargs.get("label"), kwargs.get("tag"), "label")
 
 
 def check_dataset(kwargs: Dict[str, Any], policy) -> None:

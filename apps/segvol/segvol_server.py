@@ -116,7 +116,8 @@ class Gate:
                                            "can allow origins with --conf cors_origins)")
 
         set_cookie = None
-        if self.policy.token and path not in PUBLIC_PATHS:
+        preflight = scope.get("method") == "OPTIONS" and "access-control-request-method" in headers
+        if self.policy.token and path not in PUBLIC_PATHS and not preflight:  # a preflight carries no credentials
             bearer = headers.get("authorization", "")
             bearer = bearer.split(" ", 1)[1].strip() if bearer.lower().startswith("bearer ") else ""
             cookie = SimpleCookie(headers.get("cookie", ""))

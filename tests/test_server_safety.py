@@ -291,8 +291,9 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(sandbox):
 
 def test_token_is_required_when_configured(sandbox, weights, tmp_path):
     token = "s3cret-token-for-tests"
-    server = Server(sandbox / "studies", {"weights": str(weights), "device": "cpu"}, tmp_path / "server.log",
-                    env={"SEGVOL_AUTH_TOKEN": token})
+    allowed = "https://viewer.example.org"
+    server = Server(sandbox / "studies", {"weights": str(weights), "device": "cpu", "cors_origins": allowed},
+                    tmp_path / "server.log", env={"SEGVOL_AUTH_TOKEN": token})
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -316,6 +317,17 @@ def test_token_is_required_when_configured(sandbox, weights, tmp_path):
         assert client.info()["name"] == "SegVol Label"
         with pytest.raises(Exception):  # noqa: B017 (the client raises its own types by version)
             MONAILabelClient(server.url).auth_token("annotator", "wrong")
+        # an origin the operator allowed: its preflight needs no token, its requests do, and both get CORS headers
+        preflight = requests.options(f"{server.url}/infer/segvol", timeout=30, headers={
+            "Origin": allowed, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers.get("access-control-allow-origin") == allowed
+        response = requests.get(f"{server.url}/info/", headers={"Origin": allowed, **good}, timeout=30)
+        assert response.status_code == 200 and response.headers.get("access-control-allow-origin") == allowed
+        assert requests.get(f"{server.url}/info/", headers={"Origin": allowed}, timeout=30).status_code == 401
+        assert requests.get(f"{server.url}/info/", headers={"Origin": "https://other.example.org", **good},
+                            timeout=30).status_code == 403
         # a browser: opening a page once with ?token= sets the cookie the rest of its requests carry
         session = requests.Session()
         assert session.get(f"{server.url}/ohif/", params={"token": token}, timeout=30).status_code == 200

@@ -17,6 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "segvol"
 
 
+def random_weights(folder: Path, tokenizer_dir: Path, config) -> Path:
+    """``folder`` holding a project checkpoint of ``config`` with seeded random weights and the CLIP tokenizer files:
+    what a test server gets as ``--conf weights``."""
+    import shutil
+
+    import torch
+
+    import segvol
+
+    torch.manual_seed(0)
+    segvol.save_checkpoint(str(folder / "segvol_label.pt"), segvol.SegVol(config), vocabulary=[])
+    for item in Path(tokenizer_dir).iterdir():
+        shutil.copy(item, folder / item.name)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

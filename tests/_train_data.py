@@ -73,3 +73,13 @@ def write_datastore(folder: Path, count: int, seed: int = 0, names: Optional[Seq
         if names is not None:
             nib.save(nib.Nifti1Image(label, LPS), folder / "labels" / "final" / f"img_{number}.nii.gz")
     return folder
+
+
+def write_unlabelled(folder: Path, labels: Path, count: int, seed: int) -> None:
+    """``img_N.nii.gz`` images in ``folder`` (a datastore without labels yet) and their labels in ``labels``, for a test
+    to save through the server."""
+    rng = np.random.default_rng(seed)
+    for number in range(count):
+        image, label = make_volume(rng)
+        nib.save(nib.Nifti1Image(image, LPS), folder / f"img_{number}.nii.gz")
+        nib.save(nib.Nifti1Image(label, LPS), labels / f"img_{number}.nii.gz")

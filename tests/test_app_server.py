@@ -7,18 +7,15 @@ axes flipped) and with its axes permuted and anisotropic spacing, plus a corrupt
 from __future__ import annotations
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-import torch
-from _server import Server
+from _server import Server, random_weights
 from conftest import DATA, require
 
-import segvol
 from segvol.config import SMALL
 
 
@@ -59,12 +56,7 @@ def studies(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_weights(tmp_path_factory, tokenizer_dir):
     folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    model = segvol.SegVol(SMALL)
-    segvol.save_checkpoint(str(folder / "segvol_label.pt"), model, vocabulary=[])
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, folder / item.name)
-    return folder
+    return random_weights(folder, tokenizer_dir, SMALL)
 
 
 @pytest.fixture(scope="module")

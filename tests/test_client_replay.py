@@ -31,7 +31,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,11 +41,10 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-import torch
+from _server import random_weights
 from _train_server import AppServer, copy_app
 from conftest import DATA, require
 
-import segvol
 from segvol.config import SMALL
 from segvol.vocabulary import Vocabulary
 
@@ -113,11 +111,7 @@ def studies(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tokenizer_dir):
     folder = tmp_path_factory.mktemp("replay_weights")
-    torch.manual_seed(0)
-    segvol.save_checkpoint(str(folder / "segvol_label.pt"), segvol.SegVol(SMALL), vocabulary=[])
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, folder / item.name)
-    return folder
+    return random_weights(folder, tokenizer_dir, SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
-import torch
-from _server import APP, Server
+from _server import APP, Server, random_weights
 from conftest import DATA, require
 
-import segvol
 from segvol.config import SMALL
 
 TRAVERSAL_TARGETS = ("../x", "../../x", "..", "a/b", "/tmp/x", "x\x00y", " x", "a\\..\\b")
@@ -51,11 +49,7 @@ def sandbox(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tokenizer_dir):
     folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    segvol.save_checkpoint(str(folder / "segvol_label.pt"), segvol.SegVol(SMALL), vocabulary=[])
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, folder / item.name)
-    return folder
+    return random_weights(folder, tokenizer_dir, SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,12 @@ tiny-configuration checkpoint and the CLIP tokenizer; the datastore holds synthe
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
-import nibabel as nib
-import numpy as np
 import pytest
 import requests
-import torch
-from _train_data import LPS, TINY, make_volume
+from _server import random_weights
+from _train_data import TINY, write_unlabelled
 from _train_server import AppServer, copy_app
 
 import segvol
@@ -30,22 +27,14 @@ THRESHOLD = 2
 def studies(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train_studies")
     labels = tmp_path_factory.mktemp("train_labels")
-    rng = np.random.default_rng(5)
-    for number in range(3):
-        image, label = make_volume(rng)
-        nib.save(nib.Nifti1Image(image, LPS), folder / f"img_{number}.nii.gz")
-        nib.save(nib.Nifti1Image(label, LPS), labels / f"img_{number}.nii.gz")
+    write_unlabelled(folder, labels, 3, seed=5)
     return folder, labels
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tokenizer_dir):
     folder = tmp_path_factory.mktemp("train_weights")
-    torch.manual_seed(0)
-    segvol.save_checkpoint(str(folder / "segvol_label.pt"), segvol.SegVol(TINY), vocabulary=[])
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, folder / item.name)
-    return folder
+    return random_weights(folder, tokenizer_dir, TINY)
 
 
 @pytest.fixture(scope="module")

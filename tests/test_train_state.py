@@ -26,12 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import requests
 import torch
-from _train_data import LPS, TINY, make_volume
+from _server import random_weights
+from _train_data import TINY, write_unlabelled
 from _train_server import AppServer, copy_app
 
 import segvol
@@ -58,22 +57,14 @@ def _load(name: str, relative: str):
 def studies(tmp_path_factory):
     folder = tmp_path_factory.mktemp("state_studies")
     labels = tmp_path_factory.mktemp("state_labels")
-    rng = np.random.default_rng(11)
-    for number in range(2):
-        image, label = make_volume(rng)
-        nib.save(nib.Nifti1Image(image, LPS), folder / f"img_{number}.nii.gz")
-        nib.save(nib.Nifti1Image(label, LPS), labels / f"img_{number}.nii.gz")
+    write_unlabelled(folder, labels, 2, seed=11)
     return folder, labels
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tokenizer_dir):
     folder = tmp_path_factory.mktemp("state_weights")
-    torch.manual_seed(0)
-    segvol.save_checkpoint(str(folder / "segvol_label.pt"), segvol.SegVol(TINY), vocabulary=[])
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, folder / item.name)
-    return folder
+    return random_weights(folder, tokenizer_dir, TINY)
 
 
 CONF = {"device": "cpu", "train_epochs": "1", "train_val_split": "0", "train_lr": "0.002",

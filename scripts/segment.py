@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import time
 
@@ -117,16 +116,12 @@ def output_path(image: str, out, many: bool) -> str:
     return out
 
 
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
     import segvol
-    from segvol.batch import atomic_write_label, run_batch
+    from segvol.batch import run_batch, write_result
     from segvol.engine import SegVolEngine
     from segvol.errors import SegVolInputError
     from segvol.io import list_images
@@ -178,27 +173,7 @@ def main(argv=None) -> int:
             result = engine.segment(image, texts=args.text, box=args.box, points=points,
                                     return_probabilities=args.probabilities)
             target = output_path(image, args.out, many=False)
-            atomic_write_label(target, result.label, result.affine, result.header)
-            if result.probabilities:
-                for name, probability in result.probabilities.items():
-                    _write_probability(target, name, probability, result.affine)
-            stats = result.stats
-            line.update({
-                "out": target,
-                "labels": result.labels,
-                "voxels": {name: int((result.label == value).sum()) for name, value in result.labels.items()},
-                "seconds": {**stats["seconds"], "wall": round(time.perf_counter() - start, 3)},
-                "encoder_forwards": stats["encoder_forwards"],
-                "decoder_calls": stats["decoder_calls"],
-                "decoded_prompts": stats["decoded_prompts"],
-                "windows_used": stats["windows"]["used"],
-                "windows_skipped": stats["windows"]["skipped"],
-                "prompts_dropped": stats["prompts_dropped"],
-                "device": str(model.device),
-                "precision": engine.precision,
-                "model_load_seconds": round(load_seconds, 3),
-                "peak_rss_mb": peak_rss_mb(),
-            })
+            line.update({"out": target, **write_result(target, result, engine, start, load_seconds)})
         except SegVolInputError as error:
             line.update({"error": str(error), "type": type(error).__name__})
             status = 2
@@ -227,15 +202,6 @@ def _accel(args) -> dict:
             raise SystemExit("--precision int8 needs --calibration CT files (a few real CTs)")
         options["calibration"] = [os.path.abspath(p) for p in args.calibration]
     return options
-
-
-def _write_probability(label_path: str, name: str, probability, affine) -> None:
-    import nibabel as nib
-    import numpy as np
-
-    stem = label_path[:-7] if label_path.endswith(".nii.gz") else os.path.splitext(label_path)[0]
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    nib.save(nib.Nifti1Image(probability.astype(np.float32), affine), f"{stem}_prob_{safe}.nii.gz")
 
 
 if __name__ == "__main__":

@@ -82,10 +82,33 @@ def write_probability(label_path: str, name: str, probability, affine) -> str:
     return target
 
 
-def segment_one(job: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
-    """Segment ``job["image"]`` into ``job["out"]`` (skipped when it exists unless ``options["overwrite"]``)."""
+def write_result(target: str, result, engine, started: float, load_seconds: float) -> Dict[str, Any]:
+    """Write one image's label (and probabilities) atomically -> its report fields (the JSON line of segment.py)."""
     import resource
 
+    atomic_write_label(target, result.label, result.affine, result.header)
+    for name, probability in (result.probabilities or {}).items():
+        write_probability(target, name, probability, result.affine)
+    stats = result.stats
+    return {
+        "labels": result.labels,
+        "voxels": {name: int((result.label == value).sum()) for name, value in result.labels.items()},
+        "seconds": {**stats["seconds"], "wall": round(time.perf_counter() - started, 3)},
+        "encoder_forwards": stats["encoder_forwards"],
+        "decoder_calls": stats["decoder_calls"],
+        "decoded_prompts": stats["decoded_prompts"],
+        "windows_used": stats["windows"]["used"],
+        "windows_skipped": stats["windows"]["skipped"],
+        "prompts_dropped": stats["prompts_dropped"],
+        "device": str(engine.model.device),
+        "precision": engine.precision,
+        "model_load_seconds": round(load_seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def segment_one(job: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
+    """Segment ``job["image"]`` into ``job["out"]`` (skipped when it exists unless ``options["overwrite"]``)."""
     from .errors import SegVolInputError
 
     image, target = job["image"], job["out"]
@@ -101,26 +124,8 @@ def segment_one(job: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
     except SegVolInputError as error:
         line.update({"status": "error", "error": str(error), "type": type(error).__name__})
         return line
-    atomic_write_label(target, result.label, result.affine, result.header)
-    for name, probability in (result.probabilities or {}).items():
-        write_probability(target, name, probability, result.affine)
-    stats = result.stats
-    line.update({
-        "status": "written",
-        "labels": result.labels,
-        "voxels": {name: int((result.label == value).sum()) for name, value in result.labels.items()},
-        "seconds": {**stats["seconds"], "wall": round(time.perf_counter() - start, 3)},
-        "encoder_forwards": stats["encoder_forwards"],
-        "decoder_calls": stats["decoder_calls"],
-        "decoded_prompts": stats["decoded_prompts"],
-        "windows_used": stats["windows"]["used"],
-        "windows_skipped": stats["windows"]["skipped"],
-        "prompts_dropped": stats["prompts_dropped"],
-        "device": str(engine.model.device),
-        "precision": engine.precision,
-        "model_load_seconds": round(getattr(engine, "load_seconds", 0.0), 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    })
+    line.update({"status": "written", **write_result(target, result, engine, start,
+                                                     getattr(engine, "load_seconds", 0.0))})
     journal = options.get("journal")
     if journal:  # one line per output actually written (audit: every output once)
         with open(journal, "a") as handle:

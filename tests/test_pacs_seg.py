@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from _server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "segvol"
@@ -62,14 +63,6 @@ _REASON = _missing()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
@@ -80,7 +73,7 @@ def orthanc(tmp_path_factory):
     import orthanc as cli
 
     sys.path.remove(str(ROOT / "scripts"))
-    port, storage = _free_port(), tmp_path_factory.mktemp("orthanc")
+    port, storage = free_port(), tmp_path_factory.mktemp("orthanc")
     cli.start(port, storage)
     try:
         summary = cli.upload([CT_DIR], port, quiet=True)
@@ -106,7 +99,7 @@ def app_dir(tmp_path_factory):
 
 class Server:
     def __init__(self, app_dir: Path, dicomweb: str, cache: Path, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, MONAI_LABEL_DICOMWEB_CACHE_PATH=str(cache), MONAI_LABEL_DICOMWEB_CACHE_EXPIRY=str(TTL),

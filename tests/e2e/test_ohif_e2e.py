@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from _server import free_port
 
 E2E = Path(__file__).resolve().parent
 ROOT = E2E.parents[1]
@@ -73,14 +74,6 @@ _REASON = _missing_requirements()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _orthanc_cli(*args, timeout=120):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "orthanc.py"), *args], capture_output=True,
                           text=True, timeout=timeout)
@@ -88,7 +81,7 @@ def _orthanc_cli(*args, timeout=120):
 
 class Orthanc:
     def __init__(self, storage: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.storage = storage
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"
@@ -133,7 +126,7 @@ class App:
     """scripts/serve_dicomweb.sh in its own process group."""
 
     def __init__(self, orthanc: Orthanc, weights: Path, cache: Path, log: Path, app_dir: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, SEGVOL_PORT=str(self.port), SEGVOL_DICOMWEB=orthanc.dicomweb,

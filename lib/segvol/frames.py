@@ -273,10 +273,11 @@ class Zoom:
         return np.asarray([r[0] for r in out] + [r[1] for r in out], dtype=np.int64)
 
 
-    def interpolation_matrix(self, axis: int, low: int, high: int, device=None):
-        """(high - low + 1, Z) float32 matrix: row ``r`` holds the linear-interpolation weights
-        (``align_corners=False``) that native voxel ``low + r`` gives to the zoom voxels on ``axis`` (two per row; one
-        at the clamped ends)."""
+    def interpolation_taps(self, axis: int, low: int, high: int, device=None):
+        """Linear interpolation (``align_corners=False``) of native voxels ``low..high`` on ``axis`` from the zoom
+        voxels: ``(first, second, weight)``, each of length ``high - low + 1``; native voxel ``low + r`` takes
+        ``(1 - weight[r])`` of zoom voxel ``first[r]`` and ``weight[r]`` of ``second[r]`` (the same voxel at the
+        clamped ends)."""
         import torch
 
         n, z = self.native_shape[axis], self.zoom_shape[axis]
@@ -287,9 +288,16 @@ class Zoom:
         source = (scale * (native + 0.5) - 0.5).clamp_(min=0.0)
         first = source.floor().long().clamp_(max=z - 1)
         second = (first + 1).clamp_(max=z - 1)
-        weight = source - first
-        rows = torch.arange(len(native), device=device)
-        matrix = torch.zeros(len(native), z, device=device, dtype=torch.float32)
+        return first, second, source - first
+
+    def interpolation_matrix(self, axis: int, low: int, high: int, device=None):
+        """(high - low + 1, Z) float32 matrix of ``interpolation_taps``: row ``r`` holds the weights native voxel
+        ``low + r`` gives to the zoom voxels on ``axis`` (two per row; one at the clamped ends)."""
+        import torch
+
+        first, second, weight = self.interpolation_taps(axis, low, high, device)
+        rows = torch.arange(len(first), device=device)
+        matrix = torch.zeros(len(first), self.zoom_shape[axis], device=device, dtype=torch.float32)
         matrix.index_put_((rows, first), 1 - weight, accumulate=True)
         matrix.index_put_((rows, second), weight, accumulate=True)
         return matrix

@@ -137,7 +137,8 @@ class ImageSession:
                                      "intensity): nothing there to segment")
             raise BadRequestError("nothing to segment: give at least one text, a box or a point")
         with_text = bool(prompts.texts)
-        plans = self._zoom_out(list(prompts.texts) or [OBJECT_LABEL], with_text, native, clock, counters)
+        plans = self._zoom_out(list(prompts.texts) or [OBJECT_LABEL], with_text, native, clock, counters,
+                               with_foreground=mode is Mode.ZOOM_OUT_ZOOM_IN)
         zoom_in = ZoomInPlan()
         window_logits: Outputs = {}
         if mode is Mode.ZOOM_OUT_ZOOM_IN:
@@ -169,8 +170,9 @@ class ImageSession:
     # zoom-out
     # ---------------------------------------------------------------------------------------------------------------
     def _zoom_out(self, categories: List[str], with_text: bool, prompts: NativePrompts, clock: _Clock,
-                  counters: Dict[str, int]) -> List[CategoryPlan]:
-        """Encode the zoom-out view (once per session), decode every category, and find each one's foreground."""
+                  counters: Dict[str, int], with_foreground: bool = True) -> List[CategoryPlan]:
+        """Encode the zoom-out view (once per session), decode every category, and find each one's support (and
+        its native foreground, which only the zoom-in planning needs)."""
         with clock("zoom_out_encode"):
             if self.zoom_out_embedding is None:
                 self.zoom_out_embedding = self.engine.embedding(self.prepared, "zoom_out", self.prepared.zoom_out,
@@ -178,10 +180,10 @@ class ImageSession:
             else:
                 counters["embedding_cache_hits"] += 1
         with clock("zoom_out_decode"):
-            return self._zoom_out_decode(categories, with_text, prompts, counters)
+            return self._zoom_out_decode(categories, with_text, prompts, counters, with_foreground)
 
     def _zoom_out_decode(self, categories: List[str], with_text: bool, prompts: NativePrompts,
-                         counters: Dict[str, int]) -> List[CategoryPlan]:
+                         counters: Dict[str, int], with_foreground: bool) -> List[CategoryPlan]:
         engine, frames = self.engine, self.prepared.frames
         count, step, device = len(categories), engine.decode_batch, engine.model.device
         text = engine.model.encode_text(categories) if with_text else None
@@ -207,6 +209,9 @@ class ImageSession:
             zoom_box = bounding_box((plan.zoom_logits > 0).cpu().numpy())
             if zoom_box is not None:
                 plan.support = frames.zoom.native_support(zoom_box)
+                if not with_foreground:
+                    plans.append(plan)
+                    continue
                 native_logits = frames.zoom.upsample_region(plan.zoom_logits, plan.support)
                 mask = (native_logits > 0).cpu().numpy()
                 del native_logits

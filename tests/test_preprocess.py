@@ -133,6 +133,45 @@ def test_read_nifti_as_stored_and_write_label_on_its_grid(tmp_path):
     assert np.array_equal(np.asarray(written.dataobj), label)
 
 
+@pytest.mark.parametrize("name", ["example_ct_sm", "STS_001", "scaled", "four_d", "big_endian"])
+def test_read_nifti_gives_what_monai_gives_and_the_same_preprocessing(tmp_path, name):
+    """NIfTI is read by nibabel in the file's (Fortran) order, without MONAI's C-order copy: the voxels, their type,
+    the affine and the whole preprocessing are those of MONAI's ``LoadImage`` (which cannot read a big-endian file;
+    ours gives it in the machine's byte order)."""
+    from monai.transforms import LoadImage
+
+    if name == "example_ct_sm":
+        path = need(EXAMPLE / "example_ct_sm.nii.gz")
+    elif name == "STS_001":  # stored LPS: the axis map flips two axes
+        path = need(SHARED / "data" / "ibsi-sts-dev" / "STS_001_CT_image.nii.gz")
+    else:
+        rng = np.random.default_rng(4)
+        array = rng.integers(-1000, 1500, size=(20, 24, 12)).astype(np.int16)
+        header = nib.Nifti1Header(endianness=">") if name == "big_endian" else None
+        image = nib.Nifti1Image(array[..., None] if name == "four_d" else array, np.diag([0.8, -0.8, 2.5, 1]),
+                                header=header)
+        if name == "scaled":
+            image.header.set_slope_inter(0.5, -1024)
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(image, str(path))
+    volume = read_image(str(path))
+    assert volume.array.dtype.isnative
+    if name == "big_endian":  # MONAI's reader refuses it (torch has no foreign byte order): nibabel's own values
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj)
+        data, meta = data.astype(data.dtype.newbyteorder("=")), {"affine": image.affine}
+    else:
+        data, meta = LoadImage(image_only=False, dtype=None)(str(path))
+    expected = np.asarray(data)
+    while expected.ndim > 3 and expected.shape[-1] == 1:
+        expected = expected[..., 0]
+    assert volume.array.dtype == expected.dtype and np.array_equal(volume.array, expected)
+    assert np.array_equal(volume.affine, np.asarray(meta["affine"], dtype=np.float64))
+    ours, theirs = preprocess(volume.array, volume.affine), preprocess(expected, volume.affine)
+    assert np.array_equal(ours.native, theirs.native) and torch.equal(ours.zoom_out, theirs.zoom_out)
+    assert ours.frames == theirs.frames
+
+
 def test_read_dicom_series_matches_its_nifti_export():
     folder = need(DICOM / "STS_001" / "CT" / "image")
     nifti = need(SHARED / "data" / "ibsi-sts-dev" / "STS_001_CT_image.nii.gz")

@@ -81,10 +81,11 @@ class AxisMap:
         return self.axes == (2, 1, 0) and not any(self.flips)
 
     def to_model(self, array: np.ndarray) -> np.ndarray:
-        """Stored array (..., X, Y, Z) -> C-contiguous model array (..., D, H, W); leading axes are carried."""
+        """Stored array (..., X, Y, Z) -> C-contiguous model array (..., D, H, W) (a view of ``array`` when it is
+        one already); leading axes are carried."""
         lead = array.ndim - 3
         order = tuple(range(lead)) + tuple(lead + a for a in self.axes)
-        # A copy in C order makes the model array bit-identical whatever the storage order was.
+        # C order makes the model array bit-identical whatever the storage order was.
         return _reorder(array, order, [lead + o for o, f in enumerate(self.flips) if f], flip_first=False)
 
     def to_original(self, array: np.ndarray) -> np.ndarray:
@@ -122,8 +123,9 @@ class AxisMap:
 
 def _reorder(array: np.ndarray, order, flips, flip_first: bool) -> np.ndarray:
     """Transpose ``array`` by ``order`` and reverse the axes ``flips`` (of the input when ``flip_first``, else of
-    the output), into a new C-contiguous array. Pure permutations use torch (a multi-threaded copy, about twice
-    numpy's speed on large volumes); anything with flips, or a dtype torch lacks, uses one numpy copy."""
+    the output), into a C-contiguous array (new, unless a pure permutation already gives one). Pure permutations use
+    torch (a multi-threaded copy, about twice numpy's speed on large volumes); anything with flips, or a dtype torch
+    lacks, uses one numpy copy."""
     if not flips:
         try:
             return _torch_permute(array, order)
@@ -136,9 +138,13 @@ def _reorder(array: np.ndarray, order, flips, flip_first: bool) -> np.ndarray:
 
 
 def _torch_permute(array: np.ndarray, order) -> np.ndarray:
+    """One copy at most: none when the permuted array already is C-contiguous (a NIfTI volume read in its own
+    Fortran order, permuted to the usual (2, 1, 0) model order), which then shares the input's memory."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(*order).contiguous().numpy()
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
+    return torch.from_numpy(array).permute(*order).contiguous().numpy()
 
 
 # --------------------------------------------------------------------------------------------------------------------

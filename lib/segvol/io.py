@@ -92,6 +92,8 @@ def read_image(path: str) -> Volume:
     if not (is_image_file(path) or is_dicom_folder(path)):
         raise BadImageError(f"{path!r} is neither an image file ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}) nor a "
                             "folder of DICOM files")
+    if is_nifti(path):
+        return _read_nifti(path)
     from monai.transforms import LoadImage
 
     try:
@@ -102,12 +104,26 @@ def read_image(path: str) -> Volume:
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     affine = np.asarray(meta.get("affine", getattr(data, "affine", np.eye(4))), dtype=np.float64)
-    header = None
-    if is_nifti(path):
-        import nibabel as nib
+    return Volume(array=array, affine=affine, source=path, header=None)
 
-        header = nib.load(path).header.copy()
-    return Volume(array=array, affine=affine, source=path, header=header)
+
+def _read_nifti(path: str) -> Volume:
+    """NIfTI through nibabel, as MONAI's reader gives it (the stored array, scaled, and ``img.affine``) but in the
+    file's own (Fortran) order: the usual RAS axis map then needs no copy at all, where MONAI's C-order copy took
+    about a second for a 512x512x200 CT."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path, mmap=False)
+        array = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many unrelated types for damaged files
+        raise BadImageError(f"could not read {path!r}: {error}") from error
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not array.dtype.isnative:  # a big-endian file: torch only takes the machine's byte order
+        array = array.astype(array.dtype.newbyteorder("="))
+    return Volume(array=array, affine=np.array(image.affine, dtype=np.float64), source=path,
+                  header=image.header.copy())
 
 
 def label_dtype(label: np.ndarray) -> np.dtype:

@@ -67,21 +67,26 @@ def reference_normalize(volume: np.ndarray) -> np.ndarray:
 
     Raises ``BadImageError`` for a constant volume (nothing above the mean: no body to segment).
     """
-    x = np.asarray(volume, dtype=np.float32)
-    threshold = np.float32(np.mean(x, dtype=np.float64))
-    foreground = x[x > threshold]
+    # element-wise steps in torch (the same IEEE float32 operations, on every core); statistics in numpy, whose
+    # float64 pairwise sums and percentile interpolation the reference used
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(volume)).to(torch.float32)
+    except TypeError:  # a type torch lacks (or a foreign byte order): numpy converts it
+        x = torch.from_numpy(np.asarray(volume, dtype=np.float32))
+    threshold = np.float32(np.mean(x.numpy(), dtype=np.float64))
+    foreground = torch.masked_select(x, x > float(threshold)).numpy()
     if foreground.size == 0:
         raise BadImageError("the image is constant: every voxel has the same intensity, there is nothing to segment")
     low, high = np.percentile(foreground, [0.05, 99.95])
     mean = np.float32(np.mean(foreground, dtype=np.float64))
     std = np.float32(np.std(foreground, dtype=np.float64))
     del foreground
-    out = np.clip(x, np.float32(low), np.float32(high))  # a new array: the caller's volume is never modified
-    out -= mean
-    out /= max(std, np.float32(1e-8))
+    out = torch.clamp(x, float(np.float32(low)), float(np.float32(high)))  # new: the caller's volume is kept
+    out -= float(mean)
+    out /= float(max(std, np.float32(1e-8)))
     out -= out.min()
-    out /= max(out.max(), np.float32(1e-8))
-    return out
+    out /= max(out.max(), torch.tensor(1e-8, dtype=torch.float32))
+    return out.numpy()
 
 
 def foreground_crop(normalized: np.ndarray) -> Crop:
@@ -104,10 +109,17 @@ def zoom_out_view(native: np.ndarray, image_size: Sequence[int]) -> torch.Tensor
 
 
 def content_key(array: np.ndarray, axis_map: AxisMap, image_size: Sequence[int]) -> str:
-    """A digest of the voxels (and the orientation and window size they are prepared for)."""
+    """A digest of the voxels (and the orientation and window size they are prepared for).
+
+    A Fortran-ordered array (a NIfTI volume as read) is hashed in its own order, without a copy, under a key of its
+    own: the same voxels stored the other way only miss the cache once."""
+    layout = "C"
+    if array.flags.f_contiguous and not array.flags.c_contiguous:
+        array, layout = array.T, "F"
     array = np.ascontiguousarray(array)
     digest = hashlib.sha256()  # hardware-accelerated on x86: ~1 GB/s
-    digest.update(f"{array.dtype.str}|{array.shape}|{axis_map.axes}|{axis_map.flips}|{tuple(image_size)}".encode())
+    digest.update(f"{array.dtype.str}|{array.shape}|{layout}|{axis_map.axes}|{axis_map.flips}|"
+                  f"{tuple(image_size)}".encode())
     digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()[:32]
 

@@ -136,6 +136,20 @@ def label_dtype(label: np.ndarray) -> np.dtype:
     return np.dtype(np.int16 if low >= -32768 and high <= 32767 else np.int32)
 
 
+def _fortran_order(array: np.ndarray) -> np.ndarray:
+    """The same array in Fortran order, NIfTI's order on disk: nibabel then writes it without reordering slab by
+    slab (1.7 s of a 2.1 s write for a 512x512x200 label); the copy is torch's, on every core."""
+    if array.flags.f_contiguous or array.ndim < 2:
+        return array
+    import torch
+
+    try:
+        reverse = tuple(range(array.ndim - 1, -1, -1))
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(*reverse).contiguous().numpy().T
+    except (TypeError, RuntimeError):  # a type torch lacks
+        return np.asfortranarray(array)
+
+
 def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None, dtype=None, atomic: bool = False,
                 temp_dir: Optional[str] = None) -> str:
     """Write a label map as NIfTI on the given affine (and header, when the input was NIfTI).
@@ -151,7 +165,7 @@ def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None, d
 
     label = np.asarray(label)
     dtype = label_dtype(label) if dtype is None else np.dtype(dtype)
-    image = nib.Nifti1Image(label.astype(dtype), np.asarray(affine, dtype=np.float64),
+    image = nib.Nifti1Image(_fortran_order(label.astype(dtype, copy=False)), np.asarray(affine, dtype=np.float64),
                             header=header.copy() if header is not None else None)
     image.set_data_dtype(dtype)
     image.header.set_slope_inter(1.0, 0.0)

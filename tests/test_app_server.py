@@ -211,3 +211,22 @@ def test_ohif_auto_segmentation_tab_on_the_vista3d_face(server):
     response = server.infer("segvol", "ct_ras", {"label_prompt": everything}, output="json")
     assert response.status_code == 200, response.text
     assert set(response.json()["label_names"]) == set(info["segvol_auto"]["labels"])
+
+
+def test_int8_is_served_on_request_calibrated_on_the_datastore(studies, small_weights, tmp_path):
+    """``--conf precision int8``: the image encoder is quantized at the first load on the datastore's readable CTs
+    (the corrupt one skipped), ``model_status`` says what runs, and the answer is a label like fp32's."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    server = Server(studies, {"weights": str(small_weights), "device": "cpu", "precision": "int8"},
+                    tmp_path / "server.log", env={"SEGVOL_CACHE_DIR": str(tmp_path / "cache")}).wait()
+    try:
+        response = server.infer("segvol", "ct_ras", {"texts": ["liver"], "result_extension": ".nii.gz"})
+        assert response.status_code == 200, response.text
+        serving = requests.get(f"{server.url}/info/", timeout=30).json()["model_status"]["serving"]
+        assert serving["precision"]["precision"] == "int8" and serving["precision"]["runtime"] == "openvino"
+        assert "int8" in serving["precision"]["cache_path"]
+        assert str(tmp_path / "cache") in serving["precision"]["cache_path"]
+    finally:
+        server.stop()
+    assert "int8 calibration skips" in (tmp_path / "server.log").read_text()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
+from typing import Dict, List
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
@@ -55,9 +55,8 @@ class SegVolApp(MONAILabelApp):
         if device not in DEVICES and not device.startswith("cuda:"):
             raise ValueError(f"--conf device must be one of {DEVICES} (or cuda:N), got {device!r}")
         precision = conf.get("precision", "auto").strip().lower()
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"--conf precision must be auto, fp32, bf16 or fp16 (int8 is not served until its "
-                             f"accuracy on real anatomy is shown, see the README), got {precision!r}")
+        if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"--conf precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
         vocabulary = Vocabulary.load(conf.get("labels") or None)
         self.service = SegVolService(
             weights=conf.get("weights", DEFAULT_MODELS_DIR),
@@ -87,9 +86,16 @@ class SegVolApp(MONAILabelApp):
             version="0.1.0",
             labels=vocabulary.labels(),
         )
+        self.service.calibration_images = self._calibration_images
         if not self.service.available():
             logger.warning("SegVol weights not found at %s: infer requests will be refused until they are there",
                            self.service.weights)
+
+    def _calibration_images(self) -> List[str]:
+        """The datastore's images, in listing order: what ``--conf precision int8`` calibrates on (the first four
+        that read)."""
+        datastore = self.datastore()
+        return [datastore.get_image_uri(image_id) for image_id in datastore.list_images()]
 
     def init_infers(self) -> Dict[str, InferTask]:
         auto = SegVolAutoInfer(self.service, self.auto_labels)

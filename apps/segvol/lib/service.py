@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from segvol.checkpoint import CheckpointError, resolve_weights_file
 from segvol.io import atomic_copy
@@ -61,6 +61,8 @@ class SegVolService:
                  precision: str = "fp32", max_sessions: int = 8):
         self.weights = weights
         self.precision = precision  # image encoder (segvol.accel); "auto": bf16 where native, else fp32
+        # int8: the CT files its quantization is calibrated on (the app gives the datastore's first images)
+        self.calibration_images: Callable[[], List[str]] = lambda: []
         self.tokenizer = tokenizer or None
         self.device = device
         self.mode = mode
@@ -205,11 +207,34 @@ class SegVolService:
             from segvol.accel import accelerate, default_server_precision
 
             precision = default_server_precision(str(model.device)) if self.precision == "auto" else self.precision
-            accelerate(model, precision)
+            if precision == "int8":
+                views = self._calibration_views(model)
+                if views:
+                    accelerate(model, "int8", calibration=views)
+                else:
+                    logger.warning("precision int8 unavailable: no readable image in the datastore to calibrate "
+                                   "it on; the image encoder runs in fp32 until the next load")
+            else:
+                accelerate(model, precision)
         self.vocabulary.extend(model.vocabulary)  # names learned by fine-tuning become prompts
         logger.info("SegVol loaded from %s on %s in %.1f s (image encoder: %s)", path, model.device,
                     time.perf_counter() - started, getattr(model, "precision_info", {"precision": "fp32"}))
         return SegVolEngine(model, mode=self.mode, cache_mb=self.cache_mb)
+
+    def _calibration_views(self, model, count: int = 4) -> list:
+        """Calibration views (``segvol.accel.calibration_views``, 2 per CT) of the first ``count`` readable CTs."""
+        from segvol.accel import calibration_views
+        from segvol.errors import SegVolInputError
+
+        views: list = []
+        for path in self.calibration_images():
+            try:
+                views += calibration_views([path], model.config.image_size, per_image=2)
+            except (SegVolInputError, OSError) as error:
+                logger.info("int8 calibration skips %s: %s", path, error)
+            if len(views) >= 2 * count:
+                break
+        return views
 
     # ------------------------------------------------------------------------------------------------------------
     # what /info shows
@@ -238,7 +263,8 @@ class SegVolService:
         loaded = loaded_from[0] if loaded_from else None
         serving = None if engine is None else {
             "checkpoint": loaded, "kind": self.kind(loaded), "id": engine.model.checkpoint_id,
-            "loaded_ts": int(loaded_ts or 0)}
+            "loaded_ts": int(loaded_ts or 0), "precision": getattr(engine.model, "precision_info", None)
+            or {"precision": "fp32", "runtime": "torch"}}
         failed_error = self._failed.get(current) if current is not None else None
         failed = failed_error is not None
         error = dict(last_error) if last_error else None

@@ -133,11 +133,10 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
                 native_box = todo + np.tile(plan.support[:3], 2)
                 base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, native_box)).float().cpu()
                 target = probability[support][todo_slices]
-                mask = uncovered[todo_slices]
-                target[mask] = base[mask]
+                target.copy_(torch.where(uncovered[todo_slices], base, target))  # boolean indexing is far slower
         if probabilities is not None:
             target = torch.from_numpy(probabilities[plan.name])[region_slices]
-            target[covered] = probability[covered]
+            target.copy_(torch.where(covered, probability, target))
         if first:  # nothing labelled yet: no comparison with earlier categories
             wins = probability > 0.5
         else:

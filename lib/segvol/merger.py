@@ -89,7 +89,8 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
     """-> (native label map, native probabilities per category or None).
 
     Per category: window probabilities (Gaussian-blended) where windows ran, zoom-out probabilities elsewhere; a voxel
-    takes the label of the category with the highest probability, when that is above 0.5.
+    takes the label of the category with the highest probability, when that is above 0.5. Without windows and without
+    probabilities to return (a zoom-out preview) the label comes from ``zoom_out_label``.
     """
     if not return_probabilities and all(states.get(plan.name) is None for plan in plans):
         return zoom_out_label(frames.zoom, plans), None
@@ -168,7 +169,8 @@ def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) 
     time, then between two zoom slices for the native slices that lie between them, in blocks of rows that stay in
     the CPU cache (``block_bytes``), and only for the categories that are positive somewhere in the block's zoom
     voxels (the others are <= 0 there after interpolation, which only mixes them). The cost follows the area the
-    categories cover; 21 categories over a whole 512x512x200 CT take a few seconds on 2 cores instead of minutes.
+    categories cover: 21 categories of the ``fill.py`` weights, positive in 44 % of a 512x512x200 CT, take 2.4-2.9 s
+    on 2 cores (51.6 s through the general path).
     """
     shape = zoom.native_shape
     wide = len(plans) >= 256
@@ -183,7 +185,7 @@ def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) 
         column_matrix = zoom.interpolation_matrix(2, 0, shape[2] - 1).T.contiguous()  # (Z2, W)
         near = [torch.nonzero(positive[:, max(z - 1, 0):z + 2].flatten(1).any(1))[:, 0]
                 for z in range(logits.shape[1])]  # categories the slab on either side of zoom slice z can need
-        planes: Dict[int, Tuple[Dict[int, int], torch.Tensor]] = {}
+        planes: Dict[int, Tuple[List[int], torch.Tensor]] = {}  # zoom slice -> (its categories, (c, H, W))
 
         def plane(z: int):
             """Zoom slice ``z`` of the categories near it, interpolated to the native rows and columns."""
@@ -241,7 +243,7 @@ def _label_block(block_a: torch.Tensor, block_b: torch.Tensor, weights: torch.Te
             winner = (best > 0).to(code)
         else:  # argmax over dim 0 is slow on CPU: mark the maxima, keep the highest rank
             torch.eq(mixed, best, out=ties)
-            winner = ties.view(torch.uint8).to(code).mul_(rank).amax(0) if code != torch.uint8 else \
-                ties.view(torch.uint8).mul_(rank).amax(0)
+            marks = ties.view(torch.uint8) if code == torch.uint8 else ties.to(code)
+            winner = marks.mul_(rank).amax(0)
             winner.masked_fill_(best <= 0, 0)
         out[index] = lookup[winner.long()]

@@ -17,6 +17,12 @@ memory. Each measurement runs in its own child process (so its peak RSS is its o
   the label), after one warm-up call on another image, plus the liver with its box; seconds, ratio to fp32, peak RSS
   and the Dice of each organ's final mask against fp32's (text-only: 21 organs; text + box: the liver).
   ``--skip a b d`` leaves the other variants out (``--skip a b d --precisions fp32,bf16,int8``: the preview only).
+* ``g_goals`` (``--goals``): the issue's GPU targets, per precision of ``--precisions`` (default fp32), after a
+  warm-up on another image and with cold caches: one organ ("liver", text only) and the 21 ``PREVIEW_NAMES`` on the
+  CT in zoom-out-zoom-in mode, seconds, windows, encoder forwards and peak GPU memory.
+
+``--device cuda`` runs our engine (b, c, d, e, g) on the GPU (the reference, a, stays on CPU): on a lent GPU
+machine, ``--skip a b d --device cuda --precisions fp32,bf16 --goals`` gives the GPU figures.
 """
 from __future__ import annotations
 
@@ -57,12 +63,15 @@ def add_arguments(parser) -> None:
                         help="names the reference is timed on for (d) (0: all); the rest is extrapolated")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "d"], help="variants to leave out")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for our engine (the reference: CPU)")
+    parser.add_argument("--goals", action="store_true",
+                        help="g_goals: one organ and 21 organs in zoom-out-zoom-in mode, warm (the GPU targets)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # shared helpers (run inside the children)
 # ----------------------------------------------------------------------------------------------------------------
-def _model(threads: int):
+def _model(threads: int, device: str = "cpu"):
     import torch
 
     import segvol
@@ -79,7 +88,23 @@ def _model(threads: int):
     model.load_state_dict(fill_state_dict(manifest), strict=True, assign=True)
     model.text_encoder.tokenizer = load_tokenizer(str(SHARED / "clip-tokenizer"))
     model.checkpoint_id = "parity-fill"
-    return model.eval()
+    return model.to(device).eval()
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _gpu_memory(device: str) -> dict:
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)}
 
 
 def _volume(path: str):
@@ -234,10 +259,10 @@ def _summary(result, seconds: float) -> dict:
             "windows_skipped": stats["windows"]["skipped"], "stage_seconds": stats["seconds"]}
 
 
-def _run_ours_single(ct: dict, threads: int) -> dict:
+def _run_ours_single(ct: dict, threads: int, device: str) -> dict:
     from segvol.engine import SegVolEngine
 
-    model = _model(threads)
+    model = _model(threads, device)
     volume = _volume(ct["path"])
     engine = SegVolEngine(model)
     start = time.perf_counter()
@@ -248,30 +273,54 @@ def _run_ours_single(ct: dict, threads: int) -> dict:
     second = engine.segment(volume, texts=["liver"], box=ct["box"], points=[ct["click"] + [1]])
     c = _summary(second, time.perf_counter() - start)
     c["new_windows_encoded"] = second.stats["encoder_forwards"]
-    return {"b": b, "c": c}
+    return {"b": b, "c": c, **_gpu_memory(device)}
 
 
-def _run_ours_multi(ct: dict, names, threads: int) -> dict:
+def _run_ours_multi(ct: dict, names, threads: int, device: str) -> dict:
     from segvol.engine import SegVolEngine
 
-    model = _model(threads)
+    model = _model(threads, device)
     volume = _volume(ct["path"])
     engine = SegVolEngine(model)
     start = time.perf_counter()
     result = engine.segment(volume, texts=list(names))
     out = _summary(result, time.perf_counter() - start)
     out["categories"] = len(names)
-    return out
+    return {**out, **_gpu_memory(device)}
 
 
-def _run_preview(ct: dict, names, precision: str, cache_dir, calibration, threads: int, output: str) -> dict:
+def _run_goals(ct: dict, names, precision: str, threads: int, device: str) -> dict:
+    """The GPU targets: one organ and ``names`` on the CT, zoom-out-zoom-in, after a warm-up, caches cleared."""
+    from segvol import accel
+    from segvol.engine import SegVolEngine
+
+    model = _model(threads, device)
+    backend = accel.accelerate(model, precision)
+    engine = SegVolEngine(model)
+    engine.segment(str(EXAMPLE / "example_ct_sm.nii.gz"), texts=["liver"])  # warm-up (kernels, threads)
+    out = {}
+    for key, texts in (("one_organ", ["liver"]), (f"organs_{len(names)}", list(names))):
+        engine.clear_cache()
+        model.text_encoder.clear_cache()
+        _synchronize(device)
+        start = time.perf_counter()
+        result = engine.segment(ct["path"], texts=texts)
+        _synchronize(device)
+        out[key] = _summary(result, time.perf_counter() - start)
+    out["one_organ_under_1s"] = out["one_organ"]["seconds"] < 1.0
+    out[f"organs_{len(names)}_under_3s"] = out[f"organs_{len(names)}"]["seconds"] < 3.0
+    return {**out, **backend.describe(), **_gpu_memory(device)}
+
+
+def _run_preview(ct: dict, names, precision: str, cache_dir, calibration, threads: int, output: str,
+                 device: str) -> dict:
     import numpy as np
 
     from segvol import accel
     from segvol.engine import SegVolEngine
     from segvol.io import write_label
 
-    model = _model(threads)
+    model = _model(threads, device)
     start = time.perf_counter()
     backend = accel.accelerate(model, precision, cache_dir=cache_dir,
                                calibration=calibration if precision == "int8" else None)
@@ -280,6 +329,7 @@ def _run_preview(ct: dict, names, precision: str, cache_dir, calibration, thread
     engine.segment(str(EXAMPLE / "example_ct_sm.nii.gz"), texts=["liver"])  # warm-up (first inference, threads)
     model.text_encoder.clear_cache()
     folder = os.path.dirname(output)
+    _synchronize(device)
     start = time.perf_counter()
     result = engine.segment(ct["path"], texts=list(names))  # read + preprocess + encode + decode (cold caches)
     write_label(os.path.join(folder, f"preview_{precision}.nii.gz"), result.label, result.affine, result.header)
@@ -288,7 +338,7 @@ def _run_preview(ct: dict, names, precision: str, cache_dir, calibration, thread
     np.savez_compressed(output, text=result.label, box=boxed.label)
     return {"seconds": round(seconds, 2), "stage_seconds": result.stats["seconds"],
             "encoder_forwards": result.stats["encoder_forwards"], "prepare_seconds": round(prepare, 1),
-            "categories": len(names), **backend.describe()}
+            "categories": len(names), **backend.describe(), **_gpu_memory(device)}
 
 
 def _preview(args, ct: dict, folder: str) -> dict:
@@ -303,6 +353,7 @@ def _preview(args, ct: dict, folder: str) -> dict:
         try:
             table[precision] = in_child(_run_preview, ct=ct, names=PREVIEW_NAMES, precision=precision,
                                         cache_dir=args.cache_dir, calibration=calibration, threads=args.threads,
+                                        device=args.device,
                                         output=outputs[precision])
         except RuntimeError as error:
             table[precision] = {"error": str(error)}
@@ -331,7 +382,7 @@ def run(args) -> dict:
     import torch
 
     names = NAMES[: args.categories]
-    result = {"benchmark": "zoom", "device": "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    result = {"benchmark": "zoom", "device": args.device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "threads": args.threads or torch.get_num_threads(), "model": "official configuration, fill.py weights"}
     with tempfile.TemporaryDirectory() as folder:
         ct = make_ct(folder, args.shape)
@@ -340,12 +391,13 @@ def run(args) -> dict:
             result["a_reference"] = in_child(_run_reference, ct=ct, names=["liver"], with_box=True,
                                              threads=args.threads)
         if "b" not in args.skip:
-            single = in_child(_run_ours_single, ct=ct, threads=args.threads)
+            single = in_child(_run_ours_single, ct=ct, threads=args.threads, device=args.device)
             peak = single.pop("peak_rss_mb")
             result["b_ours"], result["c_ours_second_click"] = single["b"], single["c"]
             result["b_ours"]["peak_rss_mb"] = result["c_ours_second_click"]["peak_rss_mb"] = peak
         if "d" not in args.skip:
-            result["d_ours_multi"] = in_child(_run_ours_multi, ct=ct, names=names, threads=args.threads)
+            result["d_ours_multi"] = in_child(_run_ours_multi, ct=ct, names=names, threads=args.threads,
+                                              device=args.device)
             timed = names[: args.reference_categories] if args.reference_categories else names
             reference = in_child(_run_reference, ct=ct, names=timed, with_box=False, threads=args.threads)
             if len(timed) < len(names):
@@ -356,6 +408,16 @@ def run(args) -> dict:
                 reference["windows"] = int(round(reference["windows"] * factor))
                 reference["categories"] = len(names)
             result["a_reference_multi"] = reference
+        if args.goals:
+            precisions = [p.strip() for p in (args.precisions or "fp32").split(",") if p.strip()]
+            result["g_goals"] = {}
+            for precision in precisions:
+                try:
+                    result["g_goals"][precision] = in_child(_run_goals, ct=ct, names=PREVIEW_NAMES,
+                                                            precision=precision, threads=args.threads,
+                                                            device=args.device)
+                except RuntimeError as error:
+                    result["g_goals"][precision] = {"error": str(error)}
         if args.precisions:
             result["load_average_before_e"] = list(os.getloadavg())
             result["e_preview"] = _preview(args, ct, folder)

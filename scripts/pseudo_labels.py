@@ -37,8 +37,6 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-PARTIAL_DIR = ".partial"  # segvol.io.PARTIAL_DIR: where segvol.io.write_label(atomic=True) keeps its temp files
-
 
 # ----------------------------------------------------------------------------------------------
 # discovery
@@ -98,8 +96,7 @@ def find_cases(
 # one case (runs on a Dask worker or in-process)
 # ----------------------------------------------------------------------------------------------
 def _squeeze3(array, what: str):
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
+    """``segvol.io.read_image`` already drops trailing singleton axes: what is left must be 3-D."""
     if array.ndim != 3:
         raise ValueError(f"{what} must be 3-D, got shape {array.shape}")
     return array
@@ -301,6 +298,8 @@ def main(argv=None) -> int:
             except KeyboardInterrupt:
                 print("interrupted: finished outputs are complete, nothing half-written", file=sys.stderr)
                 return 130
+    from segvol.io import PARTIAL_DIR
+
     partial = os.path.join(output_dir, PARTIAL_DIR)
     if os.path.isdir(partial) and not os.listdir(partial):
         os.rmdir(partial)

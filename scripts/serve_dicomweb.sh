@@ -29,7 +29,6 @@ then
   exit 1
 fi
 
-export PATH="$(dirname "$(command -v python)"):$PATH"
 # MONAI Label caches the DICOMweb series lists (images, and images that have a SEG) for 2 hours by default, so a label
 # saved from OHIF would not show as "labeled" before then; 30 s keeps the counts fresh (QIDO on Orthanc is cheap).
 export MONAI_LABEL_DICOMWEB_CACHE_EXPIRY="${MONAI_LABEL_DICOMWEB_CACHE_EXPIRY:-30}"

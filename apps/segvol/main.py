@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List
+from typing import Dict, Iterator
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
@@ -26,6 +26,7 @@ from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomFo
 from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer, SegVolScribblesInfer
 from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring
 from lib.service import SegVolService, WeightsUnavailableError
+from segvol.accel import PRECISIONS
 from segvol.errors import SegVolInputError
 from segvol.modes import DEFAULT_MODE, Mode
 from segvol.vocabulary import Vocabulary
@@ -55,8 +56,8 @@ class SegVolApp(MONAILabelApp):
         if device not in DEVICES and not device.startswith("cuda:"):
             raise ValueError(f"--conf device must be one of {DEVICES} (or cuda:N), got {device!r}")
         precision = conf.get("precision", "auto").strip().lower()
-        if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
-            raise ValueError(f"--conf precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+        if precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"--conf precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
         vocabulary = Vocabulary.load(conf.get("labels") or None)
         self.service = SegVolService(
             weights=conf.get("weights", DEFAULT_MODELS_DIR),
@@ -91,11 +92,11 @@ class SegVolApp(MONAILabelApp):
             logger.warning("SegVol weights not found at %s: infer requests will be refused until they are there",
                            self.service.weights)
 
-    def _calibration_images(self) -> List[str]:
+    def _calibration_images(self) -> Iterator[str]:
         """The datastore's images, in listing order: what ``--conf precision int8`` calibrates on (the first four
         that read)."""
-        datastore = self.datastore()
-        return [datastore.get_image_uri(image_id) for image_id in datastore.list_images()]
+        datastore = self.datastore()  # lazily: a DICOMweb datastore downloads each series it is asked for
+        return (datastore.get_image_uri(image_id) for image_id in datastore.list_images())
 
     def init_infers(self) -> Dict[str, InferTask]:
         auto = SegVolAutoInfer(self.service, self.auto_labels)

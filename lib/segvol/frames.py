@@ -86,7 +86,7 @@ class AxisMap:
         lead = array.ndim - 3
         order = tuple(range(lead)) + tuple(lead + a for a in self.axes)
         # C order makes the model array bit-identical whatever the storage order was.
-        return _reorder(array, order, [lead + o for o, f in enumerate(self.flips) if f], flip_first=False)
+        return reorder(array, order, [lead + o for o, f in enumerate(self.flips) if f], flip_first=False)
 
     def to_original(self, array: np.ndarray) -> np.ndarray:
         """Model array (..., D, H, W) -> array in the stored order (..., X, Y, Z)."""
@@ -95,7 +95,7 @@ class AxisMap:
         for model_axis, stored_axis in enumerate(self.axes):
             inverse[stored_axis] = model_axis
         order = tuple(range(lead)) + tuple(lead + a for a in inverse)
-        return _reorder(array, order, [lead + o for o, f in enumerate(self.flips) if f], flip_first=True)
+        return reorder(array, order, [lead + o for o, f in enumerate(self.flips) if f], flip_first=True)
 
     def points_to_model(self, points) -> np.ndarray:
         points = as_points(points)
@@ -121,7 +121,7 @@ class AxisMap:
         return np.concatenate([corners.min(0), corners.max(0)]).astype(np.int64)
 
 
-def _reorder(array: np.ndarray, order, flips, flip_first: bool) -> np.ndarray:
+def reorder(array: np.ndarray, order, flips=(), flip_first: bool = False) -> np.ndarray:
     """Transpose ``array`` by ``order`` and reverse the axes ``flips`` (of the input when ``flip_first``, else of
     the output), into a C-contiguous array (new, unless a pure permutation already gives one). Pure permutations use
     torch (a multi-threaded copy, about twice numpy's speed on large volumes); anything with flips, or a dtype torch

@@ -141,13 +141,9 @@ def _fortran_order(array: np.ndarray) -> np.ndarray:
     slab (1.7 s of a 2.1 s write for a 512x512x200 label); the copy is torch's, on every core."""
     if array.flags.f_contiguous or array.ndim < 2:
         return array
-    import torch
+    from .frames import reorder
 
-    try:
-        reverse = tuple(range(array.ndim - 1, -1, -1))
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(*reverse).contiguous().numpy().T
-    except (TypeError, RuntimeError):  # a type torch lacks
-        return np.asfortranarray(array)
+    return reorder(array, tuple(range(array.ndim - 1, -1, -1))).T
 
 
 def write_label(path: str, label: np.ndarray, affine: np.ndarray, header=None, dtype=None, atomic: bool = False,

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..modes import MODES
 from .evaluate import PROMPTS
 from .prompts import COMBINATIONS, combination_parts
 
@@ -83,8 +84,8 @@ class TrainOptions:
             combination_parts(combination)
         if self.val_prompt not in PROMPTS:
             raise ValueError(f"val_prompt must be one of {PROMPTS}")
-        if self.val_mode not in ("zoom_out", "zoom_out_zoom_in"):
-            raise ValueError("val_mode must be zoom_out or zoom_out_zoom_in")
+        if self.val_mode not in MODES:
+            raise ValueError(f"val_mode must be one of {', '.join(MODES)}")
         if self.loss_resolution not in ("full", "low"):
             raise ValueError("loss_resolution must be 'full' or 'low'")
         if self.publish not in ("best", "last"):

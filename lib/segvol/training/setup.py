@@ -57,7 +57,7 @@ def init_path(options: TrainOptions) -> Optional[str]:
 def tokenizer_dir(options: TrainOptions) -> str:
     """The CLIP tokenizer of a run (``checkpoint.find_tokenizer``): ``options.tokenizer``, else beside the init
     checkpoint, else beside ``options.weights``."""
-    return find_tokenizer(options.tokenizer, None if options.init == "scratch" else init_path(options), options.weights)
+    return find_tokenizer(options.tokenizer, init_path(options), options.weights)
 
 
 def init_text_tower_like_clip(model: SegVol) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from segvol.errors import BadImageError, BadPromptError, BadRequestError
-from segvol.io import read_image
+from segvol.io import read_image, spacing
 
 from ..prompts import SegmentName, parse_segment_name, parse_slicer_roi, requested_free_text
 from .base import write_label_file
@@ -71,10 +71,6 @@ def fh_scale(value: Any) -> float:
     if not math.isfinite(k) or not 0 < k <= 1e6:
         raise BadRequestError(f"k (the FH scale) must be a positive finite number, got {k}")
     return k
-
-
-def spacing_of(affine: np.ndarray) -> Tuple[float, float, float]:
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 class SegVolScribblesInfer(InferTask):
@@ -155,7 +151,7 @@ class SegVolScribblesInfer(InferTask):
         supervoxels = self._supervoxels.get(key)
         if supervoxels is None:
             crop = fh.normalize_intensity(volume[box].astype(np.float32))
-            supervoxels = fh.segment(crop, spacing=spacing_of(affine), k=k, min_size=64)
+            supervoxels = fh.segment(crop, spacing=spacing(affine), k=k, min_size=64)
             self._supervoxels[key] = supervoxels
             while len(self._supervoxels) > self._cache_items:
                 self._supervoxels.popitem(last=False)

@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from segvol.io import spacing
+
 from .base import ImageScoring, read_volume
 
 INTENSITY_BANDS = np.array([-1000, -500, -150, -30, 30, 100, 300, 700, 4000], dtype=np.float32)  # HU edges
@@ -63,8 +65,7 @@ class FHNoveltyScoring(ImageScoring):
 
     def score(self, image_id, path):
         volume = read_volume(path)
-        spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-        return {"fh_features": fh_features(volume.array, spacing)}
+        return {"fh_features": fh_features(volume.array, spacing(volume.affine))}
 
     def after(self, datastore, scored) -> None:
         """Novelty depends on every image and on which are labelled, so it is recomputed for all at the end."""

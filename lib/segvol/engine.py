@@ -43,12 +43,11 @@ from .frames import AxisMap, Window
 from .io import Volume, read_image, source_signature
 from .modes import DEFAULT_MODE, Mode
 from .preprocess import PreparedImage, check_volume, content_key, preprocess
-from .prompts import OBJECT_LABEL, Prompts
-from .session import DecodeRequest, ImageSession, SegmentationResult
-from .windows import CategoryPlan, PackedMask, ZoomInPlan
+from .prompts import Prompts
+from .session import ImageSession, SegmentationResult
+from .windows import PackedMask
 
-__all__ = ["ByteLRU", "CategoryPlan", "DecodeRequest", "ImageSession", "OBJECT_LABEL", "PackedMask", "Prompts",
-           "SegVolEngine", "SegmentationResult", "ZoomInPlan"]
+__all__ = ["ByteLRU", "ImageSession", "PackedMask", "Prompts", "SegVolEngine", "SegmentationResult"]
 
 
 ImageInput = Union[str, os.PathLike, Volume, np.ndarray, PreparedImage]
@@ -157,14 +156,15 @@ class SegVolEngine:
             self._sources[f"{signature}|{self.reorient}"] = key
         return prepared, {"affine": affine, "header": header, "source": source}
 
-    def open(self, image: ImageInput, *, affine: Optional[np.ndarray] = None) -> ImageSession:
+    def open(self, image: ImageInput, *, affine: Optional[np.ndarray] = None, keep_blends: bool = True) -> ImageSession:
         """A session on ``image`` (a path, a ``segvol.io.Volume``, a 3-D array with its ``affine``, or a
         ``PreparedImage``): prepared now (or taken from the cache); the zoom-out embedding comes with the first
         request. Close it (or use it as a context manager) to free its blending states early."""
         started = time.perf_counter()
         with self._lock:
             prepared, original = self.prepare(image, affine)
-        return ImageSession(self, prepared, original, preprocess_seconds=time.perf_counter() - started)
+        return ImageSession(self, prepared, original, preprocess_seconds=time.perf_counter() - started,
+                            keep_blends=keep_blends)
 
     def segment(self, image: ImageInput, texts: Optional[Union[str, Sequence[str]]] = None,
                 box: Optional[Sequence[float]] = None, points=None, *, affine: Optional[np.ndarray] = None,
@@ -178,7 +178,8 @@ class SegVolEngine:
         """
         mode = Mode.parse(mode or self.mode)
         prompts = Prompts(texts=texts, points=points, box=box)
-        with self._lock, self.open(image, affine=affine) as session:
+        # a one-off session: its blending states could never be reused, so they stay out of the shared pool
+        with self._lock, self.open(image, affine=affine, keep_blends=False) as session:
             return session.segment(prompts, mode=mode, return_probabilities=return_probabilities)
 
     # ---------------------------------------------------------------------------------------------------------------

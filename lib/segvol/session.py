@@ -84,7 +84,8 @@ class ImageSession:
     request plans and blends from scratch. Either way a session's results never depend on other sessions.
     """
 
-    def __init__(self, engine, prepared, original: Dict[str, Any], preprocess_seconds: float = 0.0):
+    def __init__(self, engine, prepared, original: Dict[str, Any], preprocess_seconds: float = 0.0,
+                 keep_blends: bool = True):
         self.engine = engine
         self.prepared = prepared
         self.affine, self.header, self.source = original["affine"], original["header"], original["source"]
@@ -93,6 +94,7 @@ class ImageSession:
         self.token = next(_TOKENS)
         self._preprocess_seconds = preprocess_seconds  # reported by the first request
         self._blend_names: set = set()
+        self.keep_blends = keep_blends and engine.reuse_windows  # blending states kept for the next request
 
     @property
     def key(self) -> str:
@@ -209,9 +211,7 @@ class ImageSession:
             zoom_box = bounding_box((plan.zoom_logits > 0).cpu().numpy())
             if zoom_box is not None:
                 plan.support = frames.zoom.native_support(zoom_box)
-                if not with_foreground:
-                    plans.append(plan)
-                    continue
+            if zoom_box is not None and with_foreground:
                 native_logits = frames.zoom.upsample_region(plan.zoom_logits, plan.support)
                 mask = (native_logits > 0).cpu().numpy()
                 del native_logits
@@ -338,13 +338,13 @@ class ImageSession:
             return None
         engine = self.engine
         state_key = (self.token, plan.name)
-        previous = engine.blends.get(state_key) if engine.reuse_windows else None
+        previous = engine.blends.get(state_key) if self.keep_blends else None
         merger = WindowMerger([zoom_in.windows[i] for i in plan.windows], engine.window_probability,
                               engine.sigma_scale, previous)
         for index in plan.windows:
             merger.aggregate(zoom_in.windows[index], *outputs[(index, plan.name)])
         state = merger.finalize()
-        if engine.reuse_windows:
+        if self.keep_blends:
             engine.blends.put(state_key, state, state.nbytes)
             self._blend_names.add(plan.name)
         return state

@@ -168,18 +168,24 @@ class CategoryPlan:
         high = np.minimum(np.asarray(window.stop), self.support[3:] + 1)
         return None if np.any(high <= low) else (low, high)
 
-    def has_foreground(self, window: Window) -> bool:
+    def _foreground_part(self, window: Window):
+        """(low, high, mask): the zoom-out foreground on the window's part of ``support``, unpacked once; None when
+        the window holds none."""
         if self.foreground_box is None or window.box_to_window(self.foreground_box) is None:
-            return False
-        low, high = self._overlap(window)
-        return bool(self.foreground.region(low - self.support[:3], high - self.support[:3]).any())
-
-    def foreground_in(self, window: Window) -> Optional[np.ndarray]:
-        """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
-        if not self.has_foreground(window):
             return None
         low, high = self._overlap(window)
         part = self.foreground.region(low - self.support[:3], high - self.support[:3])
+        return (low, high, part) if part.any() else None
+
+    def has_foreground(self, window: Window) -> bool:
+        return self._foreground_part(window) is not None
+
+    def foreground_in(self, window: Window) -> Optional[np.ndarray]:
+        """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
+        found = self._foreground_part(window)
+        if found is None:
+            return None
+        low, high, part = found
         out = np.zeros(window.valid_shape, dtype=bool)
         out[tuple(slice(a - w, b - w) for a, b, w in zip(low, high, window.start))] = part
         return out

@@ -20,7 +20,12 @@ What it does (``--minutes`` bounds the training; the evaluations are timed and r
 4. evaluates the final model per organ with text prompts and text + box prompts, each in zoom-out and in
    zoom-out-zoom-in mode, through the inference engine on the original voxel grid.
 
-5. with ``--precisions bf16,int8``: evaluates the same final model again with each fast image-encoder precision
+5. runs the robot annotator (``segvol.interaction``, what ``scripts/benchmark.py interactive`` runs) on the
+   validation cases' five target organs: box first (the CVPR 2025 protocol) and text first (text, text + box), then
+   ``--robot-clicks`` corrective clicks each (``--robot-noc``: on to 20 interactions for NoC@80/85/90); ``--robot-clicks
+   0`` skips it.
+
+6. with ``--precisions bf16,int8``: evaluates the same final model again with each fast image-encoder precision
    (``segvol.accel``; int8 calibrated on 2 views of each of the first ``--calibration-cases`` training CTs, never a
    validation case) and reports per organ the Dice difference from fp32. ``--eval-checkpoint last.pt`` skips the
    baseline and the training and evaluates that checkpoint (e.g. the ``run/last.pt`` of an earlier run).
@@ -103,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode a random k of the six prompt combinations per step (0: all six every step); "
                              "3 trains every combination equally often at half the cost per step, i.e. twice the "
                              "views in the budget")
+    parser.add_argument("--corrective-prob", type=float, default=0.0,
+                        help="share of steps that also train on clicks at the model's own errors (the robot's rule)")
+    parser.add_argument("--corrective-rounds", type=int, default=3, help="simulated click rounds of that term (1..N)")
+    parser.add_argument("--robot-clicks", type=int, default=5,
+                        help="corrective clicks of the robot annotator on the validation cases (0: no robot)")
+    parser.add_argument("--robot-noc", action="store_true", help="robot: click on to 20 interactions (NoC@t)")
     parser.add_argument("--val-every", type=int, default=5, help="validate every N epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precisions", default="",
@@ -286,7 +297,8 @@ def main(argv=None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
-        combinations_per_step=args.combinations_per_step, box_jitter=args.box_jitter, world_size=args.processes,
+        combinations_per_step=args.combinations_per_step, corrective_prob=args.corrective_prob,
+        corrective_rounds=args.corrective_rounds, box_jitter=args.box_jitter, world_size=args.processes,
         ddp_backend="gloo" if args.processes > 1 else None, device="cpu", threads=threads if args.processes == 1 else 1,
         zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
         val_prompt="text+box", val_mode="zoom_out", time_budget_s=train_budget, fit_budget=True, resume=False,
@@ -326,7 +338,8 @@ def main(argv=None) -> int:
                      "batch_size": args.batch_size,
                      "threads": threads, "processes": args.processes, "loss_resolution": args.loss_resolution,
                      "combinations_per_step": args.combinations_per_step or 6, "box_jitter": args.box_jitter,
-                     "zoom_out_prob": args.zoom_out_prob,
+                     "zoom_out_prob": args.zoom_out_prob, "corrective_prob": args.corrective_prob,
+                     "corrective_rounds": args.corrective_rounds,
                      "final_loss": result.history[-1].get("loss") if result.history else None,
                      "best_val_epoch": result.best_epoch,
                      "best_val_mean_text_box_zoom_out": round(result.best_metric, 4)
@@ -342,10 +355,33 @@ def main(argv=None) -> int:
                  if baseline else None},
         "plot": plot_path,
     }
+    report["robot"] = run_robot(args, model, val_cases, resolve, log)
     if args.precisions:
         report["precisions"] = evaluate_precisions(args, model, val_store, texts, trained, train_cases, config, log)
     print(json.dumps(report))
     return 0
+
+
+def run_robot(args, model, cases, resolve, log):
+    """The robot annotator on the validation cases' target organs (box first and text first): Dice per step and the
+    challenge's summaries; None with ``--robot-clicks 0``."""
+    if args.robot_clicks <= 0:
+        return None
+    from segvol.engine import SegVolEngine
+    from segvol.interaction import EngineSegmenter, annotate
+
+    tick = time.time()
+    engine = SegVolEngine(model, mode="zoom_out_zoom_in", cache_mb=512, image_cache_mb=256)
+    names = sorted({name for case in cases for name in case.label_names.values() if resolve(name) in TARGETS})
+    report = annotate(cases, lambda case: EngineSegmenter(engine, case.image), resolve, clicks=args.robot_clicks,
+                      noc=args.robot_noc, structures=names, progress=log.debug)
+    engine.clear_cache()
+    report.pop("traces")
+    for start, result in report["starts"].items():
+        log.info("robot, %s first: mean Dice per step %s; %s", start, result["mean"]["dice"],
+                 {k: v for k, v in result["mean"].items() if k not in ("dice", "nsd")})
+    report["minutes"] = round((time.time() - tick) / 60.0, 2)
+    return report
 
 
 def evaluate_precisions(args, model, val_store, texts, fp32: dict, train_cases, config, log) -> dict:
@@ -383,8 +419,10 @@ def _evaluate_checkpoint(args, val_store, texts, train_cases, config, threads, s
     model = segvol.load_model(args.eval_checkpoint, device="cpu", tokenizer=args.tokenizer)
     tick = time.time()
     trained = evaluate_all(model, val_store, texts)
+    robot = run_robot(args, model, val_store.cases, val_store.resolve, log)
     report = {"script": "finetune_eval", "checkpoint": os.path.abspath(args.eval_checkpoint), "threads": threads,
-              "val_cases": len(val_store), "target_organs": [TARGETS[t] for t in texts], "dice": trained,
+              "robot": robot, "val_cases": len(val_store), "target_organs": [TARGETS[t] for t in texts],
+              "dice": trained,
               "minutes_eval": round((time.time() - tick) / 60.0, 2)}
     if args.precisions:
         report["precisions"] = evaluate_precisions(args, model, val_store, texts, trained, train_cases, config, log)

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--boundary-fraction", type=float, default=defaults.boundary_fraction)
     prompts.add_argument("--combinations", default=",".join(defaults.combinations))
     prompts.add_argument("--max-categories", type=int, default=defaults.max_categories)
+    prompts.add_argument("--corrective-prob", type=float, default=defaults.corrective_prob,
+                         help="share of steps that also train on clicks at the model's own errors (the robot "
+                              "annotator's rule, 1..--corrective-rounds simulated rounds)")
+    prompts.add_argument("--corrective-rounds", type=int, default=defaults.corrective_rounds)
     prompts.add_argument("--pseudo-weight", type=float, default=defaults.pseudo_weight)
     prompts.add_argument("--loss-resolution", choices=("full", "low"), default=defaults.loss_resolution,
                          help="full: logits upsampled to the window (the reference); low: the decoder's grid "
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
         amp=None if args.amp == "auto" else args.amp == "on", zoom_out_prob=args.zoom_out_prob,
         pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,
         max_negative=args.max_negative, boundary_fraction=args.boundary_fraction, combinations=args.combinations,
-        max_categories=args.max_categories, pseudo_weight=args.pseudo_weight, val_every=args.val_every,
+        max_categories=args.max_categories, corrective_prob=args.corrective_prob,
+        corrective_rounds=args.corrective_rounds, pseudo_weight=args.pseudo_weight, val_every=args.val_every,
         loss_resolution=args.loss_resolution,
         val_prompt=args.val_prompt, val_mode=args.val_mode,
         time_budget_s=args.minutes * 60 if args.minutes > 0 else None,

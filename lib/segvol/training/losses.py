@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..metrics import dice_score
+
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """(B, ...) logits and {0, 1} targets -> (B,) soft Dice loss ``1 - (2|P.T| + s) / (|P| + |T| + s)``."""
@@ -28,18 +30,6 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) Dice + BCE per row."""
     return dice_loss(logits, target) + bce_loss(logits, target)
-
-
-def dice_score(prediction, truth) -> float:
-    """Hard Dice of two boolean arrays (numpy or torch); 1.0 when both are empty."""
-    import numpy as np
-
-    prediction = np.asarray(prediction, dtype=bool)
-    truth = np.asarray(truth, dtype=bool)
-    total = int(prediction.sum()) + int(truth.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(prediction, truth).sum()) / total
 
 
 __all__ = ["bce_loss", "dice_bce_loss", "dice_loss", "dice_score"]

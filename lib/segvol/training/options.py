@@ -48,6 +48,8 @@ class TrainOptions:
     boundary_fraction: float = 0.5
     combinations: Tuple[str, ...] = COMBINATIONS
     combinations_per_step: int = 0  # 0: every combination every step; k: a random k of them per step (cheaper steps)
+    corrective_prob: float = 0.0  # share of steps with the corrective-click term (clicks on the model's own errors)
+    corrective_rounds: int = 3  # simulated click rounds of that term: uniform in 1..corrective_rounds
     max_categories: int = 8  # categories trained per view (a random subset when more are present)
     pseudo_weight: float = 0.1
     pseudo_passes: int = 2  # pseudo-label decoder passes per view, alternating point / box
@@ -88,6 +90,8 @@ class TrainOptions:
             raise ValueError(f"val_mode must be one of {', '.join(MODES)}")
         if self.loss_resolution not in ("full", "low"):
             raise ValueError("loss_resolution must be 'full' or 'low'")
+        if not 0.0 <= float(self.corrective_prob) <= 1.0 or int(self.corrective_rounds) < 1:
+            raise ValueError("corrective_prob must be in [0, 1] and corrective_rounds at least 1")
         if self.publish not in ("best", "last"):
             raise ValueError("publish must be 'best' or 'last'")
         if int(self.epochs) < 1 or int(self.batch_size) < 1 or int(self.repeats) < 1:

@@ -11,6 +11,11 @@ One optimizer step:
    point, box+point) are decoded against that embedding (the reference re-encoded the image per category);
 3. the loss is the sum over combinations of the mean per-sample Dice + BCE (``losses``), plus ``pseudo_weight`` (0.1)
    times the same on FH pseudo-label targets when a case has them;
+3b. in a share of the steps (``corrective_prob``) a **corrective-click** term: from a start prompt (box, box + text or
+   text) the model predicts without gradients, the robot annotator's rule (``segvol.interaction.error_click``: the
+   deepest voxel of the largest error region) adds a click on each prediction's own mistake, for 1 to
+   ``corrective_rounds`` simulated rounds, and the loss is taken on the prediction from the start prompt plus every
+   click (SAM's and nnInteractive's iterative training): the clicks a user makes are the clicks it learns from;
 4. AdamW with linear warm-up and cosine decay (``schedule.WarmupCosine``, lr > 0 from the first step), optional
    gradient clipping, autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler): ``optimizer_step``.
 """
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..interaction import error_click
 from ..modeling.segvol import SegVol
 from .losses import dice_bce_loss
 from .prompts import (
@@ -54,10 +60,15 @@ class Batch:
     pseudo: List[Tuple[str, Target]] = field(default_factory=list)  # (kind, target)
     kinds: List[str] = field(default_factory=list)
     combinations: Optional[Tuple[str, ...]] = None  # this step's prompt combinations (None: all)
+    corrective: Optional[Tuple[str, int]] = None  # this step's corrective-click term: (start prompt, rounds)
+
+
+CORRECTIVE_STARTS = ("box", "box+text", "text")  # what the robot's protocols start from before clicking
 
 
 def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, pseudo_passes: int,
-                combinations: Sequence[str] = COMBINATIONS, per_step: int = 0) -> Batch:
+                combinations: Sequence[str] = COMBINATIONS, per_step: int = 0, corrective_prob: float = 0.0,
+                corrective_rounds: int = 3) -> Batch:
     targets: List[Target] = []
     pseudo: List[Tuple[str, Target]] = []
     for index, (view, rng) in enumerate(zip(views, rngs)):
@@ -79,7 +90,12 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
     chosen = None
     if 0 < per_step < len(combinations):
         chosen = tuple(combinations[i] for i in sorted(rngs[0].choice(len(combinations), per_step, replace=False)))
-    return Batch(images=images, targets=targets, pseudo=pseudo, kinds=[v.kind for v in views], combinations=chosen)
+    corrective = None
+    if targets and corrective_prob > 0 and rngs[0].random() < corrective_prob:
+        corrective = (CORRECTIVE_STARTS[int(rngs[0].integers(len(CORRECTIVE_STARTS)))],
+                      1 + int(rngs[0].integers(max(1, int(corrective_rounds)))))
+    return Batch(images=images, targets=targets, pseudo=pseudo, kinds=[v.kind for v in views], combinations=chosen,
+                 corrective=corrective)
 
 
 class TrainStep(nn.Module):
@@ -128,6 +144,44 @@ class TrainStep(nn.Module):
         logits = low_res if self.loss_resolution == "low" else self.model.upsample(low_res)
         return dice_bce_loss(logits, truth).mean()
 
+    def _corrective_loss(self, embedding, targets: Sequence[Target], start: str, rounds: int,
+                         text_table: torch.Tensor, text_index: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Clicks on the model's own errors (see the module docstring, 3b): ``rounds`` gradient-free predictions, each
+        adding one ``error_click`` per target (none once a target is exact), then the loss with every click."""
+        use_text, use_box, _ = combination_parts(start)
+        device = embedding.device
+        index = torch.as_tensor([t.sample for t in targets], device=device)
+        image_embedding = embedding[index]
+        text = text_table[text_index] if use_text else None
+        boxes = stack_boxes([t.prompts for t in targets], device) if use_box else None
+        clicks: List[List[Tuple[Tuple[int, int, int], int]]] = [[] for _ in targets]
+
+        def point_prompt():
+            if not any(clicks):
+                return None
+            samples = [PromptSample(box=t.prompts.box,
+                                    points=np.asarray([c[0] for c in row], np.float32).reshape(-1, 3),
+                                    labels=np.asarray([c[1] for c in row], np.int64))
+                       for t, row in zip(targets, clicks)]
+            return stack_points(samples, device)
+
+        for _ in range(int(rounds)):
+            with torch.no_grad():
+                low_res = self.model.decode(image_embedding.detach(), None if text is None else text.detach(), boxes,
+                                            point_prompt())
+                predicted = (self.model.upsample(low_res)[:, 0] > 0).cpu().numpy()
+            added = False
+            for row, (target, mask) in enumerate(zip(targets, predicted)):
+                click = error_click(target.mask, mask)
+                if click is not None:
+                    clicks[row].append((click.point, click.label))
+                    added = True
+            if not added:
+                break
+        low_res = self.model.decode(image_embedding, text, boxes, point_prompt())
+        logits = low_res if self.loss_resolution == "low" else self.model.upsample(low_res)
+        return dice_bce_loss(logits, truth).mean()
+
     def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
         """(N, 1, *image_size) float targets, area-averaged to the decoder's grid for ``loss_resolution='low'``."""
         truth = torch.from_numpy(np.stack(masks)[:, None]).to(device=device, dtype=torch.float32)
@@ -158,6 +212,11 @@ class TrainStep(nn.Module):
                                          truth)
                 losses.append(loss)
                 parts[combination] = float(loss.detach())
+            if batch.corrective is not None:
+                start, rounds = batch.corrective
+                loss = self._corrective_loss(embedding, batch.targets, start, rounds, table, text_index, truth)
+                losses.append(loss)
+                parts["corrective"] = float(loss.detach())
         if batch.pseudo and self.pseudo_weight > 0:
             for kind in ("point", "box"):
                 group = [t for k, t in batch.pseudo if k == kind]
@@ -230,4 +289,4 @@ class Prefetcher:
             yield step, batch
 
 
-__all__ = ["Batch", "Prefetcher", "Target", "TrainStep", "build_batch", "optimizer_step"]
+__all__ = ["Batch", "CORRECTIVE_STARTS", "Prefetcher", "Target", "TrainStep", "build_batch", "optimizer_step"]

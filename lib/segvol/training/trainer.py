@@ -264,7 +264,8 @@ class Trainer:
         views = [sample_view(self.train_store[int(mine[p])], r, self.view_config) for p, r in zip(positions, rngs)]
         return build_batch(views, rngs, self.prompt_config, options.max_categories,
                            options.pseudo_passes if options.pseudo_weight > 0 else 0, options.combinations,
-                           int(options.combinations_per_step))
+                           int(options.combinations_per_step), float(options.corrective_prob),
+                           int(options.corrective_rounds))
 
     def train_step(self, batch: Batch):
         """One optimizer step (``step.optimizer_step``); -> (loss, loss parts)."""

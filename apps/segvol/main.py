@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Dict, Iterator
 
 from fastapi import HTTPException
@@ -279,7 +280,10 @@ class SegVolApp(MONAILabelApp):
                                      pending=lambda: train_pending(retrain.model))
 
     def infer(self, request, datastore=None):
-        """MONAI Label's infer, with bad input answered 4xx (it would otherwise be a bare 500)."""
+        """MONAI Label's infer, with bad input answered 4xx (it would otherwise be a bare 500). The response's
+        ``latencies.total`` is the whole time spent here (image lookup, model load, inference, writing); the task's
+        own is ``latencies.task``."""
+        started = time.perf_counter()
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
@@ -292,10 +296,15 @@ class SegVolApp(MONAILabelApp):
             if not uri or not os.path.exists(uri):
                 raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
         except SegVolInputError as error:
             raise HTTPException(status_code=error.http_status, detail=str(error)) from None
         except WeightsUnavailableError as error:
             raise HTTPException(status_code=503, detail=str(error)) from None
         except MONAILabelException as error:
             raise HTTPException(status_code=400, detail=error.msg) from None
+        latencies = (result.get("params") or {}).get("latencies")
+        if isinstance(latencies, dict):
+            latencies["task"] = latencies.get("total")
+            latencies["total"] = round(time.perf_counter() - started, 3)
+        return result

@@ -79,6 +79,7 @@ class SegVolInferTask(InferTask):
     def __call__(self, request: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
         started = time.perf_counter()
         self.service.engine()  # (re)load first: a new checkpoint's learned names must resolve in this request
+        load_seconds = time.perf_counter() - started
         prompts = self.prompts(request)
         if prompts.is_empty():
             raise BadRequestError(self.no_prompt_message(prompts))
@@ -104,14 +105,20 @@ class SegVolInferTask(InferTask):
             names = {vocabulary.served_name(text): values[text]
                      for text in sorted(values, key=lambda t: values[t])}  # ascending: Slicer reads keys in order
 
+        tick = time.perf_counter()
         output = write_label_file(labels, result.affine, request)
+        write_seconds = time.perf_counter() - tick
         engine_stats = getattr(result, "stats", {}) or {}
+        # the engine's own stages, its sum as "engine"; "total" is this task's whole time (SegVolApp.infer widens it
+        # to the app's, which also covers finding the image)
+        stages = {("engine" if k == "total" else k): v for k, v in engine_stats.get("seconds", {}).items()}
         return output, {
             "label_names": names,
             "prompts": {**prompts.to_json(), "requested": prompts.requested},
             "model": self.service.checkpoint_id,
             "mode": mode,
-            "latencies": {"total": round(time.perf_counter() - started, 3), **engine_stats.get("seconds", {})},
+            "latencies": {"load": round(load_seconds, 3), **stages, "write": round(write_seconds, 3),
+                          "total": round(time.perf_counter() - started, 3)},
             "stats": engine_stats,
             **self.extra_params(prompts),
         }

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -56,8 +57,11 @@ def surface_dice(prediction, truth, spacing: Sequence[float] = (1.0, 1.0, 1.0), 
     def one_hot(mask):
         return torch.from_numpy(np.stack([~mask, mask])[None])
 
-    value = compute_surface_dice(one_hot(crop_prediction), one_hot(crop_truth), class_thresholds=[float(tolerance_mm)],
-                                 include_background=False, spacing=[float(s) for s in spacing])
+    with warnings.catch_warnings():  # MONAI 1.5 warns about its own deprecated argument on every call
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_surface_dice(one_hot(crop_prediction), one_hot(crop_truth),
+                                     class_thresholds=[float(tolerance_mm)], include_background=False,
+                                     spacing=[float(s) for s in spacing])
     return float(value.reshape(-1)[0])
 
 

@@ -17,6 +17,11 @@ memory. Each measurement runs in its own child process (so its peak RSS is its o
   the label), after one warm-up call on another image, plus the liver with its box; seconds, ratio to fp32, peak RSS
   and the Dice of each organ's final mask against fp32's (text-only: 21 organs; text + box: the liver).
   ``--skip a b d`` leaves the other variants out (``--skip a b d --precisions fp32,bf16,int8``: the preview only).
+* ``f_clicks`` (``--clicks N``): an annotator's session as the server runs it: one ``ImageSession`` on the CT, text +
+  box for the liver (the first request: reading, preprocessing, encoding), then N corrective clicks added one at a
+  time by the robot annotator's rule (``segvol.interaction.error_click`` against the liver of ``example_seg`` on the
+  resampled grid), each answered in zoom-out-zoom-in mode: seconds per click (p50, p95, max; the goal is p95 <= 1 s),
+  the engine's stages, windows decoded and encoder forwards per click, beside the first request's seconds.
 * ``g_goals`` (``--goals``): the issue's GPU targets, per precision of ``--precisions`` (default fp32), after a
   warm-up on another image and with cold caches: one organ ("liver", text only) and the 21 ``PREVIEW_NAMES`` on the
   CT in zoom-out-zoom-in mode, seconds (with and without reading and preprocessing the CT, CPU work; the targets
@@ -65,6 +70,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "d"], help="variants to leave out")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for our engine (the reference: CPU)")
+    parser.add_argument("--clicks", type=int, default=0, help="f_clicks: corrective clicks after text + box (0: skip)")
     parser.add_argument("--goals", action="store_true",
                         help="g_goals: one organ and 21 organs in zoom-out-zoom-in mode, warm (the GPU targets)")
 
@@ -290,6 +296,58 @@ def _run_ours_multi(ct: dict, names, threads: int, device: str) -> dict:
     return {**out, **_gpu_memory(device)}
 
 
+def liver_truth(shape):
+    """The liver of example_seg (slices 82..111 of example_ct) on the grid ``make_ct`` resamples to (nearest)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    seg = np.asarray(nib.load(str(EXAMPLE / "example_seg.nii.gz")).dataobj)
+    full = np.zeros(nib.load(str(EXAMPLE / "example_ct.nii.gz")).shape, np.float32)
+    full[:, :, SEG_SLICE_OFFSET:SEG_SLICE_OFFSET + seg.shape[2]] = seg == 5
+    return F.interpolate(torch.from_numpy(full)[None, None], size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
+
+
+def _run_clicks(ct: dict, clicks: int, threads: int, device: str) -> dict:
+    import statistics
+
+    from segvol.engine import SegVolEngine
+    from segvol.interaction import error_click
+    from segvol.io import spacing
+    from segvol.prompts import Prompts
+
+    model = _model(threads, device)
+    volume = _volume(ct["path"])
+    truth = liver_truth(volume.array.shape)
+    engine = SegVolEngine(model)
+    start = time.perf_counter()
+    session = engine.open(volume)
+    result = session.segment(Prompts(texts=["liver"], box=ct["box"]))
+    first = _summary(result, time.perf_counter() - start)
+    points, rows = [], []
+    for _ in range(clicks):
+        click = error_click(truth, result.label > 0, spacing(volume.affine))
+        if click is None:
+            break
+        points.append((*click.point, click.label))
+        _synchronize(device)
+        start = time.perf_counter()
+        result = session.segment(Prompts(texts=["liver"], box=ct["box"], points=points))
+        _synchronize(device)
+        rows.append({**_summary(result, time.perf_counter() - start), "click": list(click.point),
+                     "positive": click.positive})
+    seconds = sorted(r["seconds"] for r in rows)
+    p95 = seconds[min(len(seconds) - 1, int(round(0.95 * (len(seconds) - 1))))] if seconds else None
+    stages = {k: round(statistics.median(r["stage_seconds"].get(k, 0.0) for r in rows), 3)
+              for k in (rows[0]["stage_seconds"] if rows else {})}
+    return {"first_request": first, "clicks": rows,
+            "click_seconds_p50": statistics.median(seconds) if seconds else None, "click_seconds_p95": p95,
+            "click_seconds_max": seconds[-1] if seconds else None,
+            "click_stage_seconds_median": stages, "click_p95_under_1s": p95 is not None and p95 <= 1.0,
+            **_gpu_memory(device)}
+
+
 def _run_goals(ct: dict, names, precision: str, threads: int, device: str) -> dict:
     """The GPU targets: one organ and ``names`` on the CT, zoom-out-zoom-in, after a warm-up, caches cleared."""
     from segvol import accel
@@ -411,6 +469,9 @@ def run(args) -> dict:
                 reference["windows"] = int(round(reference["windows"] * factor))
                 reference["categories"] = len(names)
             result["a_reference_multi"] = reference
+        if args.clicks:
+            result["f_clicks"] = in_child(_run_clicks, ct=ct, clicks=args.clicks, threads=args.threads,
+                                          device=args.device)
         if args.goals:
             precisions = [p.strip() for p in (args.precisions or "fp32").split(",") if p.strip()]
             result["g_goals"] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 from _server import Server, random_weights
-from _train_data import TINY, write_dataset
+from _train_data import TINY, write_dataset, write_datastore
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {1: "Liver", 2: "Spleen"}
@@ -75,3 +75,14 @@ def test_robot_refuses_contradictory_options(setup):
                            str(setup["data"]), "--server", setup["server"].url, "--checkpoint", "x"],
                           capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert done.returncode != 0 and "--server runs the model the server serves" in done.stderr
+
+
+def test_robot_on_a_datastore_in_process(setup, tokenizer_dir, tmp_path):
+    """A lab's datastore: its final labels (no label_info: values are the app's /info indices, 1 = liver)."""
+    datastore = write_datastore(tmp_path / "datastore", 2, seed=3, names=["liver", "kidney right"])
+    out = robot("--datastore", str(datastore), "--checkpoint", f"tiny={setup['weights']}", "--tokenizer",
+                str(tokenizer_dir), "--structures", "liver", "--starts", "box", "--clicks", "1", "--out",
+                str(tmp_path / "out"))
+    report = out["models"]["tiny"]["starts"]["box"]
+    assert out["cases"] == 2 and list(report["per_structure"]) == ["liver"]
+    assert report["mean"]["structures"] == 2 and report["steps"] == ["box", "click 1"]

@@ -15,12 +15,12 @@ positive on missed foreground, negative on over-segmentation (``segvol.interacti
 to 20 interactions until the Dice reaches 0.90, so NoC@80/85/90 are known.
 
 Inputs: ``--data`` a dataset folder laid out like ../shared/data/openkbp-dev (``dataset.json``), or ``--datastore`` a
-MONAI Label local datastore (its final labels, named by their ``label_info``); ``--cases`` a slice; ``--structures``
-label names to keep; ``--names`` a JSON file or ``Name=prompt,...`` mapping label names to text prompts (default:
-the vocabulary's spelling, else the name as free text); ``--checkpoint [label=]path`` one or more models side by
-side (in process), or ``--server URL`` to go through a running server as the Python client does
-(``MONAILabelClient.infer`` on the ``segvol`` model, one ``client_id`` so the server reuses its image session;
-images the server's datastore lacks are uploaded).
+MONAI Label local datastore (its final labels, named by their ``label_info``, else each value is the app's /info
+index); ``--cases`` a slice; ``--structures`` label names to keep; ``--names`` a JSON file or ``Name=prompt,...``
+mapping label names to text prompts (default: the vocabulary's spelling, else the name as free text);
+``--checkpoint [label=]path`` one or more models side by side (in process), or ``--server URL`` to go through a
+running server as the Python client does (``MONAILabelClient.infer`` on the ``segvol`` model, one ``client_id`` so
+the server reuses its image session; images the server's datastore lacks are uploaded).
 
 Output: one JSON line (per model and protocol: mean and per-structure Dice and NSD per step, DSC_AUC, NSD_AUC, final
 DSC/NSD, NoC@80/85/90; latency of the first request on each image and of each click, server-reported and round
@@ -84,7 +84,7 @@ def parse_names(text: str) -> dict:
     return mapping
 
 
-def load_cases(args):
+def load_cases(args, vocabulary):
     from segvol.training.data import cases_from_datastore, load_dataset
 
     cases_slice = slice(*[int(p) if p.strip() else None for p in args.cases.split(":")]) if ":" in args.cases \
@@ -94,9 +94,11 @@ def load_cases(args):
     from monailabel.datastore.local import LocalDatastore
 
     datastore = LocalDatastore(args.datastore, extensions=("*.nii.gz", "*.nii", "*.nrrd"), auto_reload=False)
-    cases = [c for c in cases_from_datastore(datastore, {}, pseudo_tag="") if c.label_names][cases_slice]
+    # a label without label_info is read the way the app's own results are numbered: value = /info index
+    by_index = {index: name for name, index in vocabulary.labels().items()}
+    cases = cases_from_datastore(datastore, by_index, pseudo_tag="")[cases_slice]
     if not cases:
-        raise SystemExit(f"{args.datastore}: no final labels with label names (label_info) to annotate")
+        raise SystemExit(f"{args.datastore}: no final labels to annotate")
     return cases
 
 
@@ -173,7 +175,7 @@ def run(args) -> dict:
     def resolve(name: str) -> str:
         return names.get(name) or vocabulary.resolve(name, allow_free_text=True)
 
-    cases = load_cases(args)
+    cases = load_cases(args, vocabulary)
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] or None
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

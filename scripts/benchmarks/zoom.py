@@ -71,6 +71,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "d"], help="variants to leave out")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for our engine (the reference: CPU)")
     parser.add_argument("--clicks", type=int, default=0, help="f_clicks: corrective clicks after text + box (0: skip)")
+    parser.add_argument("--robot-dataset", default=None,
+                        help="also write the CT and its liver label as a dataset folder here (for the robot "
+                             "through a server: scripts/benchmark.py interactive --data DIR --server URL)")
     parser.add_argument("--goals", action="store_true",
                         help="g_goals: one organ and 21 organs in zoom-out-zoom-in mode, warm (the GPU targets)")
 
@@ -309,6 +312,25 @@ def liver_truth(shape):
     return F.interpolate(torch.from_numpy(full)[None, None], size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
 
 
+def write_robot_dataset(folder: str, ct: dict, shape) -> str:
+    """The CT and its liver (``liver_truth``) as a dataset folder the robot annotator reads (``dataset.json``)."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(ct["path"]).replace(".nii.gz", "")
+    shutil.copy(ct["path"], os.path.join(folder, f"{name}_ct.nii.gz"))
+    affine = nib.load(ct["path"]).affine
+    nib.save(nib.Nifti1Image(liver_truth(shape).astype(np.uint8), affine), os.path.join(folder, f"{name}_seg.nii.gz"))
+    spec = {"labels": {"1": "liver"}, "image_file_suffix": "_ct.nii.gz", "label_file_suffix": "_seg.nii.gz",
+            "cases": [name]}
+    with open(os.path.join(folder, "dataset.json"), "w") as handle:
+        json.dump(spec, handle)
+    return folder
+
+
 def _run_clicks(ct: dict, clicks: int, threads: int, device: str) -> dict:
     import statistics
 
@@ -448,6 +470,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         ct = make_ct(folder, args.shape)
         result["ct"] = {"shape": list(args.shape), "liver_box": ct["box"], "click": ct["click"]}
+        if args.robot_dataset:
+            result["robot_dataset"] = write_robot_dataset(args.robot_dataset, ct, args.shape)
         if "a" not in args.skip:
             result["a_reference"] = in_child(_run_reference, ct=ct, names=["liver"], with_box=True,
                                              threads=args.threads)

@@ -250,9 +250,14 @@ class SegVolApp(MONAILabelApp):
 
     def on_init_complete(self):
         """Server start (the server process only, not the train/scoring subprocesses): training runs left RUNNING by
-        a process that is gone become FAILED and the temp files of interrupted writes are removed."""
+        a process that is gone become FAILED and the temp files of interrupted writes are removed; the label writer is
+        warmed on a background thread so the first request does not pay ITK's start-up."""
+        import threading
+
+        from lib.infers.base import warm_label_writer
         from lib.trainers.state import recover
 
+        threading.Thread(target=warm_label_writer, name="segvol-warm-writer", daemon=True).start()
         try:
             recover(os.path.join(self.app_dir, "model"))
         except Exception:  # never keep the server from starting

@@ -146,6 +146,16 @@ def write_label_file(labels: np.ndarray, affine: np.ndarray, request: Dict[str, 
     return path
 
 
+def warm_label_writer() -> None:
+    """Write (and delete) a tiny label in every result format: ITK loads its image IO modules on first use, seconds
+    that the first infer request would otherwise spend (the server starts this on a background thread)."""
+    for extension in RESULT_EXTENSIONS:
+        try:
+            os.unlink(write_label_file(np.zeros((2, 2, 2), np.uint8), np.eye(4), {"result_extension": extension}))
+        except Exception:  # a warm-up never matters enough to fail anything
+            logger.debug("label writer warm-up for %s failed", extension, exc_info=True)
+
+
 def check_result_extension(extension: Any) -> str:
     """The requested result format, or ``BadRequestError`` (checked by the server before any work, and here)."""
     if extension in (None, ""):

@@ -66,13 +66,12 @@ def error_click(truth: np.ndarray, prediction: np.ndarray,
     largest = int(np.argmax(sizes))
     # The distance transform runs on the largest region's own bounding box, padded by one background voxel so that
     # the box's faces (and the array's edges) count as the region's boundary.
-    inner = bounding_box(components == largest)
-    inner_region = tuple(slice(int(a), int(b) + 1) for a, b in zip(inner[:3], inner[3:]))
+    inner_region = ndimage.find_objects(components, max_label=largest)[largest - 1]
     component = np.pad(components[inner_region] == largest, 1)
     depth = ndimage.distance_transform_edt(component, sampling=[float(s) for s in spacing])
     flat = int(np.argmax(depth))
     local = np.asarray(np.unravel_index(flat, depth.shape)) - 1
-    point = tuple(int(v) for v in local + inner[:3] + box[:3])
+    point = tuple(int(v) for v in local + [s.start for s in inner_region] + box[:3])
     return Click(point=point, positive=bool(truth[point]), region_voxels=int(sizes[largest]),
                  depth_mm=float(depth.reshape(-1)[flat]))
 

@@ -252,6 +252,33 @@ def test_grid_windows_and_coverage():
     assert gapped.covers([0, 0, 0, 31, 63, 63]) and not gapped.covers([0, 0, 0, 40, 63, 63])
 
 
+def test_an_earlier_grid_is_kept_only_when_it_covers_the_grown_roi():
+    """Found by the robot annotator: a session kept an earlier grid that covered the new core (box, foreground) but
+    put it at the windows' edges without context, and text + box scored 0.500 instead of a fresh request's 0.521
+    (brainstem 0.546 vs 0.625). An earlier grid now has to cover the ROI a fresh request would use."""
+    from segvol.prompts import NativePrompts
+    from segvol.windows import CategoryPlan, plan_zoom_in
+
+    shape, window, margin = (64, 200, 200), (32, 64, 64), (4, 8, 8)
+    prompts = NativePrompts(box=np.array([10, 100, 100, 20, 130, 130]), points=np.zeros((0, 3)),
+                            labels=np.zeros(0, np.int64))
+
+    def plan(earlier=(), cached=lambda w: False):
+        return plan_zoom_in([CategoryPlan("x", 1, zoom_logits=torch.zeros(1))], prompts, shape, window, margin, 0.5,
+                            earlier, cached)
+
+    fresh = plan()
+    edge = Grid(((0,), (67,), (67,)), window, shape)  # ends exactly at the core's far faces: no margin there
+    covering = Grid(((0,), (60, 100), (60, 100)), window, shape)
+    assert edge.covers(fresh.core) and not edge.covers(np.concatenate([fresh.roi[0], np.asarray(fresh.roi[1]) - 1]))
+    assert fresh.grid not in (edge, covering)
+    cached_starts = {w.start for g in (edge, covering) for w in g.windows()}
+    kept = plan([covering], lambda w: w.start in cached_starts)
+    assert kept.reused_grid and kept.grid == covering
+    refused = plan([edge], lambda w: w.start in cached_starts)
+    assert not refused.reused_grid and refused.grid == fresh.grid
+
+
 def test_gaussian_weight_peaks_in_the_middle_and_never_vanishes():
     window = Window((0, 0, 0), (32, 64, 64), (32, 64, 64))
     weight = gaussian_weight(window)

@@ -230,7 +230,8 @@ def plan_zoom_in(plans: List[CategoryPlan], prompts: "NativePrompts", shape: Seq
     if core is None:
         return ZoomInPlan()
     roi = grow_roi(core, shape, window_size, margin, overlap)
-    candidates = [(grid, True) for grid in earlier if grid.covers(core)]
+    roi_box = np.concatenate([np.asarray(roi[0]), np.asarray(roi[1]) - 1])
+    candidates = [(grid, True) for grid in earlier if grid.covers(roi_box)]
     candidates.append((Grid.over(roi, shape, window_size, overlap), False))
     best = None
     for grid, reused in candidates:

@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode a random k of the six prompt combinations per step (0: all six every step); "
                              "3 trains every combination equally often at half the cost per step, i.e. twice the "
                              "views in the budget")
-    parser.add_argument("--corrective-prob", type=float, default=0.0,
-                        help="share of steps that also train on clicks at the model's own errors (the robot's rule)")
+    parser.add_argument("--corrective-prob", type=float, default=0.5,
+                        help="share of steps that also train on clicks at the model's own errors (the robot's rule; "
+                             "0.5: clicks raise the robot's Dice, 0: they lower it, see the README)")
     parser.add_argument("--corrective-rounds", type=int, default=3, help="simulated click rounds of that term (1..N)")
     parser.add_argument("--robot-clicks", type=int, default=5,
                         help="corrective clicks of the robot annotator on the validation cases (0: no robot)")

@@ -48,7 +48,7 @@ class TrainOptions:
     boundary_fraction: float = 0.5
     combinations: Tuple[str, ...] = COMBINATIONS
     combinations_per_step: int = 0  # 0: every combination every step; k: a random k of them per step (cheaper steps)
-    corrective_prob: float = 0.0  # share of steps with the corrective-click term (clicks on the model's own errors)
+    corrective_prob: float = 0.5  # share of steps with the corrective-click term (clicks on the model's own errors)
     corrective_rounds: int = 3  # simulated click rounds of that term: uniform in 1..corrective_rounds
     max_categories: int = 8  # categories trained per view (a random subset when more are present)
     pseudo_weight: float = 0.1

@@ -68,7 +68,7 @@ class SegVolFinetune(TrainTask):
             "val_prompt": conf.get("train_val_prompt", "text+box"),
             "pseudo_weight": float(conf.get("train_pseudo_weight", 0.1)),
             "loss_resolution": conf.get("train_loss_resolution", "full"),
-            "corrective_prob": float(conf.get("train_corrective_prob", 0.0)),
+            "corrective_prob": float(conf.get("train_corrective_prob", 0.5)),
             "corrective_rounds": int(conf.get("train_corrective_rounds", 3)),
             "pseudo_tag": conf.get("train_pseudo_tag", "fh"),
             "repeats": int(conf.get("train_repeats", 1)),

@@ -1,6 +1,6 @@
 """The robot annotator: Dice, NSD and seconds after a box and each corrective click, per structure (CVPR 2025 protocol).
 
-    python scripts/benchmark.py interactive --data ../shared/data/openkbp-dev --cases -10: \\
+    python scripts/benchmark.py interactive --data ../shared/data/openkbp-dev --cases=-10: \\
         --checkpoint base=models/ --checkpoint tuned=apps/segvol/model/segvol_finetuned.pt
     python scripts/benchmark.py interactive --datastore ./datastore --server http://127.0.0.1:8000
 

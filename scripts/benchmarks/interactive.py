@@ -139,7 +139,7 @@ def _server_cases(args, cases, folder):
 
     client = MONAILabelClient(args.server, tmpdir=folder, client_id="segvol-robot")
     if args.token:
-        client._headers = {"Authorization": f"Bearer {args.token}"}  # noqa: SLF001 (the client has no token option)
+        client.update_auth({"token_type": "Bearer", "access_token": args.token})
     listed = set(client.datastore().get("objects", {}))
     ids = {}
     for case in cases:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Sequence
 
 
 def _child(queue, function, kwargs):
@@ -25,3 +25,9 @@ def in_child(function: Callable[..., Dict[str, Any]], **kwargs) -> Dict[str, Any
     if status != "ok":
         raise RuntimeError(payload)
     return payload
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1) of ``values``; NaN when there are none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")

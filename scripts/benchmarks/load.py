@@ -24,6 +24,8 @@ import time
 from typing import Dict, List
 from urllib.parse import urlparse
 
+from ._measure import percentile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 MAX_REQUESTS_PER_CLIENT = 100_000
@@ -40,11 +42,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mix", default="infer=1,info=4,save=1", help="endpoint weights")
     parser.add_argument("--zoom", default="zoom_out", choices=MODES)
     parser.add_argument("--seed", type=int, default=0)
-
-
-def _percentile(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 def _free_port() -> int:
@@ -205,7 +202,7 @@ def run(args) -> Dict:
     for name in names:
         values = records[name]
         endpoints[name] = {"requests": len(values), "errors": errors[name],
-                           "p50_s": round(_percentile(values, 0.5), 4), "p95_s": round(_percentile(values, 0.95), 4),
+                           "p50_s": round(percentile(values, 0.5), 4), "p95_s": round(percentile(values, 0.95), 4),
                            "max_s": round(max(values), 4) if values else None}
         if name in samples:
             endpoints[name]["first_error"] = samples[name]

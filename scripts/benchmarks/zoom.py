@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._measure import in_child
+from ._measure import in_child, percentile
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -360,7 +360,7 @@ def _run_clicks(ct: dict, clicks: int, threads: int, device: str) -> dict:
         rows.append({**_summary(result, time.perf_counter() - start), "click": list(click.point),
                      "positive": click.positive})
     seconds = sorted(r["seconds"] for r in rows)
-    p95 = seconds[min(len(seconds) - 1, int(round(0.95 * (len(seconds) - 1))))] if seconds else None
+    p95 = percentile(seconds, 0.95) if seconds else None
     stages = {k: round(statistics.median(r["stage_seconds"].get(k, 0.0) for r in rows), 3)
               for k in (rows[0]["stage_seconds"] if rows else {})}
     return {"first_request": first, "clicks": rows,

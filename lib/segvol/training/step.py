@@ -149,26 +149,24 @@ class TrainStep(nn.Module):
         """Clicks on the model's own errors (see the module docstring, 3b): ``rounds`` gradient-free predictions, each
         adding one ``error_click`` per target (none once a target is exact), then the loss with every click."""
         use_text, use_box, _ = combination_parts(start)
-        device = embedding.device
-        index = torch.as_tensor([t.sample for t in targets], device=device)
-        image_embedding = embedding[index]
-        text = text_table[text_index] if use_text else None
-        boxes = stack_boxes([t.prompts for t in targets], device) if use_box else None
         clicks: List[List[Tuple[Tuple[int, int, int], int]]] = [[] for _ in targets]
 
-        def point_prompt():
-            if not any(clicks):
-                return None
-            samples = [PromptSample(box=t.prompts.box,
-                                    points=np.asarray([c[0] for c in row], np.float32).reshape(-1, 3),
-                                    labels=np.asarray([c[1] for c in row], np.int64))
-                       for t, row in zip(targets, clicks)]
-            return stack_points(samples, device)
+        def clicked() -> List[Target]:
+            """The targets with their start box and the clicks so far as their prompts."""
+            return [Target(t.sample, t.text, t.mask,
+                           PromptSample(box=t.prompts.box,
+                                        points=np.asarray([c[0] for c in row], np.float32).reshape(-1, 3),
+                                        labels=np.asarray([c[1] for c in row], np.int64)))
+                    for t, row in zip(targets, clicks)]
 
+        device = embedding.device
+        index = torch.as_tensor([t.sample for t in targets], device=device)
+        text = text_table[text_index] if use_text else None
+        boxes = stack_boxes([t.prompts for t in targets], device) if use_box else None
         for _ in range(int(rounds)):
             with torch.no_grad():
-                low_res = self.model.decode(image_embedding.detach(), None if text is None else text.detach(), boxes,
-                                            point_prompt())
+                points = stack_points([t.prompts for t in clicked()], device) if any(clicks) else None
+                low_res = self.model.decode(embedding[index], text, boxes, points)
                 predicted = (self.model.upsample(low_res)[:, 0] > 0).cpu().numpy()
             added = False
             for row, (target, mask) in enumerate(zip(targets, predicted)):
@@ -178,9 +176,7 @@ class TrainStep(nn.Module):
                     added = True
             if not added:
                 break
-        low_res = self.model.decode(image_embedding, text, boxes, point_prompt())
-        logits = low_res if self.loss_resolution == "low" else self.model.upsample(low_res)
-        return dice_bce_loss(logits, truth).mean()
+        return self._decode_loss(embedding, clicked(), use_text, use_box, any(clicks), text_table, text_index, truth)
 
     def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
         """(N, 1, *image_size) float targets, area-averaged to the decoder's grid for ``loss_resolution='low'``."""

@@ -66,13 +66,6 @@ EVAL_CONFIGS = {"eval64": dict(image_size=(64, 64, 64), patch_size=(8, 8, 8), **
                 "eval32": dict(image_size=(32, 32, 32), patch_size=(4, 4, 4), **_NETWORK)}
 
 
-def parse_slice(text: str) -> slice:
-    parts = [int(p) if p.strip() else None for p in text.split(":")]
-    if len(parts) == 1:
-        return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
-    return slice(*parts[:3])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", default=None, help=f"training dataset folder (default {DEFAULT_DATA})")
@@ -237,6 +230,7 @@ def main(argv=None) -> int:
     from segvol.modeling.segvol import SegVol
     from segvol.modeling.text_encoder import load_tokenizer
     from segvol.training import CaseStore, TrainOptions, load_dataset, run_training
+    from segvol.training.data import parse_case_slice
     from segvol.training.trainer import patch_embedding_lr_scale, resolve_config
     from segvol.vocabulary import Vocabulary
 
@@ -247,8 +241,8 @@ def main(argv=None) -> int:
         missing = train_dir if not os.path.isdir(train_dir) else val_dir
         print(json.dumps({"error": f"dataset folder not found: {missing}"}))
         return 2
-    train_slice = parse_slice(args.train_cases or (":30" if default_data else ":"))
-    val_slice = parse_slice(args.val_cases or ("-10:" if default_data else ":"))
+    train_slice = parse_case_slice(args.train_cases or (":30" if default_data else ":"))
+    val_slice = parse_case_slice(args.val_cases or ("-10:" if default_data else ":"))
     train_cases = load_dataset(train_dir, train_slice)
     val_cases = load_dataset(val_dir, val_slice)
     overlap = {(os.path.realpath(c.image)) for c in train_cases} & {os.path.realpath(c.image) for c in val_cases}

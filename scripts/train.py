@@ -36,13 +36,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_slice(text):
-    if not text:
-        return None
-    parts = [int(p) if p.strip() else None for p in text.split(":")]
-    return slice(*parts[:3]) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from segvol.modes import MODES
     from segvol.training.trainer import DEFAULT_FREEZE, FREEZABLE, TrainOptions
@@ -118,11 +111,12 @@ def main(argv=None) -> int:
     logging.getLogger("segvol.engine").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from segvol.training import TrainOptions, load_dataset, run_training, split_cases
+    from segvol.training.data import parse_case_slice
     from segvol.training.trainer import patch_embedding_lr_scale
 
-    cases = load_dataset(args.data, parse_slice(args.cases), args.pseudo_labels)
+    cases = load_dataset(args.data, parse_case_slice(args.cases), args.pseudo_labels)
     if args.val:
-        train_cases, val_cases = cases, load_dataset(args.val, parse_slice(args.val_cases), args.pseudo_labels)
+        train_cases, val_cases = cases, load_dataset(args.val, parse_case_slice(args.val_cases), args.pseudo_labels)
     else:
         train_cases, val_cases = split_cases(cases, args.val_split, args.seed)
     options = TrainOptions(

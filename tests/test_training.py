@@ -203,6 +203,16 @@ def test_dataset_folder_and_views_follow_the_inference_frames(dataset):
     assert torch.equal(a.image, b.image) and torch.equal(a.label, b.label)
 
 
+def test_case_selection_of_the_command_lines():
+    from segvol.training.data import parse_case_slice
+
+    cases = list(range(40))
+    assert cases[parse_case_slice(":30")] == cases[:30] and cases[parse_case_slice("-10:")] == cases[-10:]
+    assert cases[parse_case_slice("5")] == [5] and cases[parse_case_slice("-1")] == [39]
+    assert cases[parse_case_slice("::10")] == [0, 10, 20, 30]
+    assert parse_case_slice("") is None and parse_case_slice(None) is None
+
+
 def test_datalist_json_with_label_info(tmp_path, dataset):
     entries = [{"image": str(dataset / "train" / "case_0_ct.nii.gz"), "label": str(dataset / "train" /
                                                                                     "case_0_seg.nii.gz"),

@@ -85,10 +85,9 @@ def parse_names(text: str) -> dict:
 
 
 def load_cases(args, vocabulary):
-    from segvol.training.data import cases_from_datastore, load_dataset
+    from segvol.training.data import cases_from_datastore, load_dataset, parse_case_slice
 
-    cases_slice = slice(*[int(p) if p.strip() else None for p in args.cases.split(":")]) if ":" in args.cases \
-        else slice(int(args.cases), int(args.cases) + 1)
+    cases_slice = parse_case_slice(args.cases) or slice(None)
     if args.data:
         return load_dataset(args.data, cases_slice)
     from monailabel.datastore.local import LocalDatastore

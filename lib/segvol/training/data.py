@@ -106,6 +106,17 @@ def _case_id(item: Any) -> str:
     raise ValueError(f"cannot find the case id in {item!r} (expected a string or an object with 'patient'/'id')")
 
 
+def parse_case_slice(text: Optional[str]) -> Optional[slice]:
+    """A command line's case selection -> a slice of the case list: Python slice syntax (``:30``, ``-10:``,
+    ``::2``) or one index (``5``, ``-1``); None for an empty selection (all cases)."""
+    if not text:
+        return None
+    parts = [int(p) if p.strip() else None for p in text.split(":")]
+    if len(parts) == 1:
+        return slice(parts[0], parts[0] + 1 if parts[0] != -1 else None)
+    return slice(*parts[:3])
+
+
 def load_dataset(path: str, select: Optional[slice] = None, pseudo_dir: Optional[str] = None) -> List[Case]:
     """A dataset folder (with ``dataset.json``) or a datalist JSON file -> cases (``select`` slices the case list)."""
     path = os.fspath(path)
@@ -436,6 +447,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 __all__ = [
     "Case", "CaseStore", "PreparedCase", "View", "ViewConfig", "attach_pseudo_labels", "cases_from_datastore",
-    "datalist_from_spec", "epoch_order", "load_dataset", "parse_label_names", "prepare_case",
+    "datalist_from_spec", "epoch_order", "load_dataset", "parse_case_slice", "parse_label_names", "prepare_case",
     "sample_view", "split_cases", "view_rng",
 ]

@@ -462,6 +462,12 @@ class ImageFrames:
             slices[stored_axis] = slice(n - stop, n - start) if flip else slice(start, stop)
         return tuple(slices)  # type: ignore[return-value]
 
+    def paste_native_region(self, original: np.ndarray, region: np.ndarray, box) -> None:
+        """Write ``region``, the native voxels of the inclusive native ``box``, into ``original`` (the original array
+        shape) in place: what ``native_to_original_array`` puts there for a native array holding ``region``."""
+        target = self.native_to_original_box(box)
+        original[tuple(slice(a, b + 1) for a, b in zip(target[:3], target[3:]))] = self.axis_map.to_original(region)
+
     def native_to_original_array(self, native: np.ndarray, fill=0) -> np.ndarray:
         """Native (..., D', H', W') -> the original array shape, ``fill`` outside the foreground crop."""
         out = np.full(native.shape[:-3] + tuple(self.original_shape), fill, dtype=native.dtype)

@@ -3,7 +3,8 @@ window probabilities with a Gaussian weight over the bounding box of its windows
 sums (``finalize`` -> ``BlendState``); given the state of the previous request of a session over the same windows, it
 only re-blends the windows whose output changed. ``merge_categories`` then builds the label map: per category the
 blended window probabilities where windows ran and the zoom-out probabilities elsewhere, and per voxel the category
-with the highest probability when it is above 0.5.
+with the highest probability when it is above 0.5. It can build only a sub-box (``within``): a session's next click
+re-labels only where a window's output or the zoom-out probabilities can have changed (``zoom_out_box``).
 """
 from __future__ import annotations
 
@@ -31,13 +32,20 @@ class BlendState:
     logits: Dict[Start, torch.Tensor]
     total: np.ndarray
     weight_sum: np.ndarray
+    covered: Optional[np.ndarray] = None  # weight_sum > 0: where a window ran (fixed for the state's windows)
+    request: int = -1  # the request (of its session) that last updated the sums
 
     @property
     def nbytes(self) -> int:
-        return int(self.total.nbytes + self.weight_sum.nbytes + sum(tensor_bytes(t) for t in self.logits.values()))
+        return int(self.total.nbytes + self.weight_sum.nbytes + (0 if self.covered is None else self.covered.nbytes)
+                   + sum(tensor_bytes(t) for t in self.logits.values()))
 
     def slices(self, window: Window):
         return tuple(slice(a - r, b - r) for a, b, r in zip(window.start, window.stop, self.box[:3]))
+
+
+def _weight(window: Window, sigma_scale: float) -> torch.Tensor:
+    return torch.from_numpy(gaussian_weight(window, sigma_scale))
 
 
 class WindowMerger:
@@ -45,7 +53,9 @@ class WindowMerger:
 
     ``probability(window, low_res_logits)`` gives a window's probabilities on its valid voxels (CPU float32).
     ``previous``: the state of an earlier request over the same windows (the same starts and box), updated in place:
-    a window whose output key is unchanged is not blended again, a changed one has its old contribution replaced.
+    a window whose output key is unchanged is not blended again, a changed one has its old contribution replaced
+    (``incremental``; ``changed_box`` is then the native box of the windows whose output changed, None when none did,
+    and ``previous_request`` the request the previous sums came from).
     """
 
     def __init__(self, windows: List[Window], probability: Callable[[Window, torch.Tensor], torch.Tensor],
@@ -60,11 +70,13 @@ class WindowMerger:
             shape = tuple(int(b - a + 1) for a, b in zip(box[:3], box[3:]))
             self.state = BlendState(starts, box, {}, {}, np.zeros(shape, np.float32), np.zeros(shape, np.float32))
             self.incremental = False
+        self.previous_request = self.state.request if self.incremental else None
+        self.changed_box: Optional[np.ndarray] = None
         self._keys: Dict[Start, Hashable] = {}
         self._logits: Dict[Start, torch.Tensor] = {}
 
     def _contribution(self, window: Window, logits: torch.Tensor) -> torch.Tensor:
-        return self.probability(window, logits).mul_(torch.from_numpy(gaussian_weight(window, self.sigma_scale)))
+        return self.probability(window, logits).mul_(_weight(window, self.sigma_scale))
 
     def aggregate(self, window: Window, key: Hashable, logits: torch.Tensor) -> None:
         """Add one window's low-resolution logits (``key``: the cache key of that decoder output)."""
@@ -72,31 +84,69 @@ class WindowMerger:
         total, where = torch.from_numpy(state.total), state.slices(window)
         if not self.incremental:
             total[where] += self._contribution(window, logits)
-            torch.from_numpy(state.weight_sum)[where] += torch.from_numpy(gaussian_weight(window, self.sigma_scale))
+            torch.from_numpy(state.weight_sum)[where] += _weight(window, self.sigma_scale)
         elif state.keys[window.start] != key:
             change = self._contribution(window, logits)
             change -= self._contribution(window, state.logits[window.start])
             total[where] += change
+            extent = np.concatenate([window.start, np.asarray(window.stop) - 1])
+            self.changed_box = union_box([self.changed_box, extent])
         self._keys[window.start], self._logits[window.start] = key, logits
 
-    def finalize(self) -> BlendState:
-        self.state.keys, self.state.logits = self._keys, self._logits
+    def finalize(self, request: int = -1) -> BlendState:
+        """The sums after every window was aggregated, stamped with ``request``."""
+        self.state.keys, self.state.logits, self.state.request = self._keys, self._logits, request
+        if self.state.covered is None:
+            self.state.covered = self.state.weight_sum > 0
         return self.state
 
 
+def _intersect(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Intersection of two inclusive boxes (None when either is None or they do not meet)."""
+    if a is None or b is None:
+        return None
+    box = np.concatenate([np.maximum(a[:3], b[:3]), np.minimum(a[3:], b[3:])])
+    return None if np.any(box[3:] < box[:3]) else box
+
+
+def _slices(box: np.ndarray, origin) -> Tuple[slice, slice, slice]:
+    """An inclusive box as slices of an array whose voxel 0 sits at ``origin``."""
+    return tuple(slice(int(a - o), int(b + 1 - o)) for a, b, o in zip(box[:3], box[3:], origin))  # type: ignore
+
+
+def zoom_out_box(plan: CategoryPlan, state: Optional[BlendState]) -> Optional[np.ndarray]:
+    """Native box of the voxels whose probability ``merge_categories`` takes from the zoom-out logits: those of the
+    category's zoom-out support that no window covers (None when there are none)."""
+    if plan.support is None:
+        return None
+    part = _intersect(plan.support, None if state is None else state.box)
+    if part is None:
+        return plan.support
+    uncovered = np.ones(tuple(int(v) for v in plan.support[3:] - plan.support[:3] + 1), dtype=bool)
+    uncovered[_slices(part, plan.support[:3])] = ~state.covered[_slices(part, state.box[:3])]
+    found = bounding_box(uncovered)
+    return None if found is None else found + np.tile(plan.support[:3], 2)
+
+
 def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Optional[BlendState]],
-                     return_probabilities: bool):
+                     return_probabilities: bool, within: Optional[np.ndarray] = None):
     """-> (native label map, native probabilities per category or None).
 
     Per category: window probabilities (Gaussian-blended) where windows ran, zoom-out probabilities elsewhere; a voxel
     takes the label of the category with the highest probability, when that is above 0.5. Without windows and without
-    probabilities to return (a zoom-out preview) the label comes from ``zoom_out_label``.
+    probabilities to return (a zoom-out preview) the label comes from ``zoom_out_label``. ``within`` (an inclusive
+    native box): only that part of the label map, the same values as the whole map has there (no probabilities).
     """
-    if not return_probabilities and all(states.get(plan.name) is None for plan in plans):
+    if within is None and not return_probabilities and all(states.get(plan.name) is None for plan in plans):
         return zoom_out_label(frames.zoom, plans), None
+    if within is not None and return_probabilities:
+        raise ValueError("probabilities come for the whole volume only")
     shape = frames.native_shape
-    label = np.zeros(shape, dtype=np.uint8 if len(plans) < 256 else np.uint16)
-    best = np.zeros(shape, dtype=np.float32)  # zero pages cost no memory until a region is written
+    within = np.asarray([0, 0, 0, *np.subtract(shape, 1)]) if within is None else np.asarray(within)
+    origin = within[:3]
+    size = tuple(int(v) for v in within[3:] - within[:3] + 1)
+    label = np.zeros(size, dtype=np.uint8 if len(plans) < 256 else np.uint16)
+    best = np.zeros(size, dtype=np.float32)  # zero pages cost no memory until a region is written
     probabilities = {} if return_probabilities else None
     first = True
     for plan in plans:
@@ -105,33 +155,35 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
             full = frames.zoom.upsample_region(plan.zoom_logits, [0, 0, 0, *np.subtract(shape, 1)])
             probabilities[plan.name] = torch.sigmoid(full).cpu().numpy()
         # Outside the zoom-out support and the windows every probability is <= 0.5: background for sure.
-        region = union_box([plan.support, None if state is None else state.box])
+        region = _intersect(union_box([plan.support, None if state is None else state.box]), within)
         if region is None:
             continue
-        region_slices = tuple(slice(a, b + 1) for a, b in zip(region[:3], region[3:]))
+        region_slices = _slices(region, origin)
+        region_shape = tuple(int(v) for v in region[3:] - region[:3] + 1)
         # torch views of the numpy arrays: the element-wise work below runs on every core
-        if state is not None:
-            weight_sum = torch.from_numpy(state.weight_sum)
-            inside = weight_sum > 0
-            blended = torch.where(inside, torch.from_numpy(state.total) / weight_sum, 0.0)
-        if state is not None and np.array_equal(state.box, region):  # no zoom-out voxels outside the windows
+        part = None if state is None else _intersect(state.box, region)
+        if part is not None:
+            in_state = _slices(part, state.box[:3])
+            weight_sum = torch.from_numpy(state.weight_sum[in_state])
+            inside = torch.from_numpy(state.covered[in_state])
+            blended = torch.where(inside, torch.from_numpy(state.total[in_state]) / weight_sum, 0.0)
+        if part is not None and np.array_equal(part, region):  # no zoom-out voxels outside the windows
             probability, covered = blended, inside
         else:
-            probability = torch.zeros(tuple(int(b - a + 1) for a, b in zip(region[:3], region[3:])))
-            covered = torch.zeros(probability.shape, dtype=torch.bool)
-            if state is not None:
-                where = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(state.box[:3], state.box[3:], region[:3]))
-                covered[where] = inside
-                probability[where] = blended
-        if plan.support is not None:
+            probability = torch.zeros(region_shape)
+            covered = torch.zeros(region_shape, dtype=torch.bool)
+            if part is not None:
+                covered[_slices(part, region[:3])] = inside
+                probability[_slices(part, region[:3])] = blended
+        support_part = _intersect(plan.support, region)
+        if support_part is not None:
             # zoom-out probabilities where no window ran, computed only over those voxels' bounding box
-            support = tuple(slice(a - r, b + 1 - r) for a, b, r in zip(plan.support[:3], plan.support[3:],
-                                                                        region[:3]))
+            support = _slices(support_part, region[:3])
             uncovered = ~covered[support]
             todo = bounding_box(uncovered.numpy()) if uncovered.any() else None
             if todo is not None:
                 todo_slices = tuple(slice(a, b + 1) for a, b in zip(todo[:3], todo[3:]))
-                native_box = todo + np.tile(plan.support[:3], 2)
+                native_box = todo + np.tile(support_part[:3], 2)
                 base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, native_box)).float().cpu()
                 target = probability[support][todo_slices]
                 target.copy_(torch.where(uncovered[todo_slices], base, target))  # boolean indexing is far slower

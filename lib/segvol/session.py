@@ -19,14 +19,26 @@ import torch
 
 from .errors import BadPromptError, BadRequestError
 from .frames import bounding_box
-from .merger import BlendState, WindowMerger, merge_categories
+from .merger import WindowMerger, merge_categories, zoom_out_box
 from .modes import Mode
 from .prompts import OBJECT_LABEL, NativePrompts, Prompts, to_native
-from .windows import CategoryPlan, Grid, PackedMask, ZoomInPlan, plan_zoom_in, window_prompts
+from .windows import CategoryPlan, Grid, PackedMask, ZoomInPlan, plan_zoom_in, union_box, window_prompts
 
 logger = logging.getLogger("segvol.engine")  # the engine's logger: scripts quieten per-window progress through it
 _TOKENS = itertools.count()
 Outputs = Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]  # (window index, category) -> (cache key, logits)
+_LAST_LABEL = ("last label",)  # the key, beside the category names, of a session's last label in the blend pool
+
+
+@dataclass
+class _LastLabel:
+    """A session's last label (original array shape) and what its next request needs to re-label only a part."""
+
+    request: int
+    names: Tuple[Tuple[str, int], ...]  # (category, value) in order
+    label: np.ndarray
+    windowed: Dict[str, bool]  # whether the category ran in windows
+    zoom_out_boxes: Dict[str, Optional[np.ndarray]]  # merger.zoom_out_box per category
 
 
 @dataclass
@@ -80,8 +92,10 @@ class ImageSession:
     """Requests on one image; see the module docstring. ``segment`` calls are serialised by the engine's lock.
 
     With the engine's ``reuse_windows`` (default), a request keeps an earlier grid of this session when it covers the
-    new ROI and needs fewer encoder forwards, and re-blends only the windows whose prompts changed; otherwise every
-    request plans and blends from scratch. Either way a session's results never depend on other sessions.
+    new ROI and needs fewer encoder forwards, re-blends only the windows whose prompts changed, and re-labels only the
+    box where a changed window or the zoom-out probabilities reach (the rest of the last label is kept); otherwise
+    every request plans, blends and labels from scratch. Either way the label is the same, and a session's results
+    never depend on other sessions.
     """
 
     def __init__(self, engine, prepared, original: Dict[str, Any], preprocess_seconds: float = 0.0,
@@ -95,6 +109,7 @@ class ImageSession:
         self._preprocess_seconds = preprocess_seconds  # reported by the first request
         self._blend_names: set = set()
         self.keep_blends = keep_blends and engine.reuse_windows  # blending states kept for the next request
+        self._requests = 0  # requests begun: stamps the blending states and the last label
 
     @property
     def key(self) -> str:
@@ -112,6 +127,7 @@ class ImageSession:
         for name in self._blend_names:
             self.engine.blends.pop((self.token, name))
         self._blend_names.clear()
+        self.engine.blends.pop((self.token, _LAST_LABEL))
 
     def segment(self, prompts: Optional[Prompts] = None, *, texts=None, box=None, points=None,
                 mode: Optional[str] = None, return_probabilities: bool = False):
@@ -147,14 +163,35 @@ class ImageSession:
             with clock("plan"):
                 zoom_in = self._plan(plans, native)
             window_logits = self._zoom_in(plans, native, zoom_in, with_text, seconds, counters)
+        self._requests += 1
         with clock("blend"):
-            states = {plan.name: self._blend(plan, zoom_in, window_logits) for plan in plans}
-            label_native, probabilities = merge_categories(prepared.frames, plans, states, return_probabilities)
+            mergers = {plan.name: self._blend(plan, zoom_in, window_logits) for plan in plans}
+            states = {name: None if merger is None else merger.state for name, merger in mergers.items()}
+            remember = self.keep_blends and mode is Mode.ZOOM_OUT_ZOOM_IN
+            zoom_out_boxes = {p.name: zoom_out_box(p, states[p.name]) for p in plans} if remember else {}
+            last, relabel, probabilities = None, None, None
+            if remember and not return_probabilities:
+                last, relabel = self._relabel_box(plans, mergers, zoom_out_boxes)
+            if last is None:
+                label_native, probabilities = merge_categories(prepared.frames, plans, states, return_probabilities)
+            elif relabel is not None:
+                part, _ = merge_categories(prepared.frames, plans, states, False, within=relabel)
         with clock("output"):
-            label = prepared.frames.native_to_original_array(label_native)
+            if last is None:
+                label = prepared.frames.native_to_original_array(label_native)
+                relabelled = int(np.prod(prepared.frames.native_shape))
+            else:
+                label = last.label.copy()
+                relabelled = 0 if relabel is None else int(np.prod(relabel[3:] - relabel[:3] + 1))
+                if relabel is not None:
+                    prepared.frames.paste_native_region(label, part, relabel)
             if probabilities is not None:
                 probabilities = {name: prepared.frames.native_to_original_array(p)
                                  for name, p in probabilities.items()}
+            if remember:
+                memo = _LastLabel(self._requests, tuple((p.name, p.value) for p in plans), label.copy(),
+                                  {p.name: mergers[p.name] is not None for p in plans}, zoom_out_boxes)
+                self.engine.blends.put((self.token, _LAST_LABEL), memo, memo.label.nbytes)
         seconds["total"] = sum(seconds.values())
         stats = {
             "mode": mode.value,
@@ -163,6 +200,7 @@ class ImageSession:
             "windows": {"grid": len(zoom_in.windows), "used": len(zoom_in.used), "skipped": zoom_in.skipped,
                         "reused_grid": zoom_in.reused_grid, "per_label": {p.name: len(p.windows) for p in plans}},
             "prompts_dropped": native.dropped,
+            "relabelled_voxels": relabelled,
             "native_shape": list(prepared.frames.native_shape),
         }
         return SegmentationResult(label=label, affine=self.affine, labels={p.name: p.value for p in plans},
@@ -331,9 +369,10 @@ class ImageSession:
     # ---------------------------------------------------------------------------------------------------------------
     # blending
     # ---------------------------------------------------------------------------------------------------------------
-    def _blend(self, plan: CategoryPlan, zoom_in: ZoomInPlan, outputs: Outputs) -> Optional[BlendState]:
-        """The category's blending sums over its windows, starting from this session's previous ones when the same
-        windows are active again (``reuse_windows``): a new click then re-blends only the windows it changed."""
+    def _blend(self, plan: CategoryPlan, zoom_in: ZoomInPlan, outputs: Outputs) -> Optional[WindowMerger]:
+        """The category's blending sums over its windows (``merger.state``), starting from this session's previous
+        ones when the same windows are active again (``reuse_windows``): a new click then re-blends only the windows
+        it changed."""
         if not plan.windows:
             return None
         engine = self.engine
@@ -343,8 +382,33 @@ class ImageSession:
                               engine.sigma_scale, previous)
         for index in plan.windows:
             merger.aggregate(zoom_in.windows[index], *outputs[(index, plan.name)])
-        state = merger.finalize()
+        state = merger.finalize(self._requests)
         if self.keep_blends:
             engine.blends.put(state_key, state, state.nbytes)
             self._blend_names.add(plan.name)
-        return state
+        return merger
+
+    def _relabel_box(self, plans: List[CategoryPlan], mergers: Dict[str, Optional[WindowMerger]],
+                     zoom_out_boxes: Dict[str, Optional[np.ndarray]]):
+        """(last label, native box to label again; None: nothing changed), or (None, None) when the whole volume must
+        be labelled: the last label of this session must come from the request every blending state was updated
+        from, with the same categories, each on the same windows (or none, both times).
+
+        A voxel outside every changed window and outside the zoom-out part of each category (``zoom_out_box``, now
+        and in the last request) keeps its probabilities, so its label.
+        """
+        last = self.engine.blends.get((self.token, _LAST_LABEL))
+        if last is None or last.names != tuple((p.name, p.value) for p in plans):
+            return None, None
+        relabel = None
+        for plan in plans:
+            merger = mergers[plan.name]
+            if merger is None:
+                if last.windowed[plan.name]:
+                    return None, None
+            elif not merger.incremental or merger.previous_request != last.request or not last.windowed[plan.name]:
+                return None, None
+            else:
+                relabel = union_box([relabel, merger.changed_box])
+            relabel = union_box([relabel, zoom_out_boxes[plan.name], last.zoom_out_boxes[plan.name]])
+        return last, relabel

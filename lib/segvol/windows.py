@@ -129,10 +129,17 @@ def gaussian_weight(window: Window, sigma_scale: float = 0.125, floor: float = 1
     """Blending weight of a window's valid voxels (shape ``window.valid_shape``), separable Gaussian.
 
     Peak 1 at the window centre, ``sigma = sigma_scale * size``, never below ``floor`` so a voxel seen by one window
-    only keeps that window's value after normalisation.
+    only keeps that window's value after normalisation. The array is shared by every window of the same size and
+    valid part (a grid has few; building one costs as much as a window's probabilities): read it, never write it.
     """
-    parts = [np.maximum(_axis_gaussian(int(s), float(sigma_scale))[sl], floor)
-             for s, sl in zip(window.size, window.window_slices)]
+    valid = tuple((int(s.start), int(s.stop)) for s in window.window_slices)
+    return _gaussian_weight(tuple(int(s) for s in window.size), valid, float(sigma_scale), float(floor))
+
+
+@lru_cache(maxsize=8)
+def _gaussian_weight(size: Tuple[int, ...], valid: Tuple[Tuple[int, int], ...], sigma_scale: float,
+                     floor: float) -> np.ndarray:
+    parts = [np.maximum(_axis_gaussian(s, sigma_scale)[a:b], floor) for s, (a, b) in zip(size, valid)]
     return parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :]
 
 

@@ -16,6 +16,7 @@ import segvol
 from segvol.engine import ByteLRU, PackedMask, SegVolEngine
 from segvol.errors import BadImageError, BadPromptError, BadRequestError, BadTextError, SegVolInputError
 from segvol.frames import bounding_box
+from segvol.session import _LAST_LABEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _engine_fixtures import OracleModel, flip_lps, map_box, map_index, permute, synthetic_ct, to_ras  # noqa: E402
@@ -251,6 +252,36 @@ def test_second_click_reuses_window_encodings(ct, small_model):
                                              points=[click + [1]], return_probabilities=True)
     if second.plan.grid == cold.plan.grid:  # incremental blending equals a cold run up to float rounding
         assert np.allclose(second.probabilities["liver"], cold.probabilities["liver"], atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["ras", "lps"])
+def test_a_click_relabels_only_where_its_windows_reach_and_equals_a_full_labelling(ct, oracle, small_model, storage):
+    """Each request of a session labels again only the box where a changed window or a category's zoom-out part
+    reaches and keeps the rest of its last label. The label equals the one the same session labels in full (a twin
+    session replaying the requests without its last label), voxel for voxel, in any storage order (the box is pasted
+    back through the axis map), for the oracle (hard masks) and for random weights (soft probabilities)."""
+    array, affine, _ = ct
+    if storage == "lps":
+        array, affine = flip_lps(array, affine)
+    steps = [[], [[30, 40, 18, 1]], [[30, 40, 18, 1], [62, 36, 34, 0]],
+             [[30, 40, 18, 1], [62, 36, 34, 0], [12, 20, 8, 1]]]
+    for model, texts in ((oracle, ["sphere", "cube"]), (small_model, ["liver", "spleen"])):
+        session = SegVolEngine(model).open(array, affine=affine)
+        twin_engine = SegVolEngine(model)
+        twin = twin_engine.open(array, affine=affine)
+        partial = []
+        for points in steps:
+            call = dict(texts=texts, points=points or None)
+            result = session.segment(**call)
+            twin_engine.blends.pop((twin.token, _LAST_LABEL))
+            full = twin.segment(**call)
+            assert full.stats["relabelled_voxels"] == int(np.prod(full.stats["native_shape"]))
+            assert np.array_equal(result.label, full.label), (storage, texts, points)
+            partial.append(0 < result.stats["relabelled_voxels"] < int(np.prod(result.stats["native_shape"])))
+        assert not partial[0] and any(partial[1:]), partial  # a first request labels everything
+        assert result.label.any()
+        result.label[:] = 0  # a caller writing into its result never changes the session's next one
+        assert np.array_equal(session.segment(**call).label, full.label)
 
 
 def test_without_window_reuse_results_never_depend_on_earlier_calls(ct, small_model):

@@ -250,9 +250,7 @@ class ImageSession:
             if zoom_box is not None:
                 plan.support = frames.zoom.native_support(zoom_box)
             if zoom_box is not None and with_foreground:
-                native_logits = frames.zoom.upsample_region(plan.zoom_logits, plan.support)
-                mask = (native_logits > 0).cpu().numpy()
-                del native_logits
+                mask = frames.zoom.positive_region(plan.zoom_logits, plan.support)
                 tight = bounding_box(mask)
                 plan.foreground = PackedMask(mask)
                 if tight is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -154,7 +154,7 @@ class PackedMask:
         """The mask on ``[low, high)`` (per axis) as a bool array."""
         (d0, h0, w0), (d1, h1, w1) = [int(v) for v in low], [int(v) for v in high]
         packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8]
-        return np.unpackbits(packed, axis=-1)[..., w0 % 8:w0 % 8 + (w1 - w0)].astype(bool)
+        return np.unpackbits(packed, axis=-1)[..., w0 % 8:w0 % 8 + (w1 - w0)].view(bool)  # 0/1 bytes: a view
 
 
 @dataclass
@@ -168,6 +168,7 @@ class CategoryPlan:
     foreground: Optional[PackedMask] = None  # over ``support``
     foreground_box: Optional[np.ndarray] = None  # tight native box of the zoom-out foreground
     windows: List[int] = field(default_factory=list)  # indices into ZoomInPlan.windows
+    _window_boxes: Dict[Triple, Optional[np.ndarray]] = field(default_factory=dict, repr=False)
 
     def _overlap(self, window: Window):
         """(low, high) native corners of the window's part inside ``support``, or None."""
@@ -175,27 +176,21 @@ class CategoryPlan:
         high = np.minimum(np.asarray(window.stop), self.support[3:] + 1)
         return None if np.any(high <= low) else (low, high)
 
-    def _foreground_part(self, window: Window):
-        """(low, high, mask): the zoom-out foreground on the window's part of ``support``, unpacked once; None when
-        the window holds none."""
-        if self.foreground_box is None or window.box_to_window(self.foreground_box) is None:
-            return None
-        low, high = self._overlap(window)
-        part = self.foreground.region(low - self.support[:3], high - self.support[:3])
-        return (low, high, part) if part.any() else None
+    def foreground_box_in(self, window: Window) -> Optional[np.ndarray]:
+        """Tight inclusive box of the zoom-out foreground on the window's valid voxels (valid-voxel coordinates), None
+        when the window holds none. Kept per window: planning and prompting ask for the same windows."""
+        if window.start not in self._window_boxes:
+            box = None
+            if self.foreground_box is not None and window.box_to_window(self.foreground_box) is not None:
+                low, high = self._overlap(window)
+                found = bounding_box(self.foreground.region(low - self.support[:3], high - self.support[:3]))
+                if found is not None:
+                    box = found + np.tile(low - np.asarray(window.start), 2)
+            self._window_boxes[window.start] = box
+        return self._window_boxes[window.start]
 
     def has_foreground(self, window: Window) -> bool:
-        return self._foreground_part(window) is not None
-
-    def foreground_in(self, window: Window) -> Optional[np.ndarray]:
-        """Boolean zoom-out foreground on the window's valid voxels (None when there is none)."""
-        found = self._foreground_part(window)
-        if found is None:
-            return None
-        low, high, part = found
-        out = np.zeros(window.valid_shape, dtype=bool)
-        out[tuple(slice(a - w, b - w) for a, b, w in zip(low, high, window.start))] = part
-        return out
+        return self.foreground_box_in(window) is not None
 
 
 @dataclass
@@ -259,9 +254,9 @@ def window_prompts(plan: CategoryPlan, window: Window, prompts: "NativePrompts")
     clipped to the window, else the tight box of the zoom-out foreground in it; every point inside the window."""
     box = window.box_to_window(prompts.box) if prompts.box is not None else None
     if box is None:
-        foreground = plan.foreground_in(window)
+        foreground = plan.foreground_box_in(window)
         if foreground is not None:
-            box = bounding_box(foreground) + np.tile(np.asarray(window.pad_before), 2)
+            box = foreground + np.tile(np.asarray(window.pad_before), 2)
     points = None
     if len(prompts.points):
         inside = window.contains(prompts.points)

@@ -14,7 +14,7 @@
  *     (or the error) is shown, the labelmap stays in the viewer either way;
  *   - "Next sample": the next image of the server's active-learning strategy, opened in the viewer;
  *   - the model status: the checkpoint that answers (fine-tuned or base, fallback, load error), training progress (a
- *     run started with the MONAI Label panel's "Update Model" is followed every 2 s: STARTING, RUNNING with its
+ *     run started with the MONAI Label panel's "Update Model" is followed every 0.5 s: STARTING, RUNNING with its
  *     epochs, then its final status) and
  *     the last validation Dice, the retrain counter.
  * The labelmap is OHIF segmentation '1', the one the MONAI Label panel fills, so its tabs (Auto-Segmentation, Class and
@@ -631,7 +631,7 @@ async function loadTrainTask() {
   } catch (e) { /* the next poll tries again */ }
 }
 
-// A click on the stock panel's "Update Model" (or "Stop Training") starts watching the run: /info every 2 s.
+// A click on the stock panel's "Update Model" (or "Stop Training") starts watching the run: /info every 0.5 s.
 function watchTrainButtons() {
   if (state.watchingClicks) return;
   state.watchingClicks = true;
@@ -880,7 +880,8 @@ function mount(node) {
   loadInfo();
   try { listen(); } catch (e) { console.warn('SegVol: no viewer events', e); }
   try { watchTrainButtons(); } catch (e) { console.warn('SegVol: not watching the train button', e); }
-  // /info every 15 s; every 2 s while a training run is starting or running (its status and epochs)
+  // /info every 15 s; every 0.5 s while a training run is starting or running (its status and epochs: a short run
+  // on a small dataset is RUNNING for about 2 s, which a slower poll can miss)
   if (!state.timer) {
     state.timer = setInterval(() => {
       if (state.running || state.saving || state.polling) return;
@@ -888,7 +889,7 @@ function mount(node) {
       if (!watching && Date.now() - state.infoTriedAt < 15000) return;
       state.polling = true;
       loadInfo().finally(() => { state.polling = false; });
-    }, 2000);
+    }, 500);
   }
 }
 

@@ -205,6 +205,32 @@ def test_image_frames_chain_round_trips_on_a_non_ras_anisotropic_image():
     assert np.array_equal(bounding_box(original > 0), box)
 
 
+
+@pytest.mark.parametrize("axes, signs", [((2, 1, 0), (1, 1, 1)), ((1, 2, 0), (-1, 1, -1)), ((0, 1, 2), (1, -1, 1))])
+def test_native_to_original_array_is_a_view_in_native_memory_order_and_pastes_a_region(axes, signs):
+    """Every native voxel lands where the point mapping sends it (random values, any signed permutation); the result
+    shares the native array's memory order, so the usual axis swap gives a Fortran-ordered array (what NIfTI and
+    ITK's writer store); ``paste_native_region`` writes a native box where the whole mapping would."""
+    shape = (20, 24, 18)
+    axis_map = AxisMap.from_affine(signed_permutation_affine(axes, signs), shape)
+    crop = Crop((1, 2, 3), tuple(n - 2 for n in axis_map.shape))
+    frames = ImageFrames(axis_map, crop, Zoom(crop.shape, (32, 64, 64)))
+    native = np.random.default_rng(0).integers(1, 250, size=crop.shape).astype(np.uint8)
+    original = frames.native_to_original_array(native, fill=0)
+    assert original.shape == shape and (original > 0).sum() == native.size
+    where = np.argwhere(native > 0)
+    mapped = frames.native_to_original_points(where.astype(float)).astype(int)
+    assert np.array_equal(original[tuple(mapped.T)], native[tuple(where.T)])
+    if axis_map.is_identity_swap:
+        assert original.flags.f_contiguous
+    box = np.array([2, 3, 1, 9, 11, 7])
+    region = np.full(tuple(box[3:] - box[:3] + 1), 255, np.uint8)
+    pasted = original.copy(order="K")
+    frames.paste_native_region(pasted, region, box)
+    expected = native.copy()
+    expected[tuple(slice(a, b + 1) for a, b in zip(box[:3], box[3:]))] = 255
+    assert np.array_equal(pasted, frames.native_to_original_array(expected))
+
 # ---------------------------------------------------------------------------------------------------------------
 # ROI growth, window grid, blending weight
 # ---------------------------------------------------------------------------------------------------------------

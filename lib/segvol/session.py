@@ -181,7 +181,7 @@ class ImageSession:
                 label = prepared.frames.native_to_original_array(label_native)
                 relabelled = int(np.prod(prepared.frames.native_shape))
             else:
-                label = last.label.copy()
+                label = last.label.copy(order="K")  # the memory order writers want (see frames)
                 relabelled = 0 if relabel is None else int(np.prod(relabel[3:] - relabel[:3] + 1))
                 if relabel is not None:
                     prepared.frames.paste_native_region(label, part, relabel)
@@ -189,7 +189,7 @@ class ImageSession:
                 probabilities = {name: prepared.frames.native_to_original_array(p)
                                  for name, p in probabilities.items()}
             if remember:
-                memo = _LastLabel(self._requests, tuple((p.name, p.value) for p in plans), label.copy(),
+                memo = _LastLabel(self._requests, tuple((p.name, p.value) for p in plans), label.copy(order="K"),
                                   {p.name: mergers[p.name] is not None for p in plans}, zoom_out_boxes)
                 self.engine.blends.put((self.token, _LAST_LABEL), memo, memo.label.nbytes)
         seconds["total"] = sum(seconds.values())

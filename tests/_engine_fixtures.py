@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import segvol
+from segvol.modeling.mask_decoder import ImageTokens
 
 BALL_RADIUS = 4.0  # window voxels
 
@@ -57,7 +58,13 @@ class OracleModel(nn.Module):
         self.encoded.append({"id": serial, "image": image.detach().clone()})
         return torch.cat([low, torch.full_like(low, float(serial))], dim=1)
 
+    def image_tokens(self, embedding: torch.Tensor) -> ImageTokens:
+        """The embedding itself stands for every part (``decode`` reads ``tokens``)."""
+        return ImageTokens(embedding, embedding, embedding, embedding, tuple(embedding.shape[2:]))
+
     def decode(self, image_embedding, text_embedding=None, boxes=None, points=None) -> torch.Tensor:
+        if isinstance(image_embedding, ImageTokens):
+            image_embedding = image_embedding.tokens
         sizes = [t.shape[0] for t in (text_embedding, boxes) if t is not None]
         if points is not None:
             sizes.append(points[0].shape[0])

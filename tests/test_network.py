@@ -189,6 +189,32 @@ def test_one_image_embedding_serves_many_prompt_sets(small_model):
     assert together.shape == (3, 1, *SMALL.low_res_size)
 
 
+def test_kept_image_tokens_decode_like_the_embedding_they_come_from(small_model):
+    """``image_tokens`` (the decoder's prompt-independent part, kept by the engine per window) in place of the
+    embedding: the same logits (to 1e-5) for one image shared by several prompt sets, for a batch of different images
+    (``ImageTokens.cat``), with points, a box and text; with autograd on they are computed inside and gradients reach
+    the embedding."""
+    from segvol.modeling.mask_decoder import ImageTokens
+
+    torch.manual_seed(3)
+    embeddings = small_model.encode_image(torch.rand(2, 1, *SMALL.image_size)).detach()
+    text = small_model.encode_text(["liver", "spleen"])
+    boxes = torch.tensor([[2.0, 4, 4, 20, 30, 30], [0, 0, 0, 31, 63, 63]])
+    points = (torch.tensor([[[5.0, 10, 12], [20, 40, 30]]] * 2), torch.tensor([[1.0, 0.0]] * 2))
+    with torch.no_grad():
+        shared = small_model.image_tokens(embeddings[:1])
+        assert shared.batch == 1 and shared.tokens.shape == (1, math.prod(SMALL.grid_size), SMALL.hidden_size)
+        assert torch.allclose(small_model.decode(shared, text, boxes, points),
+                              small_model.decode(embeddings[:1], text, boxes, points), atol=1e-5)
+        both = ImageTokens.cat([shared, small_model.image_tokens(embeddings[1:])])
+        assert both.batch == 2
+        assert torch.allclose(small_model.decode(both, text, boxes, points),
+                              small_model.decode(embeddings, text, boxes, points), atol=1e-5)
+    embedding = embeddings[:1].clone().requires_grad_(True)
+    small_model.decode(embedding, text[:1], boxes[:1]).sum().backward()
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+
+
 def test_forward_shapes_and_prompt_requirement(small_model):
     image = torch.rand(2, 1, *SMALL.image_size)
     with torch.no_grad():

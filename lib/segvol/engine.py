@@ -22,9 +22,10 @@ Algorithm (frames in ``segvol.frames``; steps in ``segvol.session``):
    categories are merged by highest probability (> 0.5), and the label map is mapped back to the original array
    (``segvol.merger``).
 
-Caches (bounded in bytes, ``segvol.caches``): prepared images (by content or file identity), image embeddings (by
-content and window), decoder outputs (by window and prompt), blending states (by session), text embeddings (in the
-model). A second click in a session re-runs the zoom-out decoder and only the windows whose prompts changed.
+Caches (bounded in bytes, ``segvol.caches``): prepared images (by content or file identity), image embeddings and
+the decoder's image tokens (by content and window), decoder outputs (by window and prompt), blending states and last
+labels (by session), text embeddings (in the model). A second click in a session re-runs the zoom-out decoder and only
+the windows whose prompts changed, and labels again only where they reach.
 """
 from __future__ import annotations
 
@@ -90,9 +91,11 @@ class SegVolEngine:
         self.amp = (model.device.type == "cuda") if amp is None else bool(amp) and model.device.type == "cuda"
         self.reuse_windows = bool(reuse_windows)
         self.images = ByteLRU(int(image_cache_mb * 2 ** 20))
-        # image embeddings (6 MB per window officially), decoder outputs (0.5 MB each), blending sums (8 bytes per
-        # voxel of a category's windows)
-        self.embeddings = ByteLRU(int(cache_mb * 2 ** 20 * 0.55))
+        # image embeddings (6 MB per window officially; the default bound holds the 108 windows of a CT whose ROI is
+        # the whole body), the decoder's image tokens (15 MB per window: the windows clicked last), decoder outputs
+        # (0.5 MB each), blending sums and last labels (9 bytes per voxel of a category's windows, 1 per CT voxel)
+        self.embeddings = ByteLRU(int(cache_mb * 2 ** 20 * 0.45))
+        self.image_tokens_cache = ByteLRU(int(cache_mb * 2 ** 20 * 0.1))
         self.decodes = ByteLRU(int(cache_mb * 2 ** 20 * 0.1))
         self.blends = ByteLRU(int(cache_mb * 2 ** 20 * 0.35))
         self._sources = BoundedDict(256)  # file identity -> content key
@@ -113,7 +116,7 @@ class SegVolEngine:
     # public API
     # ---------------------------------------------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        for cache in (self.images, self.embeddings, self.decodes, self.blends):
+        for cache in (self.images, self.embeddings, self.image_tokens_cache, self.decodes, self.blends):
             cache.clear()
         self._sources.clear()
 
@@ -224,6 +227,19 @@ class SegVolEngine:
                 self.embeddings.put((self.model_tag, prepared.key, window.start), embedding, tensor_bytes(embedding))
                 encoded[window.start] = embedding
         return encoded
+
+    def image_tokens(self, prepared: PreparedImage, where: Hashable, embedding: torch.Tensor,
+                     counters: Dict[str, int]):
+        """The decoder's prompt-independent part for the embedding at ``where`` (``SegVol.image_tokens``), from the
+        cache or computed: a window clicked again skips it."""
+        key = (self.model_tag, prepared.key, where)
+        tokens = self.image_tokens_cache.get(key)
+        if tokens is not None:
+            counters["image_tokens_cache_hits"] = counters.get("image_tokens_cache_hits", 0) + 1
+            return tokens
+        tokens = self.model.image_tokens(embedding)
+        self.image_tokens_cache.put(key, tokens, tokens.nbytes)
+        return tokens
 
     def decode(self, embedding, text_embedding, boxes, points, counters: Dict[str, int]) -> torch.Tensor:
         # float32 decoder: in bf16/fp16 its masks lose Dice (0.971 measured) for a few hundredths of a second

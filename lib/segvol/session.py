@@ -20,6 +20,7 @@ import torch
 from .errors import BadPromptError, BadRequestError
 from .frames import bounding_box
 from .merger import WindowMerger, merge_categories, zoom_out_box
+from .modeling.mask_decoder import ImageTokens
 from .modes import Mode
 from .prompts import OBJECT_LABEL, NativePrompts, Prompts, to_native
 from .windows import CategoryPlan, Grid, PackedMask, ZoomInPlan, plan_zoom_in, union_box, window_prompts
@@ -58,14 +59,14 @@ class SegmentationResult:
 @dataclass
 class DecodeRequest:
     """One prompt set to decode against one zoom-in window: the window's index in the plan, the category, the
-    window-frame box and points, the decoder-cache key of the result and the window's embedding."""
+    window-frame box and points, the decoder-cache key of the result and the window's image tokens."""
 
     window: int
     plan: CategoryPlan
     box: Optional[np.ndarray]
     points: Optional[Tuple[np.ndarray, np.ndarray]]
     key: Hashable
-    embedding: Optional[torch.Tensor] = None
+    image: Optional[ImageTokens] = None
 
     @property
     def structure(self) -> Tuple[bool, int]:
@@ -236,8 +237,9 @@ class ImageSession:
             coords = torch.as_tensor(frames.native_to_zoom_points(prompts.points), dtype=torch.float32, device=device)
             labels = torch.as_tensor(prompts.labels, dtype=torch.float32, device=device)
             point_prompt = (coords[None].expand(count, -1, -1), labels[None].expand(count, -1))
+        image = engine.image_tokens(self.prepared, "zoom_out", self.zoom_out_embedding, counters)
         low_res = torch.cat([
-            engine.decode(self.zoom_out_embedding, None if text is None else text[i:i + step],
+            engine.decode(image, None if text is None else text[i:i + step],
                           None if boxes is None else boxes[i:i + step],
                           None if point_prompt is None else (point_prompt[0][i:i + step], point_prompt[1][i:i + step]),
                           counters)
@@ -319,8 +321,9 @@ class ImageSession:
                     if embedding is None:
                         image = torch.from_numpy(window.extract(prepared.native))[None, None]
                         embedding = engine.embedding(prepared, window.start, image, counters)
+                    image_tokens = engine.image_tokens(prepared, window.start, embedding, counters)
                     for request in pending:
-                        request.embedding = embedding
+                        request.image = image_tokens
                     requests += pending
                     seconds["zoom_in_encode"] += time.perf_counter() - tick
                 elapsed = time.perf_counter() - started
@@ -346,7 +349,7 @@ class ImageSession:
         for (has_box, point_count), group in groups.items():
             for start in range(0, len(group), engine.decode_batch):
                 chunk = group[start:start + engine.decode_batch]
-                embedding = torch.cat([r.embedding for r in chunk])
+                image = ImageTokens.cat([r.image for r in chunk])
                 text = torch.stack([text_embeddings[r.plan.name] for r in chunk]) if text_embeddings else None
                 boxes = None
                 if has_box:
@@ -358,7 +361,7 @@ class ImageSession:
                     labels = torch.as_tensor(np.stack([r.points[1] for r in chunk]), dtype=torch.float32,
                                              device=device)
                     point_prompt = (coords, labels)
-                low_res = engine.decode(embedding, text, boxes, point_prompt, counters)
+                low_res = engine.decode(image, text, boxes, point_prompt, counters)
                 for request, logits in zip(chunk, low_res):
                     logits = logits[None].clone()  # its own storage: the cache must not pin the whole batch
                     engine.remember_decode(request.key, logits)

@@ -3,10 +3,15 @@
 Prompt tokens and image tokens attend to each other in a two-way transformer; the image tokens are upscaled 4x and
 each mask token's hypernetwork turns them into mask logits. The text embedding, projected to the upscaled channel
 count, adds its own similarity map to every mask (additive, as in the official model).
+
+What the decoder computes from an image before any prompt (``MaskDecoder.image_tokens`` -> ``ImageTokens``: the image
+tokens and the first layer's projections of them) can be kept and passed instead of the embedding, so a new click
+on a window already decoded skips that part (about 15 % of an official decode).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +40,51 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
-        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)),
-                                             self._heads(self.v_proj(v)))
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Projected q (B, Nq, inner), k and v (B, Nk, inner) -> (B, Nq, C)."""
+        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+@dataclass
+class ImageTokens:
+    """The decoder's prompt-independent start on B image embeddings (``MaskDecoder.image_tokens``).
+
+    ``tokens`` (B, L, C): the embedding plus the no-mask dense embedding, token-major in (gd, gh, gw) raster order;
+    ``first_keys`` and ``first_values`` (B, L, C / downsample): the first layer's token-to-image keys (of tokens + PE)
+    and values; ``first_queries`` (B, L, C / downsample): its image-to-token queries (of tokens + PE).
+    """
+
+    tokens: torch.Tensor
+    first_keys: torch.Tensor
+    first_values: torch.Tensor
+    first_queries: torch.Tensor
+    grid: Tuple[int, int, int]
+
+    @property
+    def batch(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in self._tensors())
+
+    def _tensors(self):
+        return self.tokens, self.first_keys, self.first_values, self.first_queries
+
+    def expand(self, batch: int) -> "ImageTokens":
+        """One image's tokens shared by ``batch`` prompt sets (views)."""
+        return ImageTokens(*(t.expand(batch, -1, -1) for t in self._tensors()), self.grid)
+
+    @staticmethod
+    def cat(items: List["ImageTokens"]) -> "ImageTokens":
+        """Several images' tokens as one batch, in order."""
+        if len(items) == 1:
+            return items[0]
+        return ImageTokens(*(torch.cat(parts) for parts in zip(*(i._tensors() for i in items))), items[0].grid)
 
 
 class FeedForward(nn.Module):
@@ -66,7 +112,9 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor):
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+                first: Optional[ImageTokens] = None):
+        """``first``: the image tokens' projections of the first layer (``keys`` are then ``first.tokens``)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -74,11 +122,17 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        k = keys + key_pe  # the image tokens do not change until norm4: one sum serves both cross-attentions
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        if first is None:
+            k = keys + key_pe  # the image tokens do not change until norm4: one sum serves both cross-attentions
+            image_keys, image_values, image_queries = to_image.k_proj(k), to_image.v_proj(keys), to_tokens.q_proj(k)
+        else:
+            image_keys, image_values, image_queries = first.first_keys, first.first_values, first.first_queries
+        queries = self.norm2(queries + to_image.attend(to_image.q_proj(queries + query_pe), image_keys, image_values))
         queries = self.norm3(queries + self.mlp(queries))
 
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
+        keys = self.norm4(keys + to_tokens.attend(image_queries, to_tokens.k_proj(queries + query_pe),
+                                                  to_tokens.v_proj(queries)))
         return queries, keys
 
 
@@ -92,16 +146,30 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(dim, num_heads, downsample_rate)
         self.norm_final_attn = nn.LayerNorm(dim)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor):
-        """image, image_pe (B, C, gd, gh, gw); tokens (B, T, C) -> tokens (B, T, C), image tokens (B, L, C)."""
+    def image_tokens(self, image: torch.Tensor, image_pe: torch.Tensor) -> ImageTokens:
+        """image (B, C, gd, gh, gw), image_pe (1, C, g...) -> the image tokens and the first layer's projections."""
         # token-major copies once: every projection of the image tokens would otherwise copy them first
         keys = image.flatten(2).transpose(1, 2).contiguous()
-        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        k = keys + _token_major(image_pe)
+        to_image, to_tokens = self.layers[0].cross_attn_token_to_image, self.layers[0].cross_attn_image_to_token
+        return ImageTokens(keys, to_image.k_proj(k), to_image.v_proj(keys), to_tokens.q_proj(k), tuple(image.shape[2:]))
+
+    def forward(self, image: Union[torch.Tensor, ImageTokens], image_pe: torch.Tensor, tokens: torch.Tensor):
+        """image (B, C, gd, gh, gw) or its ``image_tokens``, image_pe (1, C, g...), tokens (B, T, C) -> tokens
+        (B, T, C), image tokens (B, L, C)."""
+        if not isinstance(image, ImageTokens):
+            image = self.image_tokens(image, image_pe)
+        keys, key_pe = image.tokens, _token_major(image_pe)
         queries = tokens
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, key_pe)
+        for index, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, tokens, key_pe, image if index == 0 else None)
         queries = queries + self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys)
         return self.norm_final_attn(queries), keys
+
+
+def _token_major(grid_values: torch.Tensor) -> torch.Tensor:
+    """(B, C, gd, gh, gw) -> (B, L, C), contiguous."""
+    return grid_values.flatten(2).transpose(1, 2).contiguous()
 
 
 class HypernetworkMLP(nn.Module):
@@ -152,24 +220,31 @@ class MaskDecoder(nn.Module):
         self.upscaling_block = 256  # image tokens per block of the second upscaling, over the batch (_upscaled_masks)
         self._upscaling_layout = None  # (parameter stamp, reordered parameters): see _upscaling_in_token_order
 
+    def image_tokens(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                     dense_prompts: torch.Tensor) -> ImageTokens:
+        """image_embedding (B, C, g...), image_pe (1, C, g...), dense (1, C, g...): the no-mask embedding (SegVol takes
+        no mask prompt, so it is the same for every prompt) -> what the decoder computes before any prompt."""
+        return self.transformer.image_tokens(image_embedding + dense_prompts, image_pe)
+
     def forward(
         self,
-        image_embedding: torch.Tensor,
+        image: Union[torch.Tensor, ImageTokens],
         image_pe: torch.Tensor,
         sparse_prompts: torch.Tensor,
         dense_prompts: torch.Tensor,
         text_embedding: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """image_embedding (B, C, g...), image_pe (1, C, g...), sparse (B, n, C), dense (B, C, g...), text (B, C)."""
+        """image: an embedding (B or 1, C, g...) or its ``ImageTokens``; image_pe (1, C, g...); sparse (B, n, C); dense
+        (B or 1, C, g...) (SegVol's no-mask embedding); text (B, C). An image of batch 1 serves every prompt set."""
         b = sparse_prompts.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompts], dim=1)
-        if image_embedding.shape[0] != b:
-            image_embedding = image_embedding.expand(b, -1, -1, -1, -1)
-        src = image_embedding + dense_prompts
-        pos = image_pe.expand(b, -1, -1, -1, -1)
+        if not isinstance(image, ImageTokens):
+            image = self.image_tokens(image, image_pe, dense_prompts[:image.shape[0]])
+        if image.batch != b:
+            image = image.expand(b)
 
-        hs, image_tokens = self.transformer(src, pos, tokens)
+        hs, image_tokens = self.transformer(image, image_pe, tokens)
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
 
         # Only mask 0 is returned, so only its hypernetwork is evaluated; the text term adds to its weights (both
@@ -177,7 +252,7 @@ class MaskDecoder(nn.Module):
         weights = self.output_hypernetworks_mlps[0](mask_tokens_out[:, 0])
         if text_embedding is not None:
             weights = weights + self.txt_align_upscaled_embedding(text_embedding)
-        return self._upscaled_masks(image_tokens, weights, tuple(image_embedding.shape[2:]))
+        return self._upscaled_masks(image_tokens, weights, image.grid)
 
     def _upscaling_in_token_order(self, grid: Tuple[int, int, int]):
         """``output_upscaling``'s parameters laid out for ``_upscaled_masks``: the two transposed-convolution kernels as

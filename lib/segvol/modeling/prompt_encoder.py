@@ -143,5 +143,8 @@ class PromptEncoder(nn.Module):
             sparse = torch.cat([sparse, self._embed_boxes(boxes.to(weight))], dim=1)
         if text_embedding is not None:
             sparse = torch.cat([sparse, text_embedding.to(weight).unsqueeze(1)], dim=1)
-        dense = weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *self.image_embedding_size)
-        return sparse, dense
+        return sparse, self.dense_embedding().expand(batch_size, -1, -1, -1, -1)
+
+    def dense_embedding(self) -> torch.Tensor:
+        """(1, C, gd, gh, gw): the no-mask embedding on every image token (SegVol takes no mask prompt)."""
+        return self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(1, -1, *self.image_embedding_size)

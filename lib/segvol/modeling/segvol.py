@@ -1,7 +1,7 @@
 """The SegVol network: image encoder + prompt encoder + mask decoder + text encoder."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import SegVolConfig
 from .image_encoder import ImageEncoder
-from .mask_decoder import MaskDecoder
+from .mask_decoder import ImageTokens, MaskDecoder
 from .prompt_encoder import PromptEncoder
 from .text_encoder import TextEncoder
 
@@ -53,18 +53,24 @@ class SegVol(nn.Module):
             return self.encoder_backend(image)
         return self.image_encoder(image.to(self.device, self.image_encoder.norm.weight.dtype))
 
+    def image_tokens(self, image_embedding: torch.Tensor) -> ImageTokens:
+        """Image embedding (B, hidden, g...) -> what the decoder computes from it before any prompt; ``decode`` takes
+        it in place of the embedding (keep it to decode new prompts on the same image faster)."""
+        return self.mask_decoder.image_tokens(image_embedding, self.prompt_encoder.dense_positional_encoding(),
+                                              self.prompt_encoder.dense_embedding())
+
     def decode(
         self,
-        image_embedding: torch.Tensor,
+        image_embedding: Union[torch.Tensor, ImageTokens],
         text_embedding: Optional[torch.Tensor] = None,
         boxes: Optional[torch.Tensor] = None,
         points: Optional[Points] = None,
     ) -> torch.Tensor:
         """Prompts against an image embedding -> low-resolution logits (B, 1, 4gd, 4gh, 4gw); (B,1,32,64,64) officially.
 
-        ``image_embedding`` (1 or B, C, g...); ``text_embedding`` (B, C); ``boxes`` (B, 6) or (B, 1, 6);
-        ``points`` = (coords (B, N, 3), labels (B, N)). B is the number of prompt sets; one image embedding is
-        shared by all of them.
+        ``image_embedding`` (1 or B, C, g...), or its ``image_tokens``; ``text_embedding`` (B, C); ``boxes`` (B, 6) or
+        (B, 1, 6); ``points`` = (coords (B, N, 3), labels (B, N)). B is the number of prompt sets; one image embedding
+        is shared by all of them.
         """
         batch = _prompt_batch_size(image_embedding, text_embedding, boxes, points)
         if boxes is not None:
@@ -110,7 +116,8 @@ def _prompt_batch_size(image_embedding, text_embedding, boxes, points) -> int:
     sizes = {int(t.shape[0]) for t in prompts}
     if len(sizes) > 1:
         raise ValueError(f"prompt batch sizes disagree: {sorted(sizes)}")
-    batch = sizes.pop() if sizes else int(image_embedding.shape[0])
-    if image_embedding.shape[0] not in (1, batch):
-        raise ValueError(f"{image_embedding.shape[0]} image embeddings for {batch} prompt sets (expected 1 or {batch})")
+    images = image_embedding.batch if isinstance(image_embedding, ImageTokens) else int(image_embedding.shape[0])
+    batch = sizes.pop() if sizes else images
+    if images not in (1, batch):
+        raise ValueError(f"{images} image embeddings for {batch} prompt sets (expected 1 or {batch})")
     return batch

@@ -284,6 +284,38 @@ def test_a_click_relabels_only_where_its_windows_reach_and_equals_a_full_labelli
         assert np.array_equal(session.segment(**call).label, full.label)
 
 
+def test_a_request_failing_half_way_through_blending_leaves_no_trace(ct, oracle):
+    """A click whose blending fails after updating some windows' sums in place (here: the window probability raises
+    on its third call, after the first changed window's sums were updated) must not leave the session's next request
+    blending on top of half-updated sums."""
+    array, affine, _ = ct
+    engine = SegVolEngine(oracle)
+    session = engine.open(array, affine=affine)
+    box = [2, 2, 2, 87, 77, 47]  # an ROI of 8 windows; the click below lies in 4 of them
+    first = dict(texts=["sphere"], box=box, points=[[30, 40, 18, 1]])
+    second = dict(texts=["sphere"], box=box, points=[[30, 40, 18, 1], [36, 46, 14, 0]])
+    session.segment(**first)
+    probability, calls = engine.window_probability, []
+
+    def failing(window, logits):
+        calls.append(window.start)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return probability(window, logits)
+
+    engine.window_probability = failing
+    with pytest.raises(RuntimeError):
+        session.segment(**second)
+    engine.window_probability = probability
+    assert len(calls) == 3
+    after_failure = session.segment(**second, return_probabilities=True)
+    twin = SegVolEngine(oracle).open(array, affine=affine)
+    twin.segment(**first)
+    expected = twin.segment(**second, return_probabilities=True)
+    assert np.array_equal(after_failure.label, expected.label) and expected.label.any()
+    assert np.allclose(after_failure.probabilities["sphere"], expected.probabilities["sphere"], atol=1e-6)
+
+
 def test_without_window_reuse_results_never_depend_on_earlier_calls(ct, small_model):
     array, affine, _ = ct
     engine = SegVolEngine(small_model, reuse_windows=False)

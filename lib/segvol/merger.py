@@ -34,6 +34,7 @@ class BlendState:
     weight_sum: np.ndarray
     covered: Optional[np.ndarray] = None  # weight_sum > 0: where a window ran (fixed for the state's windows)
     request: int = -1  # the request (of its session) that last updated the sums
+    complete: bool = False  # False while an update is under way: a request that failed half way left it unusable
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +53,8 @@ class WindowMerger:
     """Gaussian-weighted average of window probabilities for one category.
 
     ``probability(window, low_res_logits)`` gives a window's probabilities on its valid voxels (CPU float32).
-    ``previous``: the state of an earlier request over the same windows (the same starts and box), updated in place:
+    ``previous``: the state of an earlier request over the same windows (the same starts and box; complete: a request
+    that failed before ``finalize`` leaves its state to be rebuilt), updated in place:
     a window whose output key is unchanged is not blended again, a changed one has its old contribution replaced
     (``incremental``; ``changed_box`` is then the native box of the windows whose output changed, None when none did,
     and ``previous_request`` the request the previous sums came from).
@@ -64,8 +66,10 @@ class WindowMerger:
         self.sigma_scale = float(sigma_scale)
         box = union_box([np.concatenate([w.start, np.asarray(w.stop) - 1]) for w in windows])
         starts = tuple(w.start for w in windows)
-        if previous is not None and previous.starts == starts and np.array_equal(previous.box, box):
+        if (previous is not None and previous.complete and previous.starts == starts
+                and np.array_equal(previous.box, box)):
             self.state, self.incremental = previous, True
+            previous.complete = False  # updated in place from here on, until finalize
         else:
             shape = tuple(int(b - a + 1) for a, b in zip(box[:3], box[3:]))
             self.state = BlendState(starts, box, {}, {}, np.zeros(shape, np.float32), np.zeros(shape, np.float32))
@@ -98,6 +102,7 @@ class WindowMerger:
         self.state.keys, self.state.logits, self.state.request = self._keys, self._logits, request
         if self.state.covered is None:
             self.state.covered = self.state.weight_sum > 0
+        self.state.complete = True
         return self.state
 
 

@@ -27,6 +27,7 @@ from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomFo
 from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer, SegVolScribblesInfer
 from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring
 from lib.service import SegVolService, WeightsUnavailableError
+from lib.validation import parse_bool
 from segvol.accel import PRECISIONS
 from segvol.errors import SegVolInputError
 from segvol.modes import DEFAULT_MODE, Mode
@@ -74,7 +75,8 @@ class SegVolApp(MONAILabelApp):
         self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
         self.max_labels = int(conf.get("max_labels", 40))
         # Slicer's segment name is used as free text (not only a vocabulary name) when this is on
-        self.segment_name_free_text = conf.get("segment_name_free_text", "false").lower() in ("1", "true", "yes", "on")
+        self.segment_name_free_text = parse_bool(conf.get("segment_name_free_text"), "--conf segment_name_free_text",
+                                                 False)
         # Scoring methods MONAI Label re-runs on its own (at start, after training and after each next-sample);
         # segvol_disagreement runs SegVol on every unlabelled image, so it only runs when asked for by default.
         auto_scoring = conf.get("auto_scoring", "fg_fraction,fh_novelty")

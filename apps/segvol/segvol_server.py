@@ -52,9 +52,11 @@ class Policy:
     """The server's exposure settings, read from ``--conf`` (MONAI Label's app conf) and the environment."""
 
     def __init__(self, conf: Dict[str, str], environ=os.environ):
+        from lib.validation import parse_bool  # the app's ``lib`` (loaded by MONAI Label with the app)
+
         self.cors_origins = [o.strip().rstrip("/") for o in conf.get("cors_origins", "").split(",") if o.strip()]
         self.token = read_token(conf, environ)
-        self.allow_local_paths = str(conf.get("allow_local_paths", "false")).lower() in ("1", "true", "yes", "on")
+        self.allow_local_paths = parse_bool(conf.get("allow_local_paths"), "--conf allow_local_paths", False)
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", 2048)) * 2**20)
         self.max_json_bytes = int(float(conf.get("max_params_kb", 256)) * 2**10)
         self.max_points = int(conf.get("max_points", 1000))

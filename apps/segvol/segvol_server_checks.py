@@ -106,11 +106,9 @@ def check_values(value: Any, field: str, depth: int = 0) -> None:
 
 
 def check_bool(value: Any, field: str) -> None:
-    if value is None or isinstance(value, bool):
-        return
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        return
-    raise BadRequestError(f"{field} must be true or false, got {str(value)[:40]!r}")
+    from lib.validation import parse_bool  # the app's ``lib`` (loaded by MONAI Label with the app)
+
+    parse_bool(value, field, False)
 
 
 def check_keys(params: Dict[str, Any], allowed, field: str) -> None:
@@ -174,7 +172,8 @@ def check_infer(kwargs: Dict[str, Any], policy) -> None:
         raise not_found(f"image {image[:200]!r} is not a file on the server")
     elif not image and not kwargs.get("file") and not session_id:
         raise BadRequestError("image is required: a datastore id (or upload the image as 'file')")
-    check_bool(params.get("save_label"), "params.save_label")
+    for flag in ("save_label", "result_compress", "free_text"):
+        check_bool(params.get(flag), f"params.{flag}")
     if params.get("label_tag") not in (None, ""):
         check_name(params["label_tag"], "params.label_tag")
     from lib.infers.base import check_result_extension  # the app's ``lib`` (loaded by MONAI Label with the app)

@@ -16,6 +16,8 @@ import segvol.prompts
 from segvol.errors import BadPromptError, BadTextError
 from segvol.vocabulary import Vocabulary
 
+from .validation import parse_bool
+
 Point = Tuple[int, int, int]
 Box = Tuple[int, int, int, int, int, int]  # i0, j0, k0, i1, j1, k1 (inclusive)
 
@@ -30,12 +32,6 @@ class Prompts(segvol.prompts.Prompts):
     requested: List[Any] = field(default_factory=list)  # what the client asked for, echoed in the response
     values: Dict[str, int] = field(default_factory=dict)  # text -> the label value its label_prompt index asks for
     segment_name: Optional["SegmentName"] = None  # how a client's segment name was treated (interactive faces)
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def parse_point(value: Any, what: str) -> Point:
@@ -213,4 +209,4 @@ def vista_points(request: dict) -> Tuple[List[Point], List[Point]]:
 
 
 def requested_free_text(request: dict) -> bool:
-    return _as_bool(request.get("free_text", False))
+    return parse_bool(request.get("free_text"), "params.free_text", False)

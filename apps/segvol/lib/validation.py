@@ -1,5 +1,5 @@
-"""The single home of the rules that keep a client inside the datastore: what an image id, a label id or a label tag
-may be.
+"""The single home of request rules shared by the HTTP checks and the app: what an image id, a label id or a label tag
+may be (the rules that keep a client inside the datastore), and what a boolean option may say (``parse_bool``).
 
 Every name a client sends that becomes part of a path (``image``, ``id``, ``label``, ``tag``, ``label_tag``) must be a
 plain file-name-like token: no path separator, no ``..``, no NUL or other control character, not absolute, not empty,
@@ -42,3 +42,25 @@ def is_safe_name(value: Any) -> bool:
         return True
     except UnsafeNameError:
         return False
+
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def parse_bool(value: Any, field: str, default: bool) -> bool:
+    """A boolean request field or ``--conf`` option: ``default`` when absent (None or ""), a JSON boolean, 0 or 1, or
+    one of ``true/false, 1/0, yes/no, on/off`` in any case; anything else is ``BadRequestError`` naming ``field``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise BadRequestError(f"{field} must be true or false (also 1/0, yes/no, on/off), got {str(value)[:40]!r}")

@@ -16,6 +16,7 @@ from segvol.modes import Mode
 
 from ..prompts import Prompts
 from ..service import SegVolService
+from ..validation import parse_bool
 
 logger = logging.getLogger(__name__)
 # Label formats a result is written in (``result_extension``): 3-D formats ITK writes with the image's geometry.
@@ -141,6 +142,7 @@ def write_label_file(labels: np.ndarray, affine: np.ndarray, request: Dict[str, 
     writes in 0.56 s there against 1.54 s through ITK, which every click of a session would pay. NRRD and MetaImage
     (what Slicer and OHIF ask for) go through MONAI Label's ITK writer."""
     extension = check_result_extension(request.get("result_extension"))
+    compress = parse_bool(request.get("result_compress"), "params.result_compress", True)  # NRRD, MetaImage
     handle, path = tempfile.mkstemp(suffix=extension, prefix="segvol_")
     os.close(handle)
     if extension in (".nii.gz", ".nii"):
@@ -149,7 +151,6 @@ def write_label_file(labels: np.ndarray, affine: np.ndarray, request: Dict[str, 
         return write_label(path, labels, affine, dtype=np.uint8)
     from monailabel.transform.writer import write_itk
 
-    compress = str(request.get("result_compress", "true")).lower() not in ("false", "0")
     write_itk(labels, path, np.asarray(affine, dtype=np.float64), np.uint8, compress)
     return path
 

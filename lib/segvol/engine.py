@@ -235,7 +235,7 @@ class SegVolEngine:
         key = (self.model_tag, prepared.key, where)
         tokens = self.image_tokens_cache.get(key)
         if tokens is not None:
-            counters["image_tokens_cache_hits"] = counters.get("image_tokens_cache_hits", 0) + 1
+            counters["image_tokens_cache_hits"] += 1
             return tokens
         tokens = self.model.image_tokens(embedding)
         self.image_tokens_cache.put(key, tokens, tokens.nbytes)

@@ -315,13 +315,8 @@ class Zoom:
         to float rounding), computed separably as three small matrix products and only where asked, on the tensor's
         device. The cost is proportional to the box, and about F.interpolate's for the whole volume.
         """
-        box = as_box(box)
-        d, h, w = (self.interpolation_matrix(a, box[a], box[a + 3], logits.device).to(logits.dtype)
-                   for a in range(3))
-        out = logits @ w.T  # (Z0, Z1, w)
-        out = h @ out  # (Z0, h, w), batched over Z0
-        return (d @ out.reshape(out.shape[0], -1)).reshape(d.shape[0], out.shape[1], out.shape[2])
-
+        slices, planes, shape = self._separable(logits, box)
+        return (slices @ planes).reshape(shape)
 
     def positive_region(self, logits, box, rows_per_block: int = 8) -> np.ndarray:
         """Where ``upsample_region(logits, box)`` is > 0, as a bool array (on the CPU, the native slices are
@@ -330,13 +325,21 @@ class Zoom:
 
         if logits.device.type != "cpu":
             return (self.upsample_region(logits, box) > 0).cpu().numpy()
+        slices, planes, shape = self._separable(logits, box)
+        mask = torch.empty((shape[0], planes.shape[1]), dtype=torch.bool)
+        for first in range(0, shape[0], rows_per_block):
+            torch.gt(slices[first:first + rows_per_block] @ planes, 0, out=mask[first:first + rows_per_block])
+        return mask.reshape(shape).numpy()
+
+    def _separable(self, logits, box):
+        """The first two interpolation steps of ``upsample_region``: (the native slices' weights on the zoom slices
+        (d, Z0), the zoom slices interpolated in-plane (Z0, h * w), the box's shape (d, h, w))."""
         box = as_box(box)
-        d, h, w = (self.interpolation_matrix(a, box[a], box[a + 3]).to(logits.dtype) for a in range(3))
-        planes = (h @ (logits @ w.T)).reshape(logits.shape[0], -1)  # (Z0, h * w)
-        mask = torch.empty((d.shape[0], planes.shape[1]), dtype=torch.bool)
-        for first in range(0, d.shape[0], rows_per_block):
-            torch.gt(d[first:first + rows_per_block] @ planes, 0, out=mask[first:first + rows_per_block])
-        return mask.reshape(d.shape[0], h.shape[0], w.shape[0]).numpy()
+        d, h, w = (self.interpolation_matrix(a, box[a], box[a + 3], logits.device).to(logits.dtype)
+                   for a in range(3))
+        planes = h @ (logits @ w.T)  # (Z0, h, w), batched over Z0
+        return d, planes.reshape(planes.shape[0], -1), (d.shape[0], h.shape[0], w.shape[0])
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # native <-> window

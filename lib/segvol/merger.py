@@ -134,13 +134,15 @@ def zoom_out_box(plan: CategoryPlan, state: Optional[BlendState]) -> Optional[np
 
 
 def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Optional[BlendState]],
-                     return_probabilities: bool, within: Optional[np.ndarray] = None):
+                     return_probabilities: bool, within: Optional[np.ndarray] = None,
+                     zoom_out_boxes: Optional[Dict[str, Optional[np.ndarray]]] = None):
     """-> (native label map, native probabilities per category or None).
 
     Per category: window probabilities (Gaussian-blended) where windows ran, zoom-out probabilities elsewhere; a voxel
     takes the label of the category with the highest probability, when that is above 0.5. Without windows and without
     probabilities to return (a zoom-out preview) the label comes from ``zoom_out_label``. ``within`` (an inclusive
     native box): only that part of the label map, the same values as the whole map has there (no probabilities).
+    ``zoom_out_boxes``: each category's ``zoom_out_box`` when the caller has them already.
     """
     if within is None and not return_probabilities and all(states.get(plan.name) is None for plan in plans):
         return zoom_out_label(frames.zoom, plans), None
@@ -180,18 +182,14 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
             if part is not None:
                 covered[_slices(part, region[:3])] = inside
                 probability[_slices(part, region[:3])] = blended
-        support_part = _intersect(plan.support, region)
-        if support_part is not None:
-            # zoom-out probabilities where no window ran, computed only over those voxels' bounding box
-            support = _slices(support_part, region[:3])
-            uncovered = ~covered[support]
-            todo = bounding_box(uncovered.numpy()) if uncovered.any() else None
-            if todo is not None:
-                todo_slices = tuple(slice(a, b + 1) for a, b in zip(todo[:3], todo[3:]))
-                native_box = todo + np.tile(support_part[:3], 2)
-                base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, native_box)).float().cpu()
-                target = probability[support][todo_slices]
-                target.copy_(torch.where(uncovered[todo_slices], base, target))  # boolean indexing is far slower
+        # zoom-out probabilities where no window ran, computed only over those voxels' bounding box
+        zoom_box = zoom_out_boxes[plan.name] if zoom_out_boxes is not None else zoom_out_box(plan, state)
+        todo = _intersect(zoom_box, region)
+        if todo is not None:
+            todo_slices = _slices(todo, region[:3])
+            base = torch.sigmoid(frames.zoom.upsample_region(plan.zoom_logits, todo)).float().cpu()
+            target = probability[todo_slices]
+            target.copy_(torch.where(covered[todo_slices], target, base))  # boolean indexing is far slower
         if probabilities is not None:
             target = torch.from_numpy(probabilities[plan.name])[region_slices]
             target.copy_(torch.where(covered, probability, target))

@@ -145,7 +145,7 @@ class ImageSession:
     def _segment(self, prompts: Prompts, mode: Mode, return_probabilities: bool):
         prepared = self.prepared
         counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoded_prompts": 0, "decoder_cache_hits": 0,
-                    "embedding_cache_hits": 0}
+                    "embedding_cache_hits": 0, "image_tokens_cache_hits": 0}
         seconds: Dict[str, float] = {"preprocess": self._preprocess_seconds}
         self._preprocess_seconds = 0.0
         clock = _Clock(seconds)
@@ -174,9 +174,11 @@ class ImageSession:
             if remember and not return_probabilities:
                 last, relabel = self._relabel_box(plans, mergers, zoom_out_boxes)
             if last is None:
-                label_native, probabilities = merge_categories(prepared.frames, plans, states, return_probabilities)
+                label_native, probabilities = merge_categories(prepared.frames, plans, states, return_probabilities,
+                                                               zoom_out_boxes=zoom_out_boxes or None)
             elif relabel is not None:
-                part, _ = merge_categories(prepared.frames, plans, states, False, within=relabel)
+                part, _ = merge_categories(prepared.frames, plans, states, False, within=relabel,
+                                           zoom_out_boxes=zoom_out_boxes)
         with clock("output"):
             if last is None:
                 label = prepared.frames.native_to_original_array(label_native)

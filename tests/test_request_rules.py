@@ -59,3 +59,20 @@ def test_free_text_and_result_compress_refuse_words_that_are_not_booleans():
     with pytest.raises(BadRequestError, match="params.result_compress"):
         write_label_file(np.ones((2, 2, 2), np.uint8), np.eye(4), {"result_extension": ".nrrd",
                                                                     "result_compress": "gzip"})
+
+
+def test_every_torch_load_in_the_project_states_weights_only():
+    """A checkpoint is code to ``torch.load`` unless ``weights_only`` says otherwise: each call decides explicitly."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    missing = []
+    for folder in ("apps", "lib", "scripts", "tests"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                        and not any(k.arg == "weights_only" for k in node.keywords)):
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not missing, missing

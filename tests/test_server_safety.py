@@ -126,6 +126,8 @@ INFER_CASES = [
     ("unknown model", "nope", "ct", "{}", "image", "nope"),
     ("unknown image", "segvol", "not_there", '{"texts": ["liver"]}', "image", "not_there"),
     ("no image at all", "segvol", "", '{"texts": ["liver"]}', "image", "image"),
+    ("params.image names another image", "segvol", "ct", '{"texts": ["liver"], "image": "ct_two"}', "image",
+     "params.image"),
 ]
 
 
@@ -167,6 +169,7 @@ def test_bad_requests_to_other_endpoints(server, sandbox, tmp_path):
         (requests.put, f"{url}/datastore/image/info", {"params": {"image": "ct"}, "data": {"info": "[1]"}}, "info"),
         (requests.put, f"{url}/datastore/image", {"params": {"image": "evil"},
                                                   "files": {"file": ("evil.exe", b"MZ")}}, "file"),
+        (requests.get, f"{url}/proxy/dicom/studies", {}, "DICOMweb"),
     ]
     for method, target, kwargs, field in cases:
         response = method(target, timeout=60, **kwargs)
@@ -190,6 +193,44 @@ def test_bad_scribbles_are_a_clear_4xx(server, sandbox, tmp_path):
                                      data={"params": json.dumps(params)},
                                      files={"label": ("scribbles.nii.gz", handle)}, timeout=120)
         _assert_4xx(response, field=message)
+    # label_info entries that are not {name, id} objects
+    path = _int_label(sandbox, tmp_path, name="numbers")
+    with open(path, "rb") as handle:
+        response = requests.post(f"{server.url}/infer/segvol_scribbles", params={"image": "ct", "output": "json"},
+                                 data={"params": json.dumps({"label_info": [2, 3]})},
+                                 files={"label": ("scribbles.nii.gz", handle)}, timeout=120)
+    _assert_4xx(response, field="label_info[0]")
+    # OHIF's binary scribbles (one byte per voxel): a file of another size is refused before MONAI Label reshapes it
+    voxels = int(np.prod(image.shape))
+    for junk in (os.urandom(3000), b"\3" * (voxels + 1)):
+        response = requests.post(f"{server.url}/infer/segvol_scribbles", params={"image": "ct", "output": "json"},
+                                 data={"params": json.dumps({"label_info": info})},
+                                 files={"label": ("scribbles.bin", junk)}, timeout=120)
+        _assert_4xx(response, field=str(voxels))
+    scribbles = np.zeros(image.shape, np.uint8)
+    scribbles[40:50, 40:50, 10:15] = 3
+    response = requests.post(f"{server.url}/infer/segvol_scribbles", params={"image": "ct", "output": "json"},
+                             data={"params": json.dumps({"label_info": info})},
+                             files={"label": ("scribbles.bin", scribbles.tobytes(order="F"))}, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    assert response.json()["foreground_voxels"] == 500
+    _alive(server)
+
+
+def test_corrupt_image_uploaded_by_the_python_client_is_a_4xx(server, sandbox, tmp_path):
+    from monailabel.client.client import MONAILabelClient
+
+    client = MONAILabelClient(server.url)
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(_label_bytes(sandbox)[:5000])
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(os.urandom(5000))
+    for path in (truncated, junk):
+        with pytest.raises(Exception) as raised:
+            client.upload_image(str(path), "broken")
+        assert "Status: 422" in str(raised.value), str(raised.value)[:300]
+    listing = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=30)
+    assert listing.status_code == 200 and '"broken"' not in listing.text
     _alive(server)
 
 

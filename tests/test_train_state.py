@@ -136,6 +136,17 @@ def test_finished_run_is_done_in_train_and_info_with_auto_scoring(server, studie
     assert "Failed To Trigger Scoring" in log or "not started" in log, log[-3000:]
 
 
+def test_a_run_with_a_name_of_its_own_is_the_one_info_shows(server, app):
+    runs = len(server.train_tasks())
+    started = requests.post(f"{server.url}/train/{TRAIN}", json={"max_epochs": 1, "name": "my_run"}, timeout=30)
+    assert started.status_code == 200, started.text
+    tasks = server.wait_trained(runs + 1, timeout=300)
+    assert tasks[-1]["status"] == "DONE", list(tasks[-1].get("details") or [])
+    stats = _info(server)["train_stats"][TRAIN]
+    assert stats["name"] == "my_run" and stats["status"] == "FINISHED" and stats["epoch"] == 1
+    assert (app / "model" / "my_run" / "train_stats.json").is_file()
+
+
 def test_truncated_published_checkpoint_keeps_the_loaded_model_serving(server, app):
     published = app / "model" / "segvol_finetuned.pt"
     first = _infer(server)
@@ -335,13 +346,17 @@ def test_recover_marks_dead_runs_failed_and_spares_live_ones(tmp_path):
     orphan = tmp_path / f"segvol_finetuned.pt.{_dead_pid()}.tmp"
     orphan.write_bytes(b"x")
     (tmp_path / f"segvol_finetuned.pt.{os.getppid()}.tmp").write_bytes(b"x")  # its writer is alive
+    # the pid of a live process that started after the file was written (a pid reused after a restart)
+    reused = tmp_path / f"last.pt.0a1b2c3d.{os.getppid()}.tmp"
+    reused.write_bytes(b"x")
+    os.utime(reused, (946684800, 946684800))  # written in 2000
 
     summary = state.recover(str(tmp_path))
     dead_stats = state.read_stats(str(dead / state.STATS))
     assert dead_stats["status"] == "FAILED" and dead_stats["epoch"] == 3 and "died" in dead_stats["reason"]
     assert state.read_stats(str(live / state.STATS))["status"] == "RUNNING"
     assert not (dead / "last.pt.tmp").exists() and (live / "last.pt.tmp").exists()
-    assert sorted(summary["removed"]) == sorted([str(dead / "last.pt.tmp"), str(orphan)])
+    assert sorted(summary["removed"]) == sorted([str(dead / "last.pt.tmp"), str(orphan), str(reused)])
     assert summary["failed"] == [str(dead)]
     assert (tmp_path / f"segvol_finetuned.pt.{os.getppid()}.tmp").exists()
     # a RUNNING record of a process that was reused by another pid is dead too

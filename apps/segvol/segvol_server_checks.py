@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 
 from fastapi import HTTPException
 
-from segvol.errors import BadPromptError, BadRequestError
+from segvol.errors import BadImageError, BadPromptError, BadRequestError
 from segvol.modes import MODES
 
 MAX_STRING = 10_000
@@ -137,6 +137,13 @@ def check_image_id(image: Any, field: str = "image") -> str:
 # query parameters (run by the gate, before the request is parsed)
 # ----------------------------------------------------------------------------------------------------------------------
 def check_query(method: str, path: str, query: Dict[str, List[str]], policy) -> None:
+    if path.startswith("/proxy/dicom"):
+        from monailabel.datastore.dicom import DICOMWebDatastore
+
+        if not isinstance(app().datastore(), DICOMWebDatastore):
+            raise not_found("/proxy/dicom relays a DICOMweb datastore (--studies http://...); this server's datastore "
+                            "is a local folder: read images with GET /datastore/image")
+        return
     if not path.startswith(CHECKED_PREFIXES) and not path.startswith("/logs"):
         return
     for key in PATH_LIKE_QUERY:
@@ -172,6 +179,10 @@ def check_infer(kwargs: Dict[str, Any], policy) -> None:
         raise not_found(f"image {image[:200]!r} is not a file on the server")
     elif not image and not kwargs.get("file") and not session_id:
         raise BadRequestError("image is required: a datastore id (or upload the image as 'file')")
+    if params.get("image") not in (None, "", image):
+        raise BadRequestError(f"params.image ({str(params['image'])[:80]!r}) names another image than the query's "
+                              f"image ({image[:80]!r}): give the image once, as the query parameter")
+    check_binary_label(kwargs.get("label"), image, session_id)
     for flag in ("save_label", "result_compress", "free_text"):
         check_bool(params.get(flag), f"params.{flag}")
     if params.get("label_tag") not in (None, ""):
@@ -210,6 +221,25 @@ def check_infer(kwargs: Dict[str, Any], policy) -> None:
     texts = params.get("texts")
     if isinstance(texts, list) and len(texts) > policy.max_names:
         raise too_large(f"params.texts has {len(texts)} names, over the limit of {policy.max_names}")
+
+
+def check_binary_label(upload: Any, image: str, session_id: str) -> None:
+    """A ``label`` upload named ``*.bin`` (OHIF's scribbles: one uint8 per voxel, in Fortran order) is turned into a
+    volume on the image's grid by MONAI Label before the app sees it: its size must be the image's voxel count."""
+    filename = getattr(upload, "filename", "") or ""
+    if not upload or not filename.lower().endswith(".bin"):
+        return
+    if not image or session_id or os.path.isabs(image):
+        raise BadRequestError("a binary label (.bin) needs the image as a datastore id (the query's image)")
+    from lib.datastore import volume_shape  # the app's ``lib`` (loaded by MONAI Label with the app)
+
+    shape = volume_shape(app().datastore().get_image_uri(image))
+    upload.file.seek(0, os.SEEK_END)
+    size = upload.file.tell()
+    upload.file.seek(0)
+    if size != math.prod(shape):
+        raise BadImageError(f"label: a binary label (.bin) holds one byte per voxel: {math.prod(shape)} bytes for the "
+                            f"image {image!r} of shape {list(shape)}, got {size}")
 
 
 def check_add_image(kwargs: Dict[str, Any], policy) -> None:

@@ -182,12 +182,12 @@ def _precisions(args, result: dict, tmp: str) -> None:
                                       warmup=args.warmup, threads=args.threads)
         except RuntimeError as error:
             table[variant] = {"error": str(error)}
-    reference = torch.load(outputs["fp32"])
+    reference = torch.load(outputs["fp32"], weights_only=True)
     for variant in variants:
         row = table[variant]
         if "error" in row:
             continue
-        ours = torch.load(outputs[variant])
+        ours = torch.load(outputs[variant], weights_only=True)
         row["time_ratio_vs_fp32"] = round(row["seconds"] / table["fp32"]["seconds"], 3)
         row["max_abs_diff_vs_fp32"] = float((ours["embedding"] - reference["embedding"]).abs().max())
         for prompt, masks in ours["masks"].items():
@@ -221,9 +221,9 @@ def run(args) -> dict:
             result[variant] = in_child(_time_variant, variant=variant, weights=weights, output=outputs[variant],
                                        repeats=args.repeats, warmup=args.warmup, device=args.device,
                                        threads=args.threads)
-        reference = torch.load(outputs["monai_vit"])
+        reference = torch.load(outputs["monai_vit"], weights_only=True)
         for variant in variants[1:]:
-            ours = torch.load(outputs[variant])
+            ours = torch.load(outputs[variant], weights_only=True)
             result[variant]["max_abs_diff_vs_monai"] = float((ours - reference).abs().max())
             result[variant]["allclose_1e-3"] = bool(torch.allclose(ours, reference, atol=1e-3, rtol=1e-3))
             ratio = result[variant]["seconds"] / result["monai_vit"]["seconds"]

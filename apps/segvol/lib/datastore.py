@@ -156,6 +156,11 @@ def _header(path: str, what: str) -> Tuple[Tuple[int, ...], str, int]:
         int(reader.GetNumberOfComponents())
 
 
+def volume_shape(path: str, what: str = "image") -> Tuple[int, ...]:
+    """The volume's shape from its header alone (``BadImageError`` when it does not read)."""
+    return _header(path, what)[0]
+
+
 def _gzip_intact(path: str) -> bool:
     try:
         with gzip.open(path, "rb") as stream:

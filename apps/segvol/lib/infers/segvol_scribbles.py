@@ -42,12 +42,14 @@ def scribble_ids(label_info: Any) -> Dict[str, int]:
         return ids
     if not isinstance(label_info, list):
         raise BadPromptError(f"label_info must be a list of {{name, id}}, got {label_info!r}")
-    for entry in label_info:
-        if isinstance(entry, dict) and entry.get("name") in ids:
-            try:
-                ids[entry["name"]] = int(entry.get("id", entry.get("idx")))
-            except (TypeError, ValueError):
-                raise BadPromptError(f"label_info entry {entry!r} has no integer id") from None
+    for number, entry in enumerate(label_info):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise BadPromptError(f"label_info[{number}] must be a {{name, id}} object, got {str(entry)[:60]!r}")
+        if entry["name"] in ids:
+            value = entry.get("id", entry.get("idx"))
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+                raise BadPromptError(f"label_info[{number}] ({entry['name']}) has no integer id: {str(value)[:40]!r}")
+            ids[entry["name"]] = int(value)
     return ids
 
 

@@ -20,6 +20,7 @@ request (the service watches the file's mtime) without a restart.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -91,16 +92,29 @@ class SegVolFinetune(TrainTask):
     def stats_path(self, name: Optional[str] = None) -> str:
         return os.path.join(self.model_dir, name or self.defaults["name"], "train_stats.json")
 
+    def latest_stats_path(self) -> str:
+        """The stats of the run started last, whatever its ``name`` (the default run's path when none ran yet)."""
+        from .state import read_stats
+
+        runs = []
+        for path in glob.glob(os.path.join(self.model_dir, "*", "train_stats.json")):
+            started = read_stats(path).get("start_ts")
+            if isinstance(started, (int, float)):
+                runs.append((started, os.path.getmtime(path), path))
+        return max(runs)[2] if runs else self.stats_path()
+
     def stats(self) -> Dict[str, Any]:
-        """What clients poll: epoch, total_epochs, best_metric (validation Dice), timings, status (RUNNING,
-        FINISHED, STOPPED, ERROR with ``reason``, or FAILED with ``reason`` when the training process died)."""
+        """What clients poll, for the run started last (a run with a ``name`` of its own included): name, epoch,
+        total_epochs, best_metric (validation Dice), timings, status (RUNNING, FINISHED, STOPPED, ERROR with
+        ``reason``, or FAILED with ``reason`` when the training process died)."""
         from .state import mark_failed, read_stats, run_is_dead
 
-        stats = read_stats(self.stats_path())
+        path = self.latest_stats_path()
+        stats = read_stats(path)
         if stats and stats.get("status") == "RUNNING" and _stopped_by_request(self.NAME):
             # MONAI Label has killed the run's process tree (the process may take a moment to be gone)
             stopped = {**mark_failed(stats, "stopped by a client request (DELETE /train)"), "status": "STOPPED"}
-            self._persist_if_unchanged(stats, stopped)  # a restart must not turn it into FAILED
+            self._persist_if_unchanged(path, stats, stopped)  # a restart must not turn it into FAILED
             return stopped
         if stats and run_is_dead(stats):
             return mark_failed(stats)
@@ -211,14 +225,13 @@ class SegVolFinetune(TrainTask):
         logger.info("segvol_finetune finished: %s", json.dumps(stats, default=str))
         return stats
 
-    def _persist_if_unchanged(self, seen: Dict[str, Any], new: Dict[str, Any]) -> None:
-        from .state import read_stats
+    def _persist_if_unchanged(self, path: str, seen: Dict[str, Any], new: Dict[str, Any]) -> None:
+        from .state import read_stats, write_stats
 
-        path = self.stats_path()
         current = read_stats(path)
         if current.get("pid") == seen.get("pid") and current.get("start_ts") == seen.get("start_ts"):
             try:
-                self._write_stats(self.defaults["name"], new)
+                write_stats(path, new)
             except OSError as error:
                 logger.warning("could not record %s: %s", path, error)
 

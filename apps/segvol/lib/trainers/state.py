@@ -71,6 +71,24 @@ def process_alive(pid: Any, start: Any = None) -> bool:
         return False
 
 
+def writer_alive(pid: int, path: str) -> bool:
+    """True when process ``pid`` runs and may have written ``path``: it started before the file was last written. A
+    pid taken by a new process after a restart (a fresh container numbers its processes from 1 again) is not the
+    writer of a temp file older than itself."""
+    try:
+        written = os.path.getmtime(path)
+    except OSError:
+        return False
+    try:
+        import psutil
+
+        return process_alive(pid) and psutil.Process(pid).create_time() <= written + 1.0
+    except ImportError:
+        return process_alive(pid)
+    except Exception:  # gone meanwhile
+        return False
+
+
 def run_is_dead(stats: Dict[str, Any]) -> bool:
     """A RUNNING record whose training process is gone (on this host; another host's run cannot be judged)."""
     if str(stats.get("status", "")).upper() != "RUNNING":
@@ -139,7 +157,7 @@ def recover(model_dir: str) -> Dict[str, Any]:
         if folder in live:
             continue  # a live run's checkpoint being written
         match = _PID_TMP.search(path)
-        if match and int(match.group(1)) != os.getpid() and process_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and writer_alive(int(match.group(1)), path):
             continue  # its writer still runs (e.g. a publish by a training process that outlived the server)
         if not match and live and folder == model_dir:
             continue  # an unowned temp file at the top while some run is alive: leave it

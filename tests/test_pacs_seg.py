@@ -249,7 +249,7 @@ def _cases(orthanc, cache):
     """``segvol.training.cases_from_datastore`` on a datastore of ours over the same PACS (the train task's path)."""
     sys.path.insert(0, str(APP))
     try:
-        from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+        from monailabel.datastore.dicom import DICOMwebClientX
 
         from lib.dicomweb import SegVolDICOMwebDatastore
         from segvol.training import cases_from_datastore
@@ -257,7 +257,7 @@ def _cases(orthanc, cache):
         sys.path.remove(str(APP))
     client = DICOMwebClientX(url=f"{orthanc}/dicom-web", qido_url_prefix=None, wado_url_prefix=None,
                              stow_url_prefix=None)
-    datastore = SegVolDICOMwebDatastore.adopt(DICOMWebDatastore(client, {"Modality": "CT"}, cache_path=str(cache)))
+    datastore = SegVolDICOMwebDatastore(client, {"Modality": "CT"}, cache_path=str(cache))
     try:
         return {case.id: case for case in cases_from_datastore(datastore, {1: "vocabulary name"})}
     finally:
@@ -428,3 +428,24 @@ def test_a_label_saved_through_put_counts_once_not_twice(server, ct, tmp_path):
     assert np.array_equal(saved, mask)  # the newest SEG is ours: the saved label stays, with its names
     assert _names(app.label_info(CT_SERIES)) == {1: "kidney left"}
     assert app.info()["retrain"]["total"] == 3
+
+
+def test_dicomweb_datastore_without_its_server_keeps_the_last_status_and_answers_a_save_with_502(tmp_path):
+    """No DICOMweb server at all: ``status`` (what ``/info`` reads) keeps answering with an ``error``, and a save is
+    an HTTP 502 saying nothing was stored (the client keeps its label)."""
+    from fastapi import HTTPException
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    module = _dicomweb()
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    client = DICOMwebClientX(url=url, qido_url_prefix=None, wado_url_prefix=None, stow_url_prefix=None)
+    datastore = module.SegVolDICOMwebDatastore(client, {"Modality": "CT"}, cache_path=str(tmp_path / "cache"))
+    status = datastore.status()
+    assert "unreachable" in status["error"] and url in status["error"]
+    label = tmp_path / "label.nii.gz"
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), str(label))
+    with pytest.raises(HTTPException) as raised:
+        datastore.save_label("1.2.3.4", str(label), "final", {"label_info": [{"name": "liver", "idx": 1}]})
+    assert raised.value.status_code == 502 and "nothing was stored" in raised.value.detail

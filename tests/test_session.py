@@ -109,13 +109,20 @@ def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(small_
     service = SegVolService(weights="", max_sessions=2)
     engine = SegVolEngine(small_model, mode="zoom_out")
     service.engine = lambda: engine  # no checkpoint file: the engine is given
-    seen = lambda image, client=None: service.run_session(image, lambda session: session, client_id=client)  # noqa
+    def seen(image, client=None):
+        with service.session(image, client) as session:
+            return session
+
+    def segment(image, client=None):
+        with service.session(image, client) as session:
+            return session.segment(texts=["liver"])
+
     first = seen(array)
     assert seen(array) is first  # the same image, no client: the same session
     assert seen(array, "annotator-2") is not first  # another client: its own state
-    run = service.run_session(array, lambda session: session.segment(texts=["liver"]), client_id="annotator-2")
+    run = segment(array, "annotator-2")
     assert run.stats["encoder_forwards"] == 1
-    run = service.run_session(array, lambda session: session.segment(texts=["liver"]))
+    run = segment(array)
     assert run.stats["encoder_forwards"] == 0  # the content-keyed zoom-out embedding is shared
     seen(other)  # a third session: the least recently used one ("annotator-2") goes
     assert len(service._sessions) == 2 and seen(array) is first

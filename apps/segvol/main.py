@@ -70,6 +70,7 @@ class SegVolApp(MONAILabelApp):
             precision=precision,
             vocabulary=vocabulary,
             published=os.path.join(app_dir, "model", "segvol_finetuned.pt"),
+            calibration_images=self._calibration_images,  # called once the datastore exists
         )
         auto_labels = conf.get("auto_labels", "")
         self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
@@ -90,7 +91,6 @@ class SegVolApp(MONAILabelApp):
             version="0.1.0",
             labels=vocabulary.labels(),
         )
-        self.service.calibration_images = self._calibration_images
         if not self.service.available():
             logger.warning("SegVol weights not found at %s: infer requests will be refused until they are there",
                            self.service.weights)
@@ -189,6 +189,8 @@ class SegVolApp(MONAILabelApp):
 
         if not shutil.which("itkimage2segimage"):
             os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        from monailabel.datastore.dicom import DICOMWebDatastore
+
         from lib.dicomweb import SegVolDICOMwebDatastore
 
         def pacs_labels_arrived(arrived):  # SEGs other viewers stored into the PACS: each counts once (lib.dicomweb)
@@ -200,31 +202,12 @@ class SegVolApp(MONAILabelApp):
                                            pending=lambda: train_pending(retrain.model))
 
         # SEG names kept, the newest SEG of a series wins, SEGs from other viewers counted (server process only)
-        datastore = SegVolDICOMwebDatastore.adopt(super().init_remote_datastore(),
-                                                  os.path.join(self.app_dir, "model", "pacs_segs.json"),
-                                                  pacs_labels_arrived, active=lambda: self._server_mode)
-        save_label, status, last = datastore.save_label, datastore.status, {}
-
-        def save_label_or_502(image_id, label_filename, label_tag, label_info, label_id=""):
-            try:
-                return save_label(image_id, label_filename, label_tag, label_info, label_id)
-            except HTTPException:
-                raise
-            except Exception as error:
-                logger.exception("label of %s not saved", image_id)
-                raise HTTPException(status_code=502, detail=f"label of {image_id} not saved: the DICOMweb server "
-                                    f"{self.studies} did not take it ({type(error).__name__}: {error}); nothing was "
-                                    "stored, keep the label and save again") from None
-
-        def status_or_last():
-            try:
-                last.update(status())
-                return dict(last)
-            except Exception as error:
-                return {**last, "error": f"DICOMweb server {self.studies} unreachable: {error}"}
-
-        datastore.save_label, datastore.status = save_label_or_502, status_or_last
-        return datastore
+        datastore = super().init_remote_datastore()
+        if not isinstance(datastore, DICOMWebDatastore):
+            return datastore
+        record = os.path.join(self.app_dir, "model", "pacs_segs.json")
+        return SegVolDICOMwebDatastore.like(datastore, record_path=record, on_new_labels=pacs_labels_arrived,
+                                            active=lambda: self._server_mode)
 
     def info(self):
         """``/info`` with the app-level ``labels`` as a list of names in index order (each model keeps its

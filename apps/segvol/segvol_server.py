@@ -194,6 +194,8 @@ def offload_endpoints(app, policy: Policy) -> None:
     from fastapi.routing import APIRoute
     from segvol_server_checks import ENDPOINT_CHECKS
 
+    # the inference worker: one thread runs every inference request, off the event loop, so /info and the datastore
+    # answer meanwhile and inference requests queue in arrival order (lock order: lib/service.py's docstring)
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segvol-infer")
     for router in _routers(app.router):
         routes = router.routes

@@ -112,6 +112,11 @@ class ImageSession:
         self.keep_blends = keep_blends and engine.reuse_windows  # blending states kept for the next request
         self._requests = 0  # requests begun: stamps the blending states and the last label
 
+    def set_source(self, affine: np.ndarray, header: Any, source: Any) -> None:
+        """The geometry results are written with from now on: the same voxels (one prepared image, one session) may
+        come again from another file with another affine or header."""
+        self.affine, self.header, self.source = affine, header, source
+
     @property
     def key(self) -> str:
         """The content key of the prepared image."""

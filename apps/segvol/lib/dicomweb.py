@@ -302,27 +302,17 @@ class SegIndex:
 
 class SegVolDICOMwebDatastore(DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore with SEG names, newest-SEG-wins and counting of SEGs from other viewers (see
-    the module docstring). Made from the instance MONAI Label built (``adopt``), so its client, search filter and
-    cache settings stay MONAI Label's."""
+    the module docstring); a save the DICOMweb server refuses is a 502 with the reason, and ``status`` survives an
+    unreachable server with the last known status."""
 
-    record: Optional[SegRecord]
-    on_new_labels: Optional[Callable[[List[Tuple[str, str]]], Any]]
-
-    @classmethod
-    def adopt(cls, datastore, record_path: Optional[str] = None,
-              on_new_labels: Optional[Callable[[List[Tuple[str, str]]], Any]] = None,
-              active: Callable[[], bool] = lambda: True):
-        """Turn MONAI Label's ``DICOMWebDatastore`` instance into this class (other datastores are returned as they
-        are). ``on_new_labels([(image id, seg uid)])`` is called for SEGs to count, when ``active()`` (the server
-        process) and a ``record_path`` is given."""
-        if not isinstance(datastore, DICOMWebDatastore):
-            return datastore
-        datastore.__class__ = cls
-        datastore._setup(record_path, on_new_labels, active)
-        return datastore
-
-    def _setup(self, record_path, on_new_labels, active) -> None:
-        self.record = SegRecord(record_path, self._client.base_url) if record_path else None
+    def __init__(self, client, search_filter: Dict[str, Any], cache_path: Optional[str] = None,
+                 fetch_by_frame: bool = False, convert_to_nifti: bool = True, record_path: Optional[str] = None,
+                 on_new_labels: Optional[Callable[[List[Tuple[str, str]]], Any]] = None,
+                 active: Callable[[], bool] = lambda: True):
+        """MONAI Label's arguments, then ours: ``on_new_labels([(image id, seg uid)])`` is called for SEGs to count,
+        when ``active()`` (the server process) and a ``record_path`` is given."""
+        # ours first: MONAI Label's constructor already lists the datastore through the methods overridden here
+        self.record = SegRecord(record_path, client.base_url) if record_path else None
         self.on_new_labels = on_new_labels
         self._active = active
         self._index: Optional[SegIndex] = None
@@ -330,6 +320,29 @@ class SegVolDICOMwebDatastore(DICOMWebDatastore):
         self._sync_lock = threading.RLock()
         self._count_lock = threading.RLock()  # a PUT's upload + record, against a listing's count
         self._seg_meta: Dict[str, Optional[SegSeries]] = {}
+        self._last_status: Dict[str, Any] = {}
+        super().__init__(client, search_filter, cache_path=cache_path, fetch_by_frame=fetch_by_frame,
+                         convert_to_nifti=convert_to_nifti)
+
+    @classmethod
+    def like(cls, template: DICOMWebDatastore, **ours: Any) -> "SegVolDICOMwebDatastore":
+        """This datastore with the client, search filter and cache settings of ``template`` (the one MONAI Label
+        builds from its settings: credentials, Google Cloud sessions, URL prefixes), which stops watching its
+        folder."""
+        observer = getattr(template, "_observer", None)
+        if observer is not None:
+            observer.stop()
+        return cls(template._client, template._search_filter, cache_path=os.path.dirname(template._datastore_path),
+                   fetch_by_frame=template._fetch_by_frame, convert_to_nifti=template._convert_to_nifti, **ours)
+
+    def status(self) -> Dict[str, Any]:
+        """MONAI Label's status, or the last one known with an ``error`` when the DICOMweb server does not answer
+        (``/info``, which ``/infer`` calls too, must not fail for it)."""
+        try:
+            self._last_status.update(super().status())
+            return dict(self._last_status)
+        except Exception as error:
+            return {**self._last_status, "error": f"DICOMweb server {self._client.base_url} unreachable: {error}"}
 
     # ---------------------------------------------------------------------------------------------------- listing
     def _ttl(self) -> float:
@@ -512,7 +525,22 @@ class SegVolDICOMwebDatastore(DICOMWebDatastore):
                    label_id: str = "") -> str:
         """MONAI Label's save (a final label is stored as a SEG in the PACS), then its SEG uid recorded as saved (our
         PUT counts it), before a listing can see it as new. The SEG's segments carry names, colours and SegVol's
-        provenance (``lib.seg_metadata``)."""
+        provenance (``lib.seg_metadata``). A save the DICOMweb server does not take is an HTTP 502 with the reason:
+        nothing was stored and the client keeps its label."""
+        from fastapi import HTTPException
+
+        try:
+            return self._save_label(image_id, label_filename, label_tag, label_info, label_id)
+        except HTTPException:
+            raise
+        except Exception as error:
+            logger.exception("label of %s not saved", image_id)
+            raise HTTPException(status_code=502, detail=f"label of {image_id} not saved: the DICOMweb server "
+                                f"{self._client.base_url} did not take it ({type(error).__name__}: {error}); nothing "
+                                "was stored, keep the label and save again") from None
+
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any],
+                    label_id: str) -> str:
         if label_tag == FINAL and isinstance(label_info, dict):
             from .seg_metadata import with_segment_attributes
 

@@ -9,25 +9,35 @@ did load (``segvol_finetuned.last_good.pt``, an atomic copy made each time a new
 tried, then the configured base weights. A 503 only comes when none of them loads. Every fallback is logged and
 ``status()`` (``model_status`` in ``/info``) tells which checkpoint serves and why.
 
-Requests run in image sessions (``run_session``): one ``segvol.session.ImageSession`` per image content and client
-(``client_id`` when the request carries one), at most ``max_sessions`` of them, least recently used dropped first, all
-dropped when another checkpoint starts serving. A session keeps its zoom-out embedding, grids and blending sums, so a
-client's next click on the same image costs only the windows it changes; two clients never see each other's state.
-Lock order: the service lock, then the engine's.
+Requests run in image sessions (``with service.session(image, client_id) as session``): one
+``segvol.session.ImageSession`` per image content and client (``client_id`` when the request carries one), at most
+``max_sessions`` of them, least recently used dropped first, all dropped when another checkpoint starts serving. A
+session keeps its zoom-out embedding, grids and blending sums, so a client's next click on the same image costs only
+the windows it changes; two clients never see each other's state.
+
+Locks, in the order they are taken: the server's inference worker (``segvol_server``: one thread runs every HTTP
+inference, so the event loop never waits on one), this service's lock (``_lock``: the loaded checkpoint and the
+sessions; a session is used by one request at a time), then the engine's (``segvol.engine``: its caches, shared by
+every session and by library callers that use no service).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from segvol.checkpoint import CheckpointError, resolve_weights_file
 from segvol.io import atomic_copy
 from segvol.modes import DEFAULT_MODE
 from segvol.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from segvol.engine import SegVolEngine
+    from segvol.session import ImageSession
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +68,12 @@ def _stamp(path: str) -> Stamp:
 class SegVolService:
     def __init__(self, weights: str, tokenizer: str = "", device: str = "auto", mode: str = DEFAULT_MODE.value,
                  cache_mb: int = 2048, vocabulary: Optional[Vocabulary] = None, published: str = "",
-                 precision: str = "fp32", max_sessions: int = 8):
+                 precision: str = "fp32", max_sessions: int = 8,
+                 calibration_images: Callable[[], Iterable[str]] = lambda: []):
         self.weights = weights
         self.precision = precision  # image encoder (segvol.accel); "auto": bf16 where native, else fp32
-        # int8: the CT files its quantization is calibrated on (the app gives the datastore's first images)
-        self.calibration_images: Callable[[], List[str]] = lambda: []
+        # int8: the CT files its quantization is calibrated on (the app gives the datastore's images, read lazily)
+        self.calibration_images = calibration_images
         self.tokenizer = tokenizer or None
         self.device = device
         self.mode = mode
@@ -70,7 +81,7 @@ class SegVolService:
         self.vocabulary = vocabulary or Vocabulary.load()
         self.published = published
         self.last_good = last_good_path(published) if published else ""
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the loaded checkpoint and the sessions (lock order: module docstring)
         self._engine = None
         self._loaded_from: Optional[Stamp] = None
         self._loaded_ts: Optional[float] = None
@@ -280,17 +291,21 @@ class SegVolService:
             out["pending"] = "a newer checkpoint is there: the next inference loads it"
         return out
 
-    def run(self, function):
-        """Run ``function(engine)`` under the service lock: one inference at a time on the shared model."""
+    @contextlib.contextmanager
+    def session(self, image, client_id: Optional[str] = None) -> Iterator["ImageSession"]:
+        """``with service.session(image, client_id) as session: session.segment(...)``: the session of ``image`` for
+        ``client_id`` (see the module docstring), held under the service lock for the block."""
         engine = self.engine()
         with self._lock:
-            return function(engine)
+            yield self._session(engine, image, client_id)
 
-    def run_session(self, image, function, client_id: Optional[str] = None):
-        """Run ``function(session)`` under the service lock, in the session of ``image`` for ``client_id``."""
+    @contextlib.contextmanager
+    def exclusive_engine(self) -> Iterator["SegVolEngine"]:
+        """``with service.exclusive_engine() as engine: engine.segment(...)``: the engine, under the service lock for
+        the block (work outside any session, e.g. scoring)."""
         engine = self.engine()
         with self._lock:
-            return function(self._session(engine, image, client_id))
+            yield engine
 
     def _session(self, engine, image, client_id: Optional[str]):
         if self._sessions_engine is not engine:  # another checkpoint: nothing of the old sessions applies
@@ -302,7 +317,7 @@ class SegVolService:
         if session is not None:
             self._sessions.move_to_end(key)
             # the same voxels may come with another file's geometry: the result is written with this request's
-            session.affine, session.header, session.source = opened.affine, opened.header, opened.source
+            session.set_source(opened.affine, opened.header, opened.source)
             return session
         self._sessions[key] = opened
         while len(self._sessions) > self.max_sessions:

@@ -90,8 +90,8 @@ class SegVolInferTask(InferTask):
             raise BadRequestError("this task needs an image file or datastore id")
         values = {} if self.class_agnostic() or not prompts.texts else self.label_values(prompts)
 
-        result = self.service.run_session(image, lambda session: session.segment(prompts, mode=mode),
-                                          client_id=request.get("client_id"))
+        with self.service.session(image, request.get("client_id")) as session:
+            result = session.segment(prompts, mode=mode)
 
         vocabulary = self.service.vocabulary
         if not values:

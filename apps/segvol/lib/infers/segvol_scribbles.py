@@ -178,8 +178,8 @@ class SegVolScribblesInfer(InferTask):
         voxels = np.argwhere(foreground)
         box = roi or (*voxels.min(0).tolist(), *voxels.max(0).tolist())
         prompts.update(points=[list(p) for p in points], box=list(box))
-        result = self.service.run_session(request["image"], lambda session: session.segment(
-            texts=texts or None, box=box, points=points), client_id=request.get("client_id"))
+        with self.service.session(request["image"], request.get("client_id")) as session:
+            result = session.segment(texts=texts or None, box=box, points=points)
         timings["segvol"] = round(time.perf_counter() - started, 3)
         label = (result.label > 0).astype(np.uint8)
         label[foreground] = 1

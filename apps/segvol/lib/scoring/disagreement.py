@@ -46,12 +46,9 @@ class DisagreementScoring(ImageScoring):
             return None
 
     def score(self, image_id, path):
-        def both(engine):
+        with self.service.exclusive_engine() as engine:
             coarse = engine.segment(path, texts=self.labels, mode="zoom_out")
             fine = engine.segment(path, texts=self.labels, mode="zoom_out_zoom_in")
-            return coarse, fine
-
-        coarse, fine = self.service.run(both)
         scores = []
         for name, value in fine.labels.items():
             a, b = coarse.label == coarse.labels[name], fine.label == value

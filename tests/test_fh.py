@@ -356,3 +356,29 @@ def test_script_datastore_with_ground_truth(tmp_path):
     labels = np.asarray(nib.load(str(out / "case0.nii.gz")).dataobj)
     assert np.all(labels[gt == 3] == 3)
     assert not np.any(labels[gt == 0] == 3)
+
+
+def test_scribbles_select_the_touched_supervoxels_and_the_cache_keeps_the_last_boxes():
+    volume = np.zeros((20, 24, 24), np.float32)
+    volume[4:12, 4:14, 4:14] = 100.0  # a bright block in a dark volume
+    volume[14:18, 16:22, 16:22] = 50.0  # a second, dimmer one
+    foreground = np.zeros(volume.shape, bool)
+    foreground[8, 6:9, 8] = True  # a stroke inside the first block
+    background = np.zeros(volume.shape, bool)
+    background[1, 1:4, 1] = True  # a stroke in the dark
+    box = (slice(0, 20), slice(0, 24), slice(0, 24))
+    cache = fh.SupervoxelCache(items=2)
+    supervoxels = cache.supervoxels(volume, (1.0, 1.0, 1.0), box, k=0.05)
+    assert cache.supervoxels(volume, (1.0, 1.0, 1.0), box, k=0.05) is supervoxels  # same content: kept
+    label = fh.fill_from_scribbles(supervoxels, box, foreground, background)
+    block = np.zeros(volume.shape, bool)
+    block[4:12, 4:14, 4:14] = True
+    touched = set(np.unique(supervoxels[foreground]).tolist()) - set(np.unique(supervoxels[background]).tolist())
+    expected = np.array([[[v in touched for v in row] for row in plane] for plane in supervoxels]) | foreground
+    assert np.array_equal(label.astype(bool), expected & ~background)
+    assert not label[~block].any() and label.sum() > 4 * foreground.sum()  # the block's supervoxels, not the stroke
+    # another scale and another content are computed; only the two used last are kept
+    cache.supervoxels(volume, (1.0, 1.0, 1.0), box, k=0.5)
+    cache.supervoxels(volume * 2, (1.0, 1.0, 1.0), box, k=0.05)
+    assert len(cache) == 2
+    assert cache.supervoxels(volume, (1.0, 1.0, 1.0), box, k=0.05) is not supervoxels

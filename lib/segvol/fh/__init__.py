@@ -1,6 +1,7 @@
 """3-D Felzenszwalb-Huttenlocher (FH) graph segmentation and SegVol pseudo labels: this package owns them, in
 ``graph`` (defaults, the grid graph, smoothing, ``segment``), ``kernels`` (the compiled edge sort and union-find
-passes), ``labels`` (resizing and cleaning label maps) and ``pseudo`` (normalisation, ``pseudo_labels``).
+passes), ``labels`` (resizing and cleaning label maps), ``pseudo`` (normalisation, ``pseudo_labels``) and
+``scribbles`` (scribbles answered with supervoxels, and their cache).
 
 SegVol trains its decoder partly on *pseudo masks*: unsupervised regions of a CT found by a
 graph segmentation, cleaned, and combined with the (sparse) ground truth.  This module is a
@@ -86,6 +87,7 @@ from .graph import (
 )
 from .labels import clean_labels, resize_labels
 from .pseudo import normalize_intensity, pseudo_labels, working_grid
+from .scribbles import SupervoxelCache, fill_from_scribbles
 
 __all__ = [
     "CONNECTIVITIES",
@@ -96,7 +98,9 @@ __all__ = [
     "DEFAULT_PERCENTILE",
     "DEFAULT_SIGMA",
     "FH_ID_OFFSET",
+    "SupervoxelCache",
     "clean_labels",
+    "fill_from_scribbles",
     "neighbour_offsets",
     "normalize_intensity",
     "pseudo_labels",

@@ -6,29 +6,27 @@ give the scribble values (default 3 / 2, MONAI Label's values for a task without
 (``[i0, i1, j0, j1, k0, k1]``) limiting the result; ``selected_label_name`` (the text prompt in ``segvol`` mode when the
 vocabulary knows it, or with ``free_text``); ``method`` = ``fh`` (default) or ``segvol``.
 
-``fh``: Felzenszwalb-Huttenlocher supervoxels are computed in a box around the scribbles (plus a margin, or the ROI),
-so a 512x512x200 CT answers in seconds; the result is every supervoxel touched by a foreground scribble and by no
-background scribble, then the scribbles themselves (foreground on, background off). Supervoxels are cached per image
-and box, so redrawing scribbles is instant. ``segvol``: the scribbles become SegVol prompts (positive and negative
-points spread along the strokes, and the foreground strokes' bounding box) and the engine segments them.
+``fh``: Felzenszwalb-Huttenlocher supervoxels in a box around the scribbles (plus a margin, or the ROI): every
+supervoxel touched by a foreground scribble and by no background scribble, then the scribbles themselves
+(``segvol.fh.scribbles``, whose cache makes redrawing in the same box instant). ``segvol``: the scribbles become
+SegVol prompts (positive and negative points spread along the strokes, and the foreground strokes' bounding box) and
+the engine segments them.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from collections import OrderedDict
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
-from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from segvol.errors import BadImageError, BadPromptError, BadRequestError
+from segvol.fh import SupervoxelCache, fill_from_scribbles
 from segvol.io import read_image, spacing
 
 from ..prompts import SegmentName, parse_segment_name, parse_slicer_roi, requested_free_text
-from .base import write_label_file
+from .base import SegVolInferTask, write_label_file
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +73,17 @@ def fh_scale(value: Any) -> float:
     return k
 
 
-class SegVolScribblesInfer(InferTask):
+class SegVolScribblesInfer(SegVolInferTask):
     def __init__(self, service, margin: int = 24, k: float = 0.05, cache_items: int = 8,
                  segment_name_free_text: bool = False):
         self.segment_name_free_text = bool(segment_name_free_text)
-        super().__init__(type="scribbles", labels=[], dimension=3,
+        super().__init__(service, type="scribbles", labels=[],
                          description="Scribbles: FH supervoxels touched by foreground strokes, or SegVol prompts",
                          config={"method": ["fh", "segvol"], "margin": margin, "k": k,
                                  "free_text": self.segment_name_free_text})
-        self.service = service
         self.margin = margin
         self.k = k
-        self._supervoxels: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        self._cache_items = cache_items
-
-    def is_valid(self) -> bool:
-        return True
+        self.supervoxels = SupervoxelCache(cache_items)
 
     def __call__(self, request: Dict[str, Any]):
         started = time.perf_counter()
@@ -144,30 +137,11 @@ class SegVolScribblesInfer(InferTask):
         return tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))  # type: ignore[return-value]
 
     def _fh(self, volume, affine, foreground, background, roi, request, timings) -> np.ndarray:
-        from segvol import fh
-
         started = time.perf_counter()
         box = self._box(volume.shape, foreground, roi)
-        k = request["k"]
-        key = hashlib.sha1(f"{request['image']}|{box}|{k}".encode() + volume[box].tobytes()[:1 << 20]).hexdigest()
-        supervoxels = self._supervoxels.get(key)
-        if supervoxels is None:
-            crop = fh.normalize_intensity(volume[box].astype(np.float32))
-            supervoxels = fh.segment(crop, spacing=spacing(affine), k=k, min_size=64)
-            self._supervoxels[key] = supervoxels
-            while len(self._supervoxels) > self._cache_items:
-                self._supervoxels.popitem(last=False)
-        else:
-            self._supervoxels.move_to_end(key)
+        supervoxels = self.supervoxels.supervoxels(volume, spacing(affine), box, request["k"])
         timings["supervoxels"] = round(time.perf_counter() - started, 3)
-        touched_fg = np.unique(supervoxels[foreground[box]])
-        touched_bg = np.unique(supervoxels[background[box]])
-        selected = np.setdiff1d(touched_fg, touched_bg)
-        label = np.zeros(volume.shape, dtype=np.uint8)
-        label[box] = np.isin(supervoxels, selected)
-        label[foreground] = 1
-        label[background] = 0
-        return label
+        return fill_from_scribbles(supervoxels, box, foreground, background)
 
     def _segvol(self, request, name: SegmentName, foreground, background, roi, timings, prompts) -> np.ndarray:
         started = time.perf_counter()

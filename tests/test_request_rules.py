@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _server import APP
 
-from segvol.errors import BadRequestError
+from segvol.errors import BadPromptError, BadRequestError, BadTextError
 
 sys.path.insert(0, str(APP))  # the app's own `lib` package, as MONAI Label imports it
 from lib.infers.base import write_label_file  # noqa: E402
@@ -76,3 +76,75 @@ def test_every_torch_load_in_the_project_states_weights_only():
                         and not any(k.arg == "weights_only" for k in node.keywords)):
                     missing.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not missing, missing
+
+
+def test_prompt_fields_keep_the_numbers_sent_and_the_library_checks_them_once():
+    from lib.prompts import PromptRequest, label_prompt_indices, parse_point, parse_slicer_roi
+
+    assert parse_point([60.4, 50, 60.75], "foreground[0]") == (60.4, 50, 60.75)  # fractions are not rounded
+    for bad in ([1, 2], ["1", 2, 3], [True, 2, 3], 5):
+        with pytest.raises(BadPromptError, match=r"foreground\[0\]"):
+            parse_point(bad, "foreground[0]")
+    assert parse_slicer_roi([40, 30.5, 20, 80, 9, 70]) == (30.5, 20, 9, 40, 80, 70)
+    asked = PromptRequest.from_clicks(texts=["liver"], positive=[(60.4, 50, 60.75)], box=(1, 2, 3, 40, 50, 60.5),
+                                      requested=["liver"])
+    assert asked.prompts.points == ((60.4, 50.0, 60.75, 1),) and asked.prompts.box[-1] == 60.5
+    with pytest.raises(BadPromptError, match="finite"):  # the library's rule, the only finiteness check
+        PromptRequest.from_clicks(positive=[(float("nan"), 1, 2)])
+    # one label_prompt rule for the HTTP check and the tasks: whole numbers (also 2.0 and "3"), null kept
+    assert label_prompt_indices([1, 2.0, "3", None]) == [1, 2, 3, None]
+    assert label_prompt_indices(4) == [4] and label_prompt_indices(None) == []
+    for bad in ([1.5], [True], ["liver"], {"a": 1}):
+        with pytest.raises(BadTextError, match="label_prompt"):
+            label_prompt_indices(bad)
+
+
+def test_one_mapping_from_errors_to_http_answers():
+    import json
+
+    from fastapi import HTTPException
+    from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError, MONAILabelException
+
+    from lib.http_errors import http_error
+    from lib.service import WeightsUnavailableError
+    from segvol.errors import BadImageError, BadPromptError
+
+    cases = [(BadPromptError("p"), 422), (BadRequestError("r"), BadRequestError.http_status),
+             (BadImageError("i"), 422), (WeightsUnavailableError("w"), 503),
+             (ImageNotFoundException("gone"), 404),
+             (MONAILabelException(MONAILabelError.SERVER_ERROR, "refused"), 400),
+             (json.JSONDecodeError("Expecting value", "{x", 1), 400), (HTTPException(418, "teapot"), 418)]
+    for error, status in cases:
+        answer = http_error(error)
+        assert answer.status_code == status and answer.detail, (error, answer)
+    assert http_error(RuntimeError("a bug")) is None  # a server fault stays a 500
+
+
+def test_model_and_image_rules_answer_404_502_and_400():
+    from fastapi import HTTPException
+
+    from lib.validation import UnsafeNameError, check_image, check_model
+
+    assert check_model("segvol", {"segvol": 1, "segvol_auto": 2}) == "segvol"
+    with pytest.raises(HTTPException) as raised:
+        check_model("nope", {"segvol": 1}, "trainer")
+    assert raised.value.status_code == 404 and "nope" in raised.value.detail and "segvol" in raised.value.detail
+
+    class Listing:
+        def __init__(self, images=None):
+            self.images = images
+
+        def list_images(self):
+            if self.images is None:
+                raise ConnectionError("PACS down")
+            return self.images
+
+    assert check_image(Listing(["ct"]), "ct") == "ct"
+    with pytest.raises(HTTPException) as raised:
+        check_image(Listing(["ct"]), "other")
+    assert raised.value.status_code == 404 and "other" in raised.value.detail
+    with pytest.raises(HTTPException) as raised:
+        check_image(Listing(), "ct")
+    assert raised.value.status_code == 502 and "PACS down" in raised.value.detail
+    with pytest.raises(UnsafeNameError):
+        check_image(Listing(["ct"]), "../ct")

@@ -139,6 +139,19 @@ def test_bad_infer_request_is_a_clear_4xx(server, name, model, image, params, ou
     _alive(server)
 
 
+def test_numbers_reach_the_model_as_sent(server):
+    """A fractional click is not rounded on the way, and ``label_prompt`` 1.0 is index 1 (one rule for the HTTP check
+    and the task: the check used to refuse what the task accepts)."""
+    response = requests.post(f"{server.url}/infer/segvol_interactive", params={"image": "ct", "output": "json"},
+                             data={"params": json.dumps({"foreground": [[60.4, 50.25, 20.5]]})}, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    assert response.json()["prompts"]["positive_points"] == [[60.4, 50.25, 20.5]]
+    response = requests.post(f"{server.url}/infer/segvol", params={"image": "ct", "output": "json"},
+                             data={"params": json.dumps({"label_prompt": [1.0]})}, timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    assert list(response.json()["label_names"].values()) == [1]
+
+
 def test_huge_prompt_is_refused_without_echoing_it(server):
     prompt = "a" * 2_000_000
     response = requests.post(f"{server.url}/infer/segvol", params={"image": "ct"},

@@ -15,21 +15,19 @@ import os
 import time
 from typing import Dict, Iterator
 
-from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy
+from lib.http_errors import http_error
 from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer, SegVolScribblesInfer
 from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring
-from lib.service import SegVolService, WeightsUnavailableError
-from lib.validation import parse_bool
+from lib.service import SegVolService
+from lib.validation import check_image, check_model, parse_bool
 from segvol.accel import PRECISIONS
-from segvol.errors import SegVolInputError
 from segvol.modes import DEFAULT_MODE, Mode
 from segvol.vocabulary import Vocabulary
 
@@ -125,10 +123,7 @@ class SegVolApp(MONAILabelApp):
 
     def next_sample(self, request):
         """An unknown strategy is a 404 listing the available ones (MONAI Label answers a bare 500)."""
-        strategy = request.get("strategy") or "random"
-        if strategy not in self._strategies:
-            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; available: "
-                                f"{', '.join(self._strategies)}")
+        check_model(request.get("strategy") or "random", self._strategies, "strategy")
         return super().next_sample(request)
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
@@ -274,25 +269,17 @@ class SegVolApp(MONAILabelApp):
         ``latencies.total`` is the whole time spent here (image lookup, model load, inference, writing); the task's
         own is ``latencies.task``."""
         started = time.perf_counter()
-        model = request.get("model")
-        if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {sorted(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            try:
-                uri = (datastore or self.datastore()).get_image_uri(image)
-            except Exception:  # datastores raise different types for unknown ids
-                uri = ""
-            if not uri or not os.path.exists(uri):
-                raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
         try:
+            check_model(request.get("model"), self._infers)
+            image = request.get("image")
+            if not (isinstance(image, str) and os.path.exists(image)):  # an uploaded or server-side file: no id
+                check_image(datastore or self.datastore(), image)
             result = super().infer(request, datastore)
-        except SegVolInputError as error:
-            raise HTTPException(status_code=error.http_status, detail=str(error)) from None
-        except WeightsUnavailableError as error:
-            raise HTTPException(status_code=503, detail=str(error)) from None
-        except MONAILabelException as error:
-            raise HTTPException(status_code=400, detail=error.msg) from None
+        except Exception as error:
+            answer = http_error(error)
+            if answer is None:
+                raise
+            raise answer from None
         latencies = (result.get("params") or {}).get("latencies")
         if isinstance(latencies, dict):
             latencies["task"] = latencies.get("total")

@@ -142,9 +142,13 @@ class Gate:
                                                "bytes (--conf max_upload_mb)")
         try:
             check_query(scope.get("method", "GET"), path, query, self.policy)
-        except Exception as error:  # a SegVolInputError or HTTPException carrying its status
-            status = getattr(error, "status_code", None) or getattr(error, "http_status", 400)
-            return await reject(send, status, getattr(error, "detail", None) or str(error))
+        except Exception as error:
+            from lib.http_errors import http_error  # the app's ``lib``
+
+            answer = http_error(error)
+            if answer is None:
+                raise
+            return await reject(send, answer.status_code, answer.detail)
 
         received = 0
 
@@ -260,16 +264,21 @@ def discard_uploads(kwargs: Dict[str, Any]) -> None:
 # errors as short 4xx messages
 # ----------------------------------------------------------------------------------------------------------------------
 def install_error_handlers(app) -> None:
+    """The app's request errors answered as ``lib.http_errors.http_error`` says; FastAPI's own shape errors without
+    echoing the input; Starlette's form-size refusal as the 413 it is."""
     from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
+    from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from lib.http_errors import http_error  # the app's ``lib`` (on sys.path: main() puts the app folder there)
+    from lib.service import WeightsUnavailableError
     from segvol.errors import SegVolInputError
 
-    async def input_error(_request, error: SegVolInputError):
-        return JSONResponse({"detail": str(error)[:2000]}, status_code=error.http_status)
+    async def request_error(_request, error: Exception):
+        answer = http_error(error)
+        return JSONResponse({"detail": answer.detail}, status_code=answer.status_code)
 
     async def validation_error(_request, error: RequestValidationError):
         # FastAPI echoes each offending input back; a client's 1 MB prompt must not come back in the answer.
@@ -279,25 +288,18 @@ def install_error_handlers(app) -> None:
             problems.append(f"{where}: {str(item.get('msg', 'invalid'))[:200]}")
         return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
 
-    async def bad_json(_request, error: json.JSONDecodeError):
-        return JSONResponse({"detail": f"malformed JSON: {error.msg} at position {error.pos}"}, status_code=400)
-
-    async def http_error(request, error: StarletteHTTPException):
+    async def starlette_error(request, error: StarletteHTTPException):
         # Starlette refuses a form field over its size limit with a bare 400 that names no field; it is a size limit
         if error.status_code == 400 and str(error.detail).startswith("Field exceeded maximum size"):
             return JSONResponse({"detail": f"a form field (params or a prompt) is too large: {error.detail}"},
                                 status_code=413)
         return await http_exception_handler(request, error)
 
-    async def not_found(_request, error: MONAILabelException):
-        return JSONResponse({"detail": str(getattr(error, "msg", error))[:500]}, status_code=404)
-
-    app.add_exception_handler(ImageNotFoundException, not_found)
-    app.add_exception_handler(LabelNotFoundException, not_found)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(SegVolInputError, input_error)
+    for kind in (SegVolInputError, WeightsUnavailableError, ImageNotFoundException, LabelNotFoundException,
+                 json.JSONDecodeError):
+        app.add_exception_handler(kind, request_error)
+    app.add_exception_handler(StarletteHTTPException, starlette_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(json.JSONDecodeError, bad_json)
 
 
 def install_auth_routes(app, policy: Policy) -> None:

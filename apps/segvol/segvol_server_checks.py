@@ -117,20 +117,16 @@ def check_keys(params: Dict[str, Any], allowed, field: str) -> None:
         raise BadRequestError(f"{field}: unknown keys {[k[:40] for k in unknown][:10]}; accepted: {sorted(allowed)}")
 
 
-def datastore_has_image(image: str) -> bool:
-    try:
-        return image in set(app().datastore().list_images())
-    except HTTPException:
-        raise
-    except Exception as error:  # a DICOMweb server that does not answer
-        raise HTTPException(status_code=502, detail=f"the datastore did not answer: {error}") from None
-
-
 def check_image_id(image: Any, field: str = "image") -> str:
-    check_name(image, field)
-    if not datastore_has_image(image):
-        raise not_found(f"{field} {image!r} not found in the datastore")
-    return image
+    from lib.validation import check_image  # the app's ``lib`` (loaded by MONAI Label with the app)
+
+    return check_image(app().datastore(), image, field)
+
+
+def check_model(model: Any, available, what: str = "model") -> str:
+    from lib.validation import check_model as rule
+
+    return rule(model, available, what)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,9 +162,7 @@ def check_query(method: str, path: str, query: Dict[str, List[str]], policy) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 def check_infer(kwargs: Dict[str, Any], policy) -> None:
     instance = app()
-    model = kwargs.get("model")
-    if model not in instance._infers:
-        raise not_found(f"unknown model {str(model)[:80]!r}; available: {sorted(instance._infers)}")
+    check_model(kwargs.get("model"), instance._infers)
     params = parse_object(kwargs.get("params"), "params", policy)
     image, session_id = kwargs.get("image") or "", kwargs.get("session_id") or ""
     if session_id:
@@ -187,7 +181,7 @@ def check_infer(kwargs: Dict[str, Any], policy) -> None:
         check_bool(params.get(flag), f"params.{flag}")
     if params.get("label_tag") not in (None, ""):
         check_name(params["label_tag"], "params.label_tag")
-    from lib.infers.base import check_result_extension  # the app's ``lib`` (loaded by MONAI Label with the app)
+    from lib.validation import check_result_extension  # the app's ``lib`` (loaded by MONAI Label with the app)
 
     check_result_extension(params.get("result_extension"))
     output = getattr(kwargs.get("output"), "value", kwargs.get("output"))
@@ -208,16 +202,12 @@ def check_infer(kwargs: Dict[str, Any], policy) -> None:
             raise BadPromptError(f"params.{field} must be a list of [i, j, k] points")
     if points > policy.max_points:
         raise too_large(f"{points} points in one request, over the limit of {policy.max_points} (--conf max_points)")
-    label_prompt = params.get("label_prompt")
-    if isinstance(label_prompt, list):
-        if len(label_prompt) > policy.max_names:
-            raise too_large(f"params.label_prompt has {len(label_prompt)} entries, over the limit of "
-                            f"{policy.max_names} (--conf max_names)")
-        for number, value in enumerate(label_prompt):
-            integer = isinstance(value, int) and not isinstance(value, bool)
-            if not integer and not (isinstance(value, str) and value.strip().isdigit()):
-                raise BadRequestError(f"params.label_prompt[{number}] must be a label index (an integer from /info), "
-                                      f"got {str(value)[:40]!r}")
+    from lib.prompts import label_prompt_indices
+
+    label_prompt = label_prompt_indices(params.get("label_prompt"))
+    if len(label_prompt) > policy.max_names:
+        raise too_large(f"params.label_prompt has {len(label_prompt)} entries, over the limit of "
+                        f"{policy.max_names} (--conf max_names)")
     texts = params.get("texts")
     if isinstance(texts, list) and len(texts) > policy.max_names:
         raise too_large(f"params.texts has {len(texts)} names, over the limit of {policy.max_names}")
@@ -327,10 +317,8 @@ def train_value_problem(key: str, value: Any, default: Any) -> str:
 
 
 def check_train_params(model: str, params: Dict[str, Any]) -> None:
-    trainer = app()._trainers.get(model)
-    if trainer is None:
-        raise not_found(f"unknown trainer {str(model)[:80]!r}; available: {sorted(app()._trainers)}")
-    defaults = trainer.config()
+    check_model(model, app()._trainers, "trainer")
+    defaults = app()._trainers[model].config()
     check_keys(params, list(defaults) + list(TRAIN_PASSTHROUGH), f"train request for {model}")
     for key, value in params.items():
         if key in TRAIN_PASSTHROUGH:
@@ -354,10 +342,7 @@ def check_train_all(kwargs: Dict[str, Any], policy) -> None:
 
 
 def check_scoring(kwargs: Dict[str, Any], policy) -> None:
-    methods = app()._scoring_methods
-    method = kwargs.get("method")
-    if method not in methods:
-        raise not_found(f"unknown scoring method {str(method)[:80]!r}; available: {sorted(methods)}")
+    check_model(kwargs.get("method"), app()._scoring_methods, "scoring method")
     params = parse_object(kwargs.get("params") or {}, "params", policy)
     check_keys(params, SCORING_KEYS, "scoring request")
     check_bool(params.get("force"), "force")
@@ -371,8 +356,7 @@ def check_strategy(kwargs: Dict[str, Any], policy) -> None:
 
 
 def check_batch_infer(kwargs: Dict[str, Any], policy) -> None:
-    if kwargs.get("model") not in app()._infers:
-        raise not_found(f"unknown model {str(kwargs.get('model'))[:80]!r}")
+    check_model(kwargs.get("model"), app()._infers)
     params = parse_object(kwargs.get("params") or {}, "params", policy)
     check_keys(params, BATCH_KEYS, "batch infer request")
     if params.get("label_tag") not in (None, ""):

@@ -1,7 +1,7 @@
 """Parsing of the prompt fields clients send (OHIF vista3d points and label indices, Slicer clicks, ROI and segment
-name, the project's own ``texts``/``box``) straight into the library's one prompt type: ``Prompts`` here is
-``segvol.prompts.Prompts`` (validated on construction) plus what the app echoes and numbers by (``requested``,
-``values``, ``segment_name``); the engine's session takes it as it is.
+name, the project's own ``texts``/``box``) straight into the library's one prompt type, ``segvol.prompts.Prompts``
+(which checks the numbers, once), held by ``PromptRequest`` with what the app echoes and numbers labels by
+(``requested``, ``values``, ``segment_name``); the engine's session takes ``PromptRequest.prompts`` as it is.
 
 All coordinates are voxel indices (i, j, k) of the image as stored in the file or DICOM series, which is what OHIF
 and Slicer send. Malformed input raises ``BadPromptError``/``BadTextError``, which the app answers with HTTP 4xx.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import segvol.prompts
 from segvol.errors import BadPromptError, BadTextError
@@ -18,32 +18,39 @@ from segvol.vocabulary import Vocabulary
 
 from .validation import parse_bool
 
-Point = Tuple[int, int, int]
-Box = Tuple[int, int, int, int, int, int]  # i0, j0, k0, i1, j1, k1 (inclusive)
+Point = Tuple[float, float, float]
+Box = Tuple[float, float, float, float, float, float]  # i0, j0, k0, i1, j1, k1 (inclusive)
 
 # Slicer names new segments "Segment_1", "Segment_2"...: such a name carries no meaning to use as a text prompt.
 _GENERIC_SEGMENT = re.compile(r"^\s*(segment|label|background|foreground)?[\s_-]*\d*\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class Prompts(segvol.prompts.Prompts):
-    """A request's prompts (built with ``Prompts.from_clicks``) and what the app needs beside them."""
+class PromptRequest:
+    """A request's prompts, in the library's one prompt type (``segvol.prompts.Prompts``, validated on construction),
+    and what the app echoes and numbers labels by."""
 
+    prompts: segvol.prompts.Prompts
     requested: List[Any] = field(default_factory=list)  # what the client asked for, echoed in the response
     values: Dict[str, int] = field(default_factory=dict)  # text -> the label value its label_prompt index asks for
     segment_name: Optional["SegmentName"] = None  # how a client's segment name was treated (interactive faces)
 
+    @classmethod
+    def from_clicks(cls, texts: Sequence[str] = (), positive: Sequence[Point] = (), negative: Sequence[Point] = (),
+                    box: Optional[Box] = None, **extra: Any) -> "PromptRequest":
+        return cls(segvol.prompts.Prompts.from_clicks(texts, positive, negative, box), **extra)
+
 
 def parse_point(value: Any, what: str) -> Point:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise BadPromptError(f"{what} must be [i, j, k] voxel indices, got {value!r}")
-    try:
-        coords = [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise BadPromptError(f"{what} must hold three numbers, got {value!r}") from None
-    if any(c != c or c in (float("inf"), float("-inf")) for c in coords):
-        raise BadPromptError(f"{what} must hold finite numbers, got {value!r}")
-    return tuple(int(round(c)) for c in coords)  # type: ignore[return-value]
+    """``[i, j, k]`` voxel coordinates as sent (fractions kept: the model takes them as they are); the numbers are
+    checked once, by ``segvol.prompts.Prompts``."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value):
+        raise BadPromptError(f"{what} must be [i, j, k] voxel coordinates (three numbers), got {str(value)[:80]}")
+    return tuple(value)  # type: ignore[return-value]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_points(value: Any, what: str) -> List[Point]:
@@ -54,21 +61,18 @@ def parse_points(value: Any, what: str) -> List[Point]:
     return [parse_point(v, f"{what}[{n}]") for n, v in enumerate(value)]
 
 
-def _six_indices(value: Any, name: str, layout: str) -> Optional[List[int]]:
-    """A request field of 6 voxel indices (rounded), or None when absent."""
+def _six_numbers(value: Any, name: str, layout: str) -> Optional[List[float]]:
+    """A request field of 6 voxel coordinates as sent, or None when absent."""
     if value in (None, "", []):
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != 6:
-        raise BadPromptError(f"{name} must be {layout} (6 voxel indices), got {value!r}")
-    try:
-        return [int(round(float(v))) for v in value]
-    except (TypeError, ValueError, OverflowError):
-        raise BadPromptError(f"{name} must hold six numbers, got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or len(value) != 6 or not all(_is_number(v) for v in value):
+        raise BadPromptError(f"{name} must be {layout} (six numbers), got {str(value)[:120]}")
+    return list(value)
 
 
 def parse_slicer_roi(value: Any) -> Optional[Box]:
     """Slicer's ``roi = [i0, i1, j0, j1, k0, k1]``; each pair may come reversed (RAS->IJK flips), so it is sorted."""
-    numbers = _six_indices(value, "roi", "[i0, i1, j0, j1, k0, k1]")
+    numbers = _six_numbers(value, "roi", "[i0, i1, j0, j1, k0, k1]")
     if numbers is None:
         return None
     (i0, i1), (j0, j1), (k0, k1) = (sorted(numbers[a:a + 2]) for a in (0, 2, 4))
@@ -78,32 +82,34 @@ def parse_slicer_roi(value: Any) -> Optional[Box]:
 def parse_box(value: Any) -> Optional[Box]:
     """The project's own ``box = [i0, j0, k0, i1, j1, k1]`` (inclusive), for scripts and the Python client; an
     inverted box is refused by ``Prompts``."""
-    numbers = _six_indices(value, "box", "[i0, j0, k0, i1, j1, k1]")
+    numbers = _six_numbers(value, "box", "[i0, j0, k0, i1, j1, k1]")
     return None if numbers is None else tuple(numbers)  # type: ignore[return-value]
 
 
-def parse_label_prompt(request: dict, lookup: Callable[[int], str]) -> List[Tuple[str, int]]:
-    """OHIF's ``label_prompt`` (indices into the model's /info labels) -> ``(text prompt, index)`` pairs.
-
-    ``null`` entries (OHIF sends ``[null]`` for a label its model does not list) are skipped; booleans, fractions and
-    other non-integers are refused rather than rounded.
-    """
-    label_prompt = request.get("label_prompt")
+def label_prompt_indices(label_prompt: Any) -> List[Optional[int]]:
+    """OHIF's ``label_prompt``: indices into the model's /info labels (one index alone, or a list) -> the indices,
+    ``None`` kept where OHIF sends ``null`` (a label its model does not list). Booleans, fractions and words are
+    refused rather than rounded or looked up. The HTTP checks and the infer tasks both read it with this."""
     if label_prompt in (None, "", []):
         return []
     if isinstance(label_prompt, (int, str)) and not isinstance(label_prompt, bool):
         label_prompt = [label_prompt]
     if not isinstance(label_prompt, (list, tuple)):
-        raise BadTextError(f"label_prompt must be a list of label indices from /info, got {label_prompt!r}")
-    pairs = []
-    for value in label_prompt:
-        if value is None:
-            continue
-        index = _as_index(value)
-        if index is None:
-            raise BadTextError(f"label_prompt entries must be integer label indices from /info, got {value!r}")
-        pairs.append((lookup(index), index))
-    return pairs
+        raise BadTextError(f"label_prompt must be a list of label indices from /info, got {str(label_prompt)[:80]}")
+    indices: List[Optional[int]] = []
+    for number, value in enumerate(label_prompt):
+        index = None if value is None else _as_index(value)
+        if value is not None and index is None:
+            raise BadTextError(f"label_prompt[{number}] must be a label index (an integer from /info), got "
+                               f"{str(value)[:40]!r}")
+        indices.append(index)
+    return indices
+
+
+def parse_label_prompt(request: dict, lookup: Callable[[int], str]) -> List[Tuple[str, int]]:
+    """``label_prompt`` (``label_prompt_indices``) -> ``(text prompt, index)`` pairs; ``null`` entries skipped."""
+    return [(lookup(index), index) for index in label_prompt_indices(request.get("label_prompt"))
+            if index is not None]
 
 
 def _as_index(value: Any) -> Optional[int]:

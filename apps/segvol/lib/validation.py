@@ -1,5 +1,7 @@
-"""The single home of request rules shared by the HTTP checks and the app: what an image id, a label id or a label tag
-may be (the rules that keep a client inside the datastore), and what a boolean option may say (``parse_bool``).
+"""The single home of request rules shared by the HTTP checks (``segvol_server_checks``) and the app (``main``, the
+infer tasks): what an image id, a label id or a label tag may be (the rules that keep a client inside the datastore),
+what a boolean option may say (``parse_bool``), which model and image a request may name (``check_model``,
+``check_image``) and which result formats exist (``check_result_extension``).
 
 Every name a client sends that becomes part of a path (``image``, ``id``, ``label``, ``tag``, ``label_tag``) must be a
 plain file-name-like token: no path separator, no ``..``, no NUL or other control character, not absolute, not empty,
@@ -8,7 +10,9 @@ at most ``MAX_ID_LENGTH`` characters. DICOM UIDs (``1.2.840...``) and file stems
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterable
+
+from fastapi import HTTPException
 
 from segvol.errors import BadRequestError
 
@@ -64,3 +68,38 @@ def parse_bool(value: Any, field: str, default: bool) -> bool:
         if word in FALSE_WORDS:
             return False
     raise BadRequestError(f"{field} must be true or false (also 1/0, yes/no, on/off), got {str(value)[:40]!r}")
+
+
+# Label formats a result is written in (``result_extension``): 3-D formats ITK writes with the image's geometry.
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def check_result_extension(extension: Any) -> str:
+    """The requested result format (default ``.nii.gz``), or ``BadRequestError``."""
+    if extension in (None, ""):
+        return ".nii.gz"
+    if extension not in RESULT_EXTENSIONS:
+        raise BadRequestError(f"params.result_extension must be one of {list(RESULT_EXTENSIONS)}, got "
+                              f"{str(extension)[:20]!r}")
+    return extension
+
+
+def check_model(model: Any, available: Iterable[str], what: str = "model") -> str:
+    """``model`` if it is one of ``available``, else a 404 listing them."""
+    names = sorted(available)
+    if model not in names:
+        raise HTTPException(status_code=404, detail=f"unknown {what} {str(model)[:80]!r}; available: {names}")
+    return model
+
+
+def check_image(datastore, image: Any, field: str = "image") -> str:
+    """``image`` if it is a safe id the datastore lists, else a 4xx naming ``field`` (the listing only: a DICOMweb
+    datastore downloads a series when its file is asked for). A datastore that cannot be asked is a 502."""
+    check_name(image, field)
+    try:
+        known = image in set(datastore.list_images())
+    except Exception as error:  # a DICOMweb server that does not answer
+        raise HTTPException(status_code=502, detail=f"the datastore did not answer: {error}") from None
+    if not known:
+        raise HTTPException(status_code=404, detail=f"{field} {image!r} not found in the datastore")
+    return image

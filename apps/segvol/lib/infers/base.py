@@ -1,5 +1,6 @@
-"""What every SegVol infer task shares: turn the request into ``Prompts``, run them in the service's session for the
-request's image (and ``client_id``), renumber the labels the way the face promised, and write the label file."""
+"""What every SegVol infer task shares: turn the request into a ``PromptRequest``, run its prompts in the service's
+session for the request's image (and ``client_id``), renumber the labels the way the face promised, and write the
+label file."""
 from __future__ import annotations
 
 import logging
@@ -14,17 +15,15 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from segvol.errors import BadRequestError
 from segvol.modes import Mode
 
-from ..prompts import Prompts
+from ..prompts import PromptRequest
 from ..service import SegVolService
-from ..validation import parse_bool
+from ..validation import RESULT_EXTENSIONS, check_result_extension, parse_bool
 
 logger = logging.getLogger(__name__)
-# Label formats a result is written in (``result_extension``): 3-D formats ITK writes with the image's geometry.
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 class SegVolInferTask(InferTask):
-    """Subclasses turn a client's request into ``Prompts`` (``prompts``) and say how they number labels
+    """Subclasses turn a client's request into a ``PromptRequest`` (``parse_request``) and say how they number labels
     (``value_space``, ``class_agnostic``); every value in a result is one the face's ``/info`` labels or the response's
     ``label_names`` name, so each stock client imports it into the right segment (see the README's table)."""
 
@@ -43,7 +42,7 @@ class SegVolInferTask(InferTask):
     def info(self) -> Dict[str, Any]:
         return {**super().info(), "labels": self.served_labels()}
 
-    def prompts(self, request: Dict[str, Any]) -> Prompts:
+    def parse_request(self, request: Dict[str, Any]) -> PromptRequest:
         raise NotImplementedError
 
     def class_agnostic(self) -> bool:
@@ -57,19 +56,20 @@ class SegVolInferTask(InferTask):
         vocabulary = self.service.vocabulary
         return {c.name: c.index for c in vocabulary.categories}, vocabulary.free_values()
 
-    def label_values(self, prompts: Prompts) -> Dict[str, int]:
+    def label_values(self, asked: PromptRequest) -> Dict[str, int]:
         """The value of each text prompt in the returned label: the ``label_prompt`` index it was asked by, else its
         index in this face's ``/info`` labels, else the next value free in this request."""
         known, free = self.value_space()
-        taken = set(prompts.values.values()) | {known[t] for t in prompts.texts if t in known}
+        texts, asked_values = asked.prompts.texts, asked.values
+        taken = set(asked_values.values()) | {known[t] for t in texts if t in known}
         spare = (v for v in free if v not in taken)
         values: Dict[str, int] = {}
-        for text in prompts.texts:
-            value = prompts.values.get(text, known.get(text))
+        for text in texts:
+            value = asked_values.get(text, known.get(text))
             if value is None:
                 value = next(spare, None)
                 if value is None:
-                    outside = [t for t in prompts.texts if t not in known and t not in prompts.values]
+                    outside = [t for t in texts if t not in known and t not in asked_values]
                     raise BadRequestError(f"{len(outside)} names outside the vocabulary in one request: a uint8 label "
                                           f"has room for {len(list(self.value_space()[1]))} of them")
             if not 1 <= value <= 255:
@@ -81,14 +81,15 @@ class SegVolInferTask(InferTask):
         started = time.perf_counter()
         self.service.engine()  # (re)load first: a new checkpoint's learned names must resolve in this request
         load_seconds = time.perf_counter() - started
-        prompts = self.prompts(request)
+        asked = self.parse_request(request)
+        prompts = asked.prompts
         if prompts.is_empty():
-            raise BadRequestError(self.no_prompt_message(prompts))
+            raise BadRequestError(self.no_prompt_message(asked))
         mode = Mode.parse(request.get("zoom", self.service.mode), "zoom").value
         image = request["image"]
         if not isinstance(image, str):
             raise BadRequestError("this task needs an image file or datastore id")
-        values = {} if self.class_agnostic() or not prompts.texts else self.label_values(prompts)
+        values = {} if self.class_agnostic() or not prompts.texts else self.label_values(asked)
 
         with self.service.session(image, request.get("client_id")) as session:
             result = session.segment(prompts, mode=mode)
@@ -96,7 +97,7 @@ class SegVolInferTask(InferTask):
         vocabulary = self.service.vocabulary
         if not values:
             labels = (result.label > 0).astype(np.uint8)
-            names = {self.object_name(prompts): 1}
+            names = {self.object_name(asked): 1}
         else:
             # Engine values 1..N follow prompts.texts; each becomes the value this face promised for its name.
             lookup = np.zeros(max(result.labels.values(), default=0) + 1, dtype=np.uint8)
@@ -115,23 +116,24 @@ class SegVolInferTask(InferTask):
         stages = {("engine" if k == "total" else k): v for k, v in engine_stats.get("seconds", {}).items()}
         return output, {
             "label_names": names,
-            "prompts": {**prompts.to_json(), "requested": prompts.requested},
+            "prompts": {**prompts.to_json(), "requested": asked.requested},
             "model": self.service.checkpoint_id,
             "mode": mode,
             "latencies": {"load": round(load_seconds, 3), **stages, "write": round(write_seconds, 3),
                           "total": round(time.perf_counter() - started, 3)},
             "stats": engine_stats,
-            **self.extra_params(prompts),
+            **self.extra_params(asked),
         }
 
-    def object_name(self, prompts: Prompts) -> str:
+    def object_name(self, asked: PromptRequest) -> str:
         """The name of a class-agnostic result (value 1)."""
-        return self.service.vocabulary.served_name(prompts.texts[0]) if prompts.texts else "object"
+        texts = asked.prompts.texts
+        return self.service.vocabulary.served_name(texts[0]) if texts else "object"
 
-    def no_prompt_message(self, prompts: Prompts) -> str:
+    def no_prompt_message(self, asked: PromptRequest) -> str:
         return "no prompt: send a label/text, a foreground point or a box"
 
-    def extra_params(self, prompts: Prompts) -> Dict[str, Any]:
+    def extra_params(self, asked: PromptRequest) -> Dict[str, Any]:
         return {}
 
 
@@ -163,13 +165,3 @@ def warm_label_writer() -> None:
             os.unlink(write_label_file(np.zeros((2, 2, 2), np.uint8), np.eye(4), {"result_extension": extension}))
         except Exception:  # a warm-up never matters enough to fail anything
             logger.debug("label writer warm-up for %s failed", extension, exc_info=True)
-
-
-def check_result_extension(extension: Any) -> str:
-    """The requested result format, or ``BadRequestError`` (checked by the server before any work, and here)."""
-    if extension in (None, ""):
-        return ".nii.gz"
-    if extension not in RESULT_EXTENSIONS:
-        raise BadRequestError(f"params.result_extension must be one of {list(RESULT_EXTENSIONS)}, got "
-                              f"{str(extension)[:20]!r}")
-    return extension

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from segvol.errors import BadTextError
 
-from ..prompts import Prompts, parse_texts
+from ..prompts import PromptRequest, parse_texts
 from .base import SegVolInferTask
 
 DEFAULT_AUTO_LABELS = [
@@ -45,7 +45,7 @@ class SegVolAutoInfer(SegVolInferTask):
             raise BadTextError(f"label index {index} is not one of segvol_auto's labels (1..{len(self.auto_labels)})")
         return self.auto_labels[index - 1]
 
-    def prompts(self, request) -> Prompts:
+    def parse_request(self, request) -> PromptRequest:
         texts, values = parse_texts(request, self.service.vocabulary, lookup=self.position)
         texts = texts or list(self.auto_labels)
-        return Prompts.from_clicks(texts=texts, requested=texts, values=values)
+        return PromptRequest.from_clicks(texts=texts, requested=texts, values=values)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from ..prompts import (
-    Prompts,
+    PromptRequest,
     SegmentName,
     parse_box,
     parse_points,
@@ -37,7 +37,7 @@ class SegVolInteractiveInfer(SegVolInferTask):
     def class_agnostic(self) -> bool:
         return True
 
-    def prompts(self, request) -> Prompts:
+    def parse_request(self, request) -> PromptRequest:
         vocabulary = self.service.vocabulary
         free_text = requested_free_text({"free_text": request.get("free_text", self.segment_name_free_text)})
         name = parse_segment_name(request.get("label"), vocabulary, free_text)
@@ -45,7 +45,7 @@ class SegVolInteractiveInfer(SegVolInferTask):
         extra, _ = parse_texts(request, vocabulary)
         texts += [t for t in extra if t not in texts]
         box = parse_slicer_roi(request.get("roi")) or parse_box(request.get("box"))
-        return Prompts.from_clicks(
+        return PromptRequest.from_clicks(
             texts=texts[:1],  # one object per request: the current segment
             positive=parse_points(request.get("foreground"), "foreground"),
             negative=parse_points(request.get("background"), "background"),
@@ -54,19 +54,19 @@ class SegVolInteractiveInfer(SegVolInferTask):
             segment_name=name,
         )
 
-    def object_name(self, prompts: Prompts) -> str:
-        name = prompts.segment_name
+    def object_name(self, asked: PromptRequest) -> str:
+        name = asked.segment_name
         if name is not None and name.sent:
             return name.sent  # the segment the client imports value 1 into
-        return super().object_name(prompts)
+        return super().object_name(asked)
 
-    def no_prompt_message(self, prompts: Prompts) -> str:
-        name = prompts.segment_name
+    def no_prompt_message(self, asked: PromptRequest) -> str:
+        name = asked.segment_name
         if name is not None and name.reason:
             return (f"no prompt: {name.reason} and no click or ROI was given (free_text sends the name to the model "
                     "as typed)")
-        return super().no_prompt_message(prompts)
+        return super().no_prompt_message(asked)
 
-    def extra_params(self, prompts: Prompts) -> Dict[str, Any]:
-        name = prompts.segment_name or SegmentName()
+    def extra_params(self, asked: PromptRequest) -> Dict[str, Any]:
+        name = asked.segment_name or SegmentName()
         return {**name.to_json(), "warnings": [name.warning] if name.warning else []}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from ..prompts import Prompts, parse_box, parse_texts, vista_points
+from ..prompts import PromptRequest, parse_box, parse_texts, vista_points
 from .base import SegVolInferTask
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class SegVolPromptInfer(SegVolInferTask):
     def served_labels(self):
         return self.service.vocabulary.served_labels()
 
-    def prompts(self, request) -> Prompts:
+    def parse_request(self, request) -> PromptRequest:
         positive, negative = vista_points(request)
         texts, values = parse_texts(request, self.service.vocabulary)
         limit = int(request.get("max_labels", self.max_labels))
@@ -40,7 +40,7 @@ class SegVolPromptInfer(SegVolInferTask):
             logger.info("%d labels requested (more than max_labels=%d): segmenting the %d auto labels among them",
                         len(texts), limit, len(subset))
             texts = subset or texts[:limit]
-        return Prompts.from_clicks(
+        return PromptRequest.from_clicks(
             texts=texts,
             positive=positive,
             negative=negative,

@@ -24,6 +24,7 @@ import numpy as np
 from segvol.errors import BadImageError, BadPromptError, BadRequestError
 from segvol.fh import SupervoxelCache, fill_from_scribbles
 from segvol.io import read_image, spacing
+from segvol.prompts import check_box
 
 from ..prompts import SegmentName, parse_segment_name, parse_slicer_roi, requested_free_text
 from .base import SegVolInferTask, write_label_file
@@ -73,6 +74,12 @@ def fh_scale(value: Any) -> float:
     return k
 
 
+def voxel_box(box) -> "Tuple[int, ...] | None":
+    """A box of voxel coordinates (checked by ``segvol.prompts.check_box``) -> the voxel indices it covers."""
+    box = check_box(box)
+    return None if box is None else tuple(int(round(v)) for v in box)
+
+
 class SegVolScribblesInfer(SegVolInferTask):
     def __init__(self, service, margin: int = 24, k: float = 0.05, cache_items: int = 8,
                  segment_name_free_text: bool = False):
@@ -105,7 +112,7 @@ class SegVolScribblesInfer(SegVolInferTask):
         background = scribbles == ids[BACKGROUND]
         if not foreground.any():
             raise BadPromptError("no foreground scribble: draw on the structure with the foreground_scribbles segment")
-        roi = parse_slicer_roi(request.get("roi"))
+        roi = voxel_box(parse_slicer_roi(request.get("roi")))
         timings: Dict[str, float] = {}
         prompts: Dict[str, Any] = {}
         name = SegmentName()

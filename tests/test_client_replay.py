@@ -41,8 +41,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from _server import random_weights
-from _train_server import AppServer, copy_app
+from _server import Server, copy_app, random_weights
 from conftest import DATA, require
 
 from segvol.config import SMALL
@@ -119,7 +118,7 @@ def server(studies, weights, tmp_path_factory):
     app = copy_app(tmp_path_factory.mktemp("replay_app") / "segvol")
     conf = {"weights": str(weights), "device": "cpu", "zoom": "zoom_out", "train_epochs": "1",
             "train_val_split": "0"}
-    instance = AppServer(app, studies, conf, tmp_path_factory.mktemp("replay_logs") / "server.log", threads=2).wait()
+    instance = Server(studies, conf, tmp_path_factory.mktemp("replay_logs") / "server.log", app=app, threads=2).wait()
     yield instance
     instance.stop()
 

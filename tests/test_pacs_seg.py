@@ -17,8 +17,6 @@ import datetime as dt
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from _server import free_port
+from _server import Server, free_port, orthanc_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "segvol"
@@ -45,20 +43,6 @@ def _missing():
     return None
 
 
-def _missing_orthanc():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import orthanc
-
-        orthanc.find_orthanc()
-        orthanc.find_plugin()
-    except Exception as error:  # OrthancError
-        return f"{error} (bash scripts/install_system_deps.sh installs it)"
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return None
-
-
 _REASON = _missing()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
@@ -66,7 +50,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 # ---------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    reason = _missing_orthanc()
+    reason = orthanc_missing()
     if reason:
         pytest.skip(reason)
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -97,39 +81,18 @@ def app_dir(tmp_path_factory):
     return app
 
 
-class Server:
+class PacsServer(Server):
+    """The app over Orthanc's DICOMweb, listing the PACS again after ``TTL`` seconds."""
+
     def __init__(self, app_dir: Path, dicomweb: str, cache: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = dict(os.environ, MONAI_LABEL_DICOMWEB_CACHE_PATH=str(cache), MONAI_LABEL_DICOMWEB_CACHE_EXPIRY=str(TTL),
-                   MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
-                   MONAI_LABEL_TRACKING_ENABLED="false", PYTHONUNBUFFERED="1",
-                   PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
-        args = [sys.executable, str(app_dir / "segvol_server.py"), "--app", str(app_dir), "--studies", dicomweb,
-                "--host", "127.0.0.1", "--port", str(self.port), "--conf", "retrain_threshold", "1000",
-                "--conf", "weights", str(app_dir / "no-weights-needed")]
-        self._log = open(log, "a")
-        self.process = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+        env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache), "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": str(TTL)}
+        conf = {"retrain_threshold": "1000", "weights": str(app_dir / "no-weights-needed")}
+        super().__init__(dicomweb, conf, log, env, app=app_dir)
+        self.wait(180)
 
     def info(self):
         time.sleep(TTL + 0.2)  # past the server's DICOMweb cache expiry: it lists the PACS again
-        response = requests.get(f"{self.url}/info/", timeout=120)
-        assert response.status_code == 200, response.text
-        return response.json()
+        return super().info()
 
     def datalist(self):
         response = requests.get(f"{self.url}/datastore/", params={"output": "train"}, timeout=300)
@@ -142,22 +105,12 @@ class Server:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def stop(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
-
 
 @pytest.fixture(scope="module")
 def server(orthanc, app_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    running = {"server": Server(app_dir, f"{orthanc}/dicom-web", tmp_path_factory.mktemp("cache"),
-                                logs / "server.log")}
+    running = {"server": PacsServer(app_dir, f"{orthanc}/dicom-web", tmp_path_factory.mktemp("cache"),
+                                    logs / "server.log")}
     running["restart"] = lambda: _restart(running, app_dir, orthanc, tmp_path_factory, logs)
     yield running
     running["server"].stop()
@@ -165,7 +118,8 @@ def server(orthanc, app_dir, tmp_path_factory):
 
 def _restart(running, app_dir, orthanc, tmp_path_factory, logs):
     running["server"].stop()
-    running["server"] = Server(app_dir, f"{orthanc}/dicom-web", tmp_path_factory.mktemp("cache"), logs / "server.log")
+    running["server"] = PacsServer(app_dir, f"{orthanc}/dicom-web", tmp_path_factory.mktemp("cache"),
+                                   logs / "server.log")
     return running["server"]
 
 

@@ -12,9 +12,8 @@ import time
 
 import pytest
 import requests
-from _server import random_weights
+from _server import Server, copy_app, random_weights
 from _train_data import TINY, write_unlabelled
-from _train_server import AppServer, copy_app
 
 import segvol
 
@@ -42,7 +41,8 @@ def server(studies, weights, tmp_path_factory):
     app = copy_app(tmp_path_factory.mktemp("app") / "segvol")
     conf = {"weights": str(weights), "device": "cpu", "retrain_threshold": str(THRESHOLD), "train_epochs": "2",
             "train_val_split": "0", "train_lr": "0.002", "train_freeze": "image_encoder,text_encoder"}
-    instance = AppServer(app, studies[0], conf, tmp_path_factory.mktemp("train_logs") / "server.log").wait()
+    instance = Server(studies[0], conf, tmp_path_factory.mktemp("train_logs") / "server.log", app=app,
+                      threads=1).wait()
     yield instance
     instance.stop()
 

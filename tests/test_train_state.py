@@ -29,21 +29,15 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from _server import random_weights
+from _server import Server, copy_app, random_weights
 from _train_data import TINY, write_unlabelled
-from _train_server import AppServer, copy_app
 
 import segvol
+from segvol.io import process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "segvol_finetune"
 LABEL_INFO = [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]
-
-
-class AutoScoringServer(AppServer):
-    """The app served with MONAI Label's automatic scoring refresh on (at start, after next-sample and training)."""
-
-    extra_env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}
 
 
 def _load(name: str, relative: str):
@@ -79,7 +73,9 @@ def app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(app, studies, weights, tmp_path_factory):
     log = tmp_path_factory.mktemp("state_logs") / "server.log"
-    instance = AutoScoringServer(app, studies[0], {"weights": str(weights), **CONF}, log).wait()
+    # MONAI Label's automatic scoring refresh on (at start, after next-sample and training)
+    instance = Server(studies[0], {"weights": str(weights), **CONF}, log, {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"},
+                      app=app, threads=1).wait()
     yield instance
     instance.stop()
 
@@ -203,7 +199,7 @@ def test_server_killed_mid_run_restarts_with_the_run_failed_temp_files_gone_and_
     assert (app / "model" / TRAIN / "last.pt").is_file()
     os.killpg(server.process.pid, signal.SIGKILL)  # the server and its train/scoring subprocesses
     server.process.wait(timeout=30)
-    _wait(lambda: not _pid_alive(int(stats["pid"])), 30, "the training process gone")
+    _wait(lambda: not process_alive(stats["pid"]), 30, "the training process gone")
     # what writes interrupted at that instant leave behind (torch.save's temp, a publish's and a stats' temp copy)
     run = app / "model" / TRAIN
     (run / "last.pt.tmp").write_bytes((run / "last.pt").read_bytes()[:1000])
@@ -213,7 +209,7 @@ def test_server_killed_mid_run_restarts_with_the_run_failed_temp_files_gone_and_
     assert len(_temp_files(app)) >= 4
 
     log = tmp_path_factory.mktemp("state_logs_restart") / "server.log"
-    restarted = AppServer(app, studies[0], {"weights": str(weights), **CONF}, log).wait()
+    restarted = Server(studies[0], {"weights": str(weights), **CONF}, log, app=app, threads=1).wait()
     try:
         stats = _info(restarted)["train_stats"][TRAIN]
         assert stats["status"] == "FAILED" and "died" in stats["reason"], stats
@@ -232,17 +228,6 @@ def test_server_killed_mid_run_restarts_with_the_run_failed_temp_files_gone_and_
         assert "instead of" in log.read_text()
     finally:
         restarted.stop()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -340,25 +340,17 @@ def private_tempdir() -> str:
     MONAI Label copies uploads and writes results into the temp folder and sends results under their file name; the
     Python and Slicer clients save a download under that name in *their* temp folder, which on the same machine was the
     very file the server deletes after answering. Uploads a killed server left behind are removed here too."""
+    from segvol.io import process_alive
+
     base = tempfile.gettempdir()
     for stale in glob.glob(os.path.join(base, "segvol-server-*")):
         pid = stale.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     folder = os.path.join(base, f"segvol-server-{os.getpid()}")
     os.makedirs(folder, exist_ok=True)
     tempfile.tempdir = folder
     return folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def build_app():

@@ -230,6 +230,57 @@ def replace_durably(tmp: str, path: str, strict: bool = False) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)), strict=strict)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# processes: the one rule for "is the process that wrote this still running" in the whole project
+# ---------------------------------------------------------------------------------------------------------------------
+def process_alive(pid: Any, start: Any = None) -> bool:
+    """True when process ``pid`` runs (a zombie does not) and, when ``start`` is known (its ``create_time``), is the
+    one that started then rather than a later process given the same pid."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        import psutil
+
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if start is not None and abs(process.create_time() - float(start)) > 1.0:
+            return False  # the pid was reused by another process
+        return True
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+    except Exception:  # psutil.NoSuchProcess, AccessDenied on a foreign process...
+        return False
+
+
+def writer_alive(pid: int, path: str) -> bool:
+    """True when process ``pid`` runs and may have written ``path``: it started before the file was last written. A
+    pid taken by a new process after a restart (a fresh container numbers its processes from 1 again) is not the
+    writer of a temp file older than itself."""
+    try:
+        written = os.path.getmtime(path)
+    except OSError:
+        return False
+    try:
+        import psutil
+
+        return process_alive(pid) and psutil.Process(pid).create_time() <= written + 1.0
+    except ImportError:
+        return process_alive(pid)
+    except Exception:  # gone meanwhile
+        return False
+
+
 def temp_name(path: str, temp_dir: Optional[str] = None) -> str:
     """``<path>.<hex>.<pid>.tmp`` (or ``<temp_dir>/<pid>-<hex>-<name>``): the temp file of an atomic write of
     ``path``, unique per call (threads of one process may write the same file), the writer's pid last (what start-up

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from _server import free_port
+from _server import Server, copy_app, free_port, orthanc_missing
 
 E2E = Path(__file__).resolve().parent
 ROOT = E2E.parents[1]
@@ -54,15 +53,9 @@ def _missing_requirements():
         return f"sample DICOM studies not available: {DICOM} is missing (tests read them from ../shared)"
     if not TOKENIZER.is_dir():
         return f"CLIP tokenizer not available: {TOKENIZER} is missing"
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import orthanc
-        orthanc.find_orthanc()
-        orthanc.find_plugin()
-    except Exception as error:  # OrthancError
-        return f"{error} (bash scripts/install_system_deps.sh installs it)"
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    reason = orthanc_missing()
+    if reason:
+        return reason
     if not os.path.exists(CHROMIUM):
         return "chromium is not installed (bash scripts/install_system_deps.sh installs it)"
     if not shutil.which("node") or not (E2E / "node_modules" / "playwright-core").is_dir():
@@ -122,53 +115,12 @@ class Orthanc:
         return pydicom.dcmread(io.BytesIO(raw))
 
 
-class App:
-    """scripts/serve_dicomweb.sh in its own process group."""
-
-    def __init__(self, orthanc: Orthanc, weights: Path, cache: Path, log: Path, app_dir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = dict(os.environ, SEGVOL_PORT=str(self.port), SEGVOL_DICOMWEB=orthanc.dicomweb,
-                   MONAI_LABEL_DICOMWEB_CACHE_PATH=str(cache), MONAI_LABEL_DICOMWEB_CACHE_EXPIRY="2",
-                   MONAI_LABEL_AUTO_UPDATE_SCORING="false", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
-                   PYTHONUNBUFFERED="1")
-        args = ["bash", str(ROOT / "scripts" / "serve_dicomweb.sh"), "--conf", "weights", str(weights),
-                "--conf", "device", "cpu", "--conf", "zoom", "zoom_out", "--conf", "auto_labels", ",".join(AUTO_LABELS),
-                "--conf", "max_labels", "3", "--conf", "retrain_threshold", "1000"]
-        args += [item for key, value in TRAIN_CONF.items() for item in ("--conf", key, value)]
-        args += ["--app", str(app_dir)]  # after the script's own --app: the last one counts
-        self.app_dir = app_dir
-        self._log = open(log, "a")
-        self.process = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait(self, timeout=240):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log.read_text()[-4000:]}")
-
-    def info(self):
-        return requests.get(f"{self.url}/info/", timeout=60).json()
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
+def start_app(orthanc: Orthanc, weights: Path, cache: Path, log: Path, app_dir: Path) -> Server:
+    """scripts/serve_dicomweb.sh for the app copy ``app_dir``, started and answering."""
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache), "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "2"}
+    conf = {"weights": str(weights), "device": "cpu", "zoom": "zoom_out", "auto_labels": ",".join(AUTO_LABELS),
+            "max_labels": "3", "retrain_threshold": "1000", **TRAIN_CONF}
+    return Server(orthanc.dicomweb, conf, log, env, app=app_dir, script=ROOT / "scripts" / "serve_dicomweb.sh").wait()
 
 
 @pytest.fixture(scope="module")
@@ -204,18 +156,12 @@ def orthanc(tmp_path_factory):
 def app_dir(tmp_path_factory):
     """A copy of apps/segvol with an empty model folder, so the test's counters, SEG records and the checkpoint its
     training run publishes never reach the repository's apps/segvol/model."""
-    folder = tmp_path_factory.mktemp("app") / "segvol"
-    shutil.copytree(ROOT / "apps" / "segvol", folder,
-                    ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-    for name in ("model", "logs", "bin"):
-        (folder / name).mkdir()
-    return folder
+    return copy_app(tmp_path_factory.mktemp("app") / "segvol")
 
 
 @pytest.fixture(scope="module")
 def app(orthanc, weights, tmp_path_factory, artifacts, app_dir):
-    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache"), artifacts / "server.log",
-                 app_dir).wait()
+    server = start_app(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache"), artifacts / "server.log", app_dir)
     yield server
     server.stop()
 
@@ -503,7 +449,7 @@ def test_update_model_runs_a_training_and_the_panel_shows_its_status(annotate, a
     # what the panel showed is what the server records (its stats file, /info train_stats)
     stats = app.info()["train_stats"]["segvol_finetune"]
     assert stats["status"] == final["status"] and stats["epoch"] == stats["total_epochs"] == 1, stats
-    assert stats["train_cases"] == 1 and (app.app_dir / "model" / "segvol_finetune" / "train_stats.json").is_file()
+    assert stats["train_cases"] == 1 and (app.app / "model" / "segvol_finetune" / "train_stats.json").is_file()
 
 
 def test_next_sample_opens_the_unlabelled_study(annotate, orthanc):
@@ -536,8 +482,7 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
     _assert_labelled(app)
 
     app.stop()  # a new server with an empty DICOMweb cache: everything must come back from Orthanc
-    again = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log",
-                app_dir).wait()
+    again = start_app(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-2"), artifacts / "server.log", app_dir)
     try:
         _assert_labelled(again)
         steps = _drive(again, "reopen", artifacts)
@@ -564,8 +509,7 @@ def test_saved_labels_count_toward_training_and_survive_a_server_restart(annotat
 def test_rest_save_while_the_pacs_is_down_fails_loudly_and_loses_nothing(orthanc, weights, artifacts,
                                                                          tmp_path_factory, tmp_path, app_dir):
 
-    server = App(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-3"), artifacts / "server.log",
-                 app_dir).wait()
+    server = start_app(orthanc, weights, tmp_path_factory.mktemp("dicomweb-cache-3"), artifacts / "server.log", app_dir)
     try:
         before = orthanc.seg_series()
         # a label on the series grid (the .bin form OHIF's MonaiLabelClient.save_label sends: raw uint8, i fastest)

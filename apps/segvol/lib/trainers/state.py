@@ -18,7 +18,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from segvol.io import atomic_write_json
+from segvol.io import atomic_write_json, process_alive, writer_alive
 
 logger = logging.getLogger(__name__)
 
@@ -40,53 +40,6 @@ def _start_time(pid: int) -> Optional[float]:
         return round(psutil.Process(pid).create_time(), 2)
     except Exception:  # gone, or no psutil
         return None
-
-
-def process_alive(pid: Any, start: Any = None) -> bool:
-    """True when process ``pid`` runs and (when ``start`` is known) is the one that started at ``start``."""
-    try:
-        pid = int(pid)
-    except (TypeError, ValueError):
-        return False
-    if pid <= 0:
-        return False
-    try:
-        import psutil
-
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if start is not None and abs(process.create_time() - float(start)) > 1.0:
-            return False  # the pid was reused by another process
-        return True
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except PermissionError:
-            return True
-        except OSError:
-            return False
-    except Exception:  # psutil.NoSuchProcess, AccessDenied on a foreign process...
-        return False
-
-
-def writer_alive(pid: int, path: str) -> bool:
-    """True when process ``pid`` runs and may have written ``path``: it started before the file was last written. A
-    pid taken by a new process after a restart (a fresh container numbers its processes from 1 again) is not the
-    writer of a temp file older than itself."""
-    try:
-        written = os.path.getmtime(path)
-    except OSError:
-        return False
-    try:
-        import psutil
-
-        return process_alive(pid) and psutil.Process(pid).create_time() <= written + 1.0
-    except ImportError:
-        return process_alive(pid)
-    except Exception:  # gone meanwhile
-        return False
 
 
 def run_is_dead(stats: Dict[str, Any]) -> bool:

@@ -8,7 +8,9 @@
  *     with its tools (brush, eraser, shapes; segment list: add, rename, show/hide);
  *   - the brush, eraser and shape buttons of that panel's toolbox (the shipped mode names the toolbox section but
  *     defines no buttons for it);
- *   - the SegVol prompt tools (points, box) added to the viewports' tool groups.
+ *   - the SegVol prompt tools (points, box) added to the viewports' tool groups;
+ *   - hotkeys for the SegVol commands (Shift+R run, Shift+S save, Shift+N next sample, Shift+B box, Shift+P / Shift+O
+ *     positive / negative point).
  */
 
 const MODE_ID = '@ohif/mode-monai-label';
@@ -64,6 +66,16 @@ const segmentationButtons = [
   },
 ];
 
+// The SegVol commands (segvol-extension.js) on keys OHIF's defaults leave free; the panel's buttons run the same ones.
+const segvolHotkeys = [
+  ['segvolRun', 'Run SegVol', 'shift+r'],
+  ['segvolSave', 'Save to SegVol Label', 'shift+s'],
+  ['segvolNextSample', 'Next sample', 'shift+n'],
+  ['segvolBox', 'SegVol box tool', 'shift+b'],
+  ['segvolPositivePoint', 'SegVol positive point', 'shift+p'],
+  ['segvolNegativePoint', 'SegVol negative point', 'shift+o'],
+].map(([commandName, label, key]) => ({ commandName, context: 'SEGVOL', label, keys: [key], isEditable: true }));
+
 async function modeFactory({ modeConfiguration, loadModules }) {
   const [shipped] = await loadModules([MODE_ID]);
   const base = shipped.modeFactory ? await shipped.modeFactory({ modeConfiguration, loadModules }) : shipped;
@@ -72,6 +84,7 @@ async function modeFactory({ modeConfiguration, loadModules }) {
     id: MODE_ID,
     displayName: 'SegVol Label',
     extensions: { ...(base.extensions || {}), [SEGVOL_EXTENSION_URL]: '^0.1.0' },
+    hotkeys: [...(base.hotkeys || []), ...segvolHotkeys],
     onModeEnter(args) {
       base.onModeEnter(args);
       const { servicesManager, extensionManager } = args;

@@ -2,7 +2,7 @@
 # System dependencies of the OHIF/Orthanc end-to-end test and of scripts/orthanc.py (Debian, run as root; idempotent).
 #   orthanc + orthanc-dicomweb  the DICOMweb server (started by scripts/orthanc.py, never as a system service)
 #   chromium                    the headless browser the e2e test drives
-#   tests/e2e/node_modules      playwright-core (no browser download: it drives /usr/bin/chromium)
+#   tests/e2e/node_modules      playwright-core (no browser download: it drives /usr/bin/chromium) and ESLint
 # Nothing is done when everything is already there. Set SEGVOL_SKIP_SYSTEM_DEPS=1 to skip entirely.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +37,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-if [ ! -d "$ROOT/tests/e2e/node_modules/playwright-core" ]; then
-  echo "[deps] npm install (tests/e2e: playwright-core, no browser download)" >&2
+if [ ! -d "$ROOT/tests/e2e/node_modules/playwright-core" ] || [ ! -x "$ROOT/tests/e2e/node_modules/.bin/eslint" ]; then
+  echo "[deps] npm ci (tests/e2e: playwright-core without a browser download, and ESLint)" >&2
   (cd "$ROOT/tests/e2e" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

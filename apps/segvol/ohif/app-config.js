@@ -10,8 +10,8 @@
 (function () {
   // The MONAI Label panel reads its server address from this cookie (default: this host, port 8000). The server that
   // serves this file is the SegVol Label server, so point the panel at it unless the annotator chose another one.
-  var here = window.location.origin + '/';
-  var match = document.cookie.match(/(?:^|;\s*)MONAILABEL_SERVER_URL=([^;]*)/);
+  const here = window.location.origin + '/';
+  const match = document.cookie.match(/(?:^|;\s*)MONAILABEL_SERVER_URL=([^;]*)/);
   if (!match || !match[1]) {
     document.cookie = 'MONAILABEL_SERVER_URL=' + here + '; path=/; SameSite=Strict';
   }

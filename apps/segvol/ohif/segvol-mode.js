@@ -16,7 +16,7 @@
 const MODE_ID = '@ohif/mode-monai-label';
 const SEGVOL_EXTENSION = '@segvol/extension-segvol';
 const SEGVOL_PANEL = `${SEGVOL_EXTENSION}.panelModule.segvol`;
-// the mode route imports each key of a mode's `extensions` by name: ours by its URL (the same module app-config.js lists)
+// the mode route imports each key of a mode's `extensions` by name: ours by its URL (the module app-config.js lists)
 const SEGVOL_EXTENSION_URL = '/ohif/segvol/segvol-extension.js';
 const SEGMENTATION_PANEL = '@ohif/extension-cornerstone.panelModule.panelSegmentationWithTools';
 

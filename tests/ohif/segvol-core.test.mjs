@@ -1,0 +1,94 @@
+// Unit tests of the OHIF extension's pure functions (apps/segvol/ohif/segvol-core.js): `node --test tests/ohif`.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import {
+  boxOfCorners, clampIndex, colorOf, mergeResult, parseNrrd, suggestions, trainingStatus, vocabularyOf, voxelCounts,
+} from '../../apps/segvol/ohif/segvol-core.js';
+
+function nrrd(header, voxels) {
+  const head = new TextEncoder().encode(`${header}\n\n`);
+  const out = new Uint8Array(head.length + voxels.length);
+  out.set(head);
+  out.set(voxels, head.length);
+  return out.buffer;
+}
+
+test('a raw uint8 NRRD gives its sizes and voxels', () => {
+  const voxels = Uint8Array.from({ length: 24 }, (_, i) => i % 3);
+  const header = 'NRRD0004\n# a comment: ignored\ntype: uint8\ndimension: 3\nsizes: 2 3 4\nencoding: raw\nspace:=RAS';
+  const { sizes, data } = parseNrrd(nrrd(header, voxels));
+  assert.deepEqual(sizes, [2, 3, 4]);
+  assert.deepEqual([...data], [...voxels]);
+});
+
+test('a NRRD the panel cannot use is refused with the reason', () => {
+  const voxels = new Uint8Array(8);
+  assert.throws(() => parseNrrd(new Uint8Array([1, 2, 3]).buffer), /not a NRRD/);
+  assert.throws(() => parseNrrd(nrrd('type: uint8\nsizes: 2 2 2\nencoding: gzip', voxels)), /encoding gzip/);
+  assert.throws(() => parseNrrd(nrrd('type: short\nsizes: 2 2 2\nencoding: raw', voxels)), /type short/);
+  assert.throws(() => parseNrrd(nrrd('type: uint8\nsizes: 2 2 3\nencoding: raw', voxels)), /holds 8 voxels.*says 12/);
+});
+
+test('rectangle corners give the box spanning them, clamped into the volume', () => {
+  const dims = [10, 20, 5];
+  assert.deepEqual(clampIndex([-3.2, 7.6, 9.9], dims), [0, 8, 4]);
+  const corners = [[2, 3, 1], [6, 9, 1], [4, 5, 3], [3, 12, 3]];
+  assert.deepEqual(boxOfCorners(corners), [2, 3, 1, 6, 12, 3]);
+  assert.equal(boxOfCorners([]), null);
+  // brute force: every corner inside, every face touched
+  const box = boxOfCorners(corners);
+  for (const c of corners) for (let a = 0; a < 3; a++) assert.ok(box[a] <= c[a] && c[a] <= box[a + 3]);
+  for (let a = 0; a < 3; a++) {
+    assert.ok(corners.some(c => c[a] === box[a]) && corners.some(c => c[a] === box[a + 3]));
+  }
+});
+
+test('a result replaces its segments and keeps the others', () => {
+  // labelmap: segment 1 (liver, from an earlier run), segment 2 (spleen, brushed); result: value 1 -> liver again
+  const current = Uint8Array.from([1, 1, 2, 2, 0, 0, 1, 0]);
+  const result = Uint8Array.from([0, 1, 1, 0, 1, 0, 0, 3]);
+  const { labels, counts } = mergeResult(current, result, { 1: 1 });
+  assert.deepEqual([...labels], [0, 1, 2, 2, 1, 0, 0, 0]); // old liver cleared, spleen kept, value 3 not mapped
+  assert.deepEqual(counts, { 1: 2 });
+  assert.deepEqual([...current], [1, 1, 2, 2, 0, 0, 1, 0]); // the input is not changed
+  // two names into two segments, one of them new
+  const two = mergeResult(current, Uint8Array.from([2, 2, 0, 0, 1, 1, 0, 0]), { 1: 3, 2: 1 });
+  assert.deepEqual([...two.labels], [1, 1, 2, 2, 3, 3, 0, 0]);
+  assert.deepEqual(two.counts, { 1: 2, 3: 2 });
+  assert.throws(() => mergeResult(current, new Uint8Array(3), { 1: 1 }), /not the same grid/);
+});
+
+test('voxel counts per value', () => {
+  assert.deepEqual(voxelCounts(Uint8Array.from([0, 3, 3, 1, 255])), { 1: 1, 3: 2, 255: 1 });
+});
+
+test('suggestions: names starting with the text first, then names containing it', () => {
+  const vocabulary = ['aorta', 'kidney left', 'kidney right', 'liver', 'left lung'];
+  assert.deepEqual(suggestions(vocabulary, 'LEF'), ['left lung', 'kidney left']);
+  assert.deepEqual(suggestions(vocabulary, '  '), []);
+  assert.equal(suggestions(vocabulary, 'e', 2).length, 2);
+});
+
+test('training status: STARTING until the requested run is seen RUNNING, then its own final status', () => {
+  const previous = { status: 'FINISHED', epoch: 1, total_epochs: 1 };
+  const task = { id: 't2', status: 'RUNNING' };
+  assert.equal(trainingStatus(previous, task, false), 'STARTING');
+  assert.equal(trainingStatus({ ...previous, status: 'RUNNING' }, task, false), 'RUNNING');
+  assert.equal(trainingStatus(previous, task, true), 'FINISHED'); // seen running: this is the new run's end
+  assert.equal(trainingStatus(previous, { id: 't2', status: 'DONE' }, false), 'FINISHED');
+  assert.equal(trainingStatus({}, null, false), 'never run');
+  assert.equal(trainingStatus({ task: { status: 'ERROR' } }, null, false), 'ERROR');
+});
+
+test('the vocabulary joins the app labels and the segvol model labels', () => {
+  const info = { labels: ['liver', 'spleen'], models: { segvol: { labels: { aorta: 3, liver: 1 } } } };
+  assert.deepEqual(vocabularyOf(info), ['aorta', 'liver', 'spleen']);
+  assert.deepEqual(vocabularyOf({ labels: { b: 2, a: 1 } }), ['a', 'b']);
+});
+
+test('segment colours are stable and opaque', () => {
+  assert.deepEqual(colorOf('liver'), colorOf('liver'));
+  assert.equal(colorOf('spleen').length, 4);
+  assert.equal(colorOf('spleen')[3], 255);
+});

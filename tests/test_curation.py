@@ -273,7 +273,7 @@ def test_strategies_and_scoring_through_the_server(scribble_server):
     assert chosen["id"] in {"phantom", "example_ct"}
 
 
-def test_readme_documents_every_strategy():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_docs_document_every_strategy():
+    curation = (Path(__file__).resolve().parents[1] / "docs" / "curation.md").read_text()
     for name in ("random_fg", "disagreement", "fh_novelty", "random", "first", "segvol_scribbles"):
-        assert f"`{name}`" in readme
+        assert f"`{name}`" in curation

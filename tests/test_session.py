@@ -98,7 +98,9 @@ def test_prompts_are_validated_once_on_construction():
         Prompts(points=[(1, 2, 3, 2)])
 
 
-def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(small_model):
+def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(tokenizer_dir, tmp_path):
+    from _server import random_weights
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "segvol"))
     try:
         from lib.service import SegVolService
@@ -106,9 +108,9 @@ def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(small_
         sys.path.pop(0)
     array, affine, _ = synthetic_ct()
     other = np.ascontiguousarray(array[::-1])
-    service = SegVolService(weights="", max_sessions=2)
-    engine = SegVolEngine(small_model, mode="zoom_out")
-    service.engine = lambda: engine  # no checkpoint file: the engine is given
+    weights = random_weights(tmp_path, tokenizer_dir, segvol.SMALL)
+    service = SegVolService(weights=str(weights), device="cpu", mode="zoom_out", precision="fp32", max_sessions=2)
+
     def seen(image, client=None):
         with service.session(image, client) as session:
             return session
@@ -126,5 +128,5 @@ def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(small_
     assert run.stats["encoder_forwards"] == 0  # the content-keyed zoom-out embedding is shared
     seen(other)  # a third session: the least recently used one ("annotator-2") goes
     assert len(service._sessions) == 2 and seen(array) is first
-    engine = SegVolEngine(small_model, mode="zoom_out")  # another checkpoint: no session survives
-    assert seen(array) is not first and len(service._sessions) == 1
+    segvol.save_checkpoint(str(weights / "segvol_label.pt"), segvol.SegVol(segvol.SMALL), vocabulary=[])
+    assert seen(array) is not first and len(service._sessions) == 1  # another checkpoint: no session survives

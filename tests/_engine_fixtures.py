@@ -13,6 +13,11 @@ window got which prompt.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -162,3 +167,17 @@ def map_index(points, affine_from, affine_to):
 def map_box(box, affine_from, affine_to):
     corners = map_index(np.asarray(box).reshape(2, 3), affine_from, affine_to)
     return [int(v) for v in np.concatenate([corners.min(0), corners.max(0)])]
+
+
+def run_cli(argv):
+    """``scripts/segment.py`` run in this process with ``argv`` -> (exit status, its JSON lines)."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import segment
+    finally:
+        sys.path.remove(scripts)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = segment.main(argv)
+    return status, [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]

@@ -6,7 +6,6 @@ lists each output once), with no temp file left, and a re-run skips everything.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -23,22 +22,10 @@ import torch
 import segvol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _engine_fixtures import synthetic_ct  # noqa: E402
+from _engine_fixtures import run_cli, synthetic_ct  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "clip-tokenizer"
-
-
-def run_cli(argv):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import segment
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = segment.main(argv)
-    return status, [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

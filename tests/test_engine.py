@@ -1,9 +1,6 @@
 """The zoom-out-zoom-in engine: geometry (with an oracle network), caching, multi-label, errors, CLI, end to end."""
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from segvol.frames import bounding_box
 from segvol.session import _LAST_LABEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _engine_fixtures import OracleModel, flip_lps, map_box, map_index, permute, synthetic_ct, to_ras  # noqa: E402
+from _engine_fixtures import OracleModel, flip_lps, map_box, map_index, permute, run_cli, synthetic_ct, to_ras  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -443,18 +440,6 @@ def test_bad_engine_options():
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------
-def run_cli(argv):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import segment
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = segment.main(argv)
-    return status, [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
-
-
 def test_segment_cli_image_and_folder(tmp_path, small_model):
     tokenizer = need(SHARED / "clip-tokenizer")
     checkpoint = segvol.save_checkpoint(str(tmp_path / "small.pt"), small_model)

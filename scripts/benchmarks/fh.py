@@ -208,34 +208,23 @@ def _measure_ours(path: str, spacing, kwargs: Dict[str, Any], labels_out: str = 
     t0 = time.perf_counter()
     fh.segment(np.zeros((8, 8, 8), np.float32), spacing, **kwargs)  # compile, or load the cache
     warmup = time.perf_counter() - t0
-    baseline = _rss_mb()
-    _reset_peak()
-    load = os.getloadavg()[0]
-    t0, c0 = time.perf_counter(), time.process_time()
-    labels = fh.segment(volume, spacing, **kwargs)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = _peak_mb()
-    if labels_out:
-        np.save(labels_out, labels)
-    return {
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu, 3),
-        "load_avg_1m_before": round(load, 2),
-        "compile_or_cache_load_s": round(warmup, 3),
-        "baseline_rss_mb": round(baseline, 1),
-        "peak_during_call_mb": round(peak, 1),
-        "bytes_per_voxel": round((peak - baseline) * 2**20 / volume.size, 1),
-        "regions": int(labels.max()) + 1,
-    }
+    result = _measured(lambda: fh.segment(volume, spacing, **kwargs), volume, labels_out)
+    return {**result, "compile_or_cache_load_s": round(warmup, 3)}
 
 
 def _measure_reference(path: str, labels_out: str = "") -> Dict[str, Any]:
     volume = np.load(path)
+    return _measured(lambda: reference_felzenszwalb(volume), volume, labels_out)
+
+
+def _measured(segment, volume: np.ndarray, labels_out: str) -> Dict[str, Any]:
+    """Wall and CPU seconds, peak memory over the baseline and regions of ``segment()`` (-> a label map of
+    ``volume``); the labels saved to ``labels_out`` when given."""
     baseline = _rss_mb()
     _reset_peak()
     load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
-    labels = reference_felzenszwalb(volume)
+    labels = segment()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _peak_mb()
     if labels_out:

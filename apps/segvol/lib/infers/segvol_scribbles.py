@@ -24,6 +24,7 @@ import numpy as np
 from segvol.errors import BadImageError, BadPromptError, BadRequestError
 from segvol.fh import SupervoxelCache, fill_from_scribbles
 from segvol.io import read_image, spacing
+from segvol.modes import Mode
 from segvol.prompts import check_box
 
 from ..prompts import SegmentName, parse_segment_name, parse_slicer_roi, requested_free_text
@@ -159,8 +160,9 @@ class SegVolScribblesInfer(SegVolInferTask):
         voxels = np.argwhere(foreground)
         box = roi or (*voxels.min(0).tolist(), *voxels.max(0).tolist())
         prompts.update(points=[list(p) for p in points], box=list(box))
+        mode = Mode.parse(request.get("zoom", self.service.mode), "zoom").value  # the task's zoom option
         with self.service.session(request["image"], request.get("client_id")) as session:
-            result = session.segment(texts=texts or None, box=box, points=points)
+            result = session.segment(texts=texts or None, box=box, points=points, mode=mode)
         timings["segvol"] = round(time.perf_counter() - started, 3)
         label = (result.label > 0).astype(np.uint8)
         label[foreground] = 1

@@ -3,7 +3,9 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import {
-  boxOfCorners, clampIndex, colorOf, mergeResult, parseNrrd, suggestions, trainingStatus, vocabularyOf, voxelCounts,
+  ResultHistory, applyDiff, boxOfCorners, clampIndex, colorOf, diffLabels, insidePolygon, lassoPrompts, maskPrompts,
+  mergeResult, negativeEvidence, parseNrrd, strokePoints, suggestions, trainingStatus, vocabularyOf, voxelCounts,
+  voxelOf,
 } from '../../apps/segvol/ohif/segvol-core.js';
 
 function nrrd(header, voxels) {
@@ -91,4 +93,88 @@ test('segment colours are stable and opaque', () => {
   assert.deepEqual(colorOf('liver'), colorOf('liver'));
   assert.equal(colorOf('spleen').length, 4);
   assert.equal(colorOf('spleen')[3], 255);
+});
+
+test('locked segments never change, whatever the rule', () => {
+  // 1 liver (locked), 2 spleen; the result's value 1 goes to segment 2 and overlaps both
+  const current = Uint8Array.from([1, 1, 2, 0, 0, 2]);
+  const result = Uint8Array.from([1, 1, 1, 1, 0, 0]);
+  for (const rule of ['replace', 'empty']) {
+    const { labels, counts } = mergeResult(current, result, { 1: 2 }, { locked: [1], rule });
+    assert.deepEqual([...labels], [1, 1, 2, 2, 0, 0], rule); // liver's voxels kept, spleen's old voxel 5 cleared
+    assert.deepEqual(counts, { 2: 2 });
+  }
+  // a result aimed at a locked segment changes nothing
+  const aimed = mergeResult(current, result, { 1: 1 }, { locked: [1], rule: 'replace' });
+  assert.deepEqual([...aimed.labels], [...current]);
+  assert.throws(() => mergeResult(current, result, { 1: 2 }, { rule: 'paint' }), /unknown overwrite rule/);
+});
+
+test('replace overwrites unlocked segments, empty fills only empty voxels', () => {
+  const current = Uint8Array.from([3, 3, 0, 1]);
+  const result = Uint8Array.from([1, 1, 1, 0]);
+  assert.deepEqual([...mergeResult(current, result, { 1: 1 }, { rule: 'replace' }).labels], [1, 1, 1, 0]);
+  assert.deepEqual([...mergeResult(current, result, { 1: 1 }, { rule: 'empty' }).labels], [3, 3, 1, 0]);
+});
+
+test('undo restores the exact labelmap before a result, redo repeats it, per segment', () => {
+  const history = new ResultHistory();
+  const start = Uint8Array.from([0, 1, 1, 0, 2, 0]);
+  const afterLiver = Uint8Array.from([1, 1, 0, 0, 2, 0]);
+  history.record('liver', diffLabels(start, afterLiver));
+  const afterSpleen = Uint8Array.from([1, 1, 0, 2, 2, 2]);
+  history.record('spleen', diffLabels(afterLiver, afterSpleen));
+  const undoneLiver = history.undo('liver', afterSpleen);
+  assert.deepEqual([...undoneLiver], [0, 1, 1, 2, 2, 2]); // the spleen's step stays
+  assert.equal(history.canUndo('liver'), false);
+  assert.deepEqual([...history.redo('liver', undoneLiver)], [...afterSpleen]);
+  assert.equal(history.redo('liver', afterSpleen), null);
+  assert.deepEqual([...applyDiff(afterSpleen, diffLabels(start, afterSpleen), true)], [...start]);
+  history.undo('spleen', afterSpleen);
+  history.record('spleen', diffLabels(afterLiver, afterLiver)); // a new result clears the segment's redo
+  assert.equal(history.canRedo('spleen'), false);
+});
+
+test('an existing segment gives its box and points inside it', () => {
+  const dims = [4, 3, 2];
+  const labels = new Uint8Array(24);
+  for (const [i, j, k] of [[1, 0, 0], [2, 1, 0], [1, 1, 1], [3, 2, 1]]) labels[i + j * 4 + k * 12] = 5;
+  const { box, positive } = maskPrompts(labels, dims, 5, 3);
+  assert.deepEqual(box, [1, 0, 0, 3, 2, 1]);
+  assert.ok(positive.length >= 1);
+  for (const p of positive) assert.equal(labels[p[0] + p[1] * 4 + p[2] * 12], 5);
+  assert.equal(maskPrompts(labels, dims, 7), null);
+  assert.deepEqual(voxelOf(1 + 2 * 4 + 1 * 12, dims), [1, 2, 1]);
+});
+
+test('a lasso gives the box of its contour and points inside it', () => {
+  const square = [[10, 10, 4], [20, 10, 4], [20, 20, 4], [10, 20, 4]];
+  assert.ok(insidePolygon([15, 15], square.map(p => p.slice(0, 2))));
+  assert.ok(!insidePolygon([25, 15], square.map(p => p.slice(0, 2))));
+  const positive = lassoPrompts(square, true, 3);
+  assert.deepEqual(positive.box, [10, 10, 4, 20, 20, 4]);
+  assert.equal(positive.points.length, 3);
+  for (const p of positive.points) assert.ok(p[0] >= 10 && p[0] <= 20 && p[1] >= 10 && p[1] <= 20 && p[2] === 4);
+  // an L-shaped lasso: no point in its notch
+  const ell = [[0, 0, 1], [10, 0, 1], [10, 4, 1], [4, 4, 1], [4, 10, 1], [0, 10, 1]];
+  for (const p of lassoPrompts(ell, false, 5).points) assert.ok(!(p[0] > 4 && p[1] > 4), `${p}`);
+  assert.equal(lassoPrompts(ell, false).box, null);
+  assert.deepEqual(lassoPrompts(ell.slice(0, 2), true), { box: null, points: [] });
+});
+
+test('a scribble gives distinct points spread along it', () => {
+  const stroke = Array.from({ length: 20 }, (_, n) => [n, 5, 2]).concat([[19, 5, 2]]);
+  const points = strokePoints(stroke, 5);
+  assert.deepEqual(points, [[0, 5, 2], [5, 5, 2], [10, 5, 2], [14, 5, 2], [19, 5, 2]]);
+  assert.deepEqual(strokePoints([[1, 1, 1], [1, 1, 1]], 5), [[1, 1, 1]]);
+});
+
+test('other segments inside the box become negative points', () => {
+  const dims = [5, 5, 1];
+  const labels = new Uint8Array(25);
+  labels[1 + 1 * 5] = 2; // inside the box
+  labels[4 + 4 * 5] = 2; // outside it
+  labels[2 + 2 * 5] = 3; // another segment, not asked for
+  assert.deepEqual(negativeEvidence(labels, dims, [2], [0, 0, 0, 2, 2, 0], 3), [[1, 1, 0]]);
+  assert.deepEqual(negativeEvidence(labels, dims, [2], null, 3), [[1, 1, 0], [4, 4, 0]]);
 });

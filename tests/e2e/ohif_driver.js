@@ -320,7 +320,7 @@ async function annotate(page) {
 
   await step('correct with the brush and the eraser (segmentation panel)', async () => {
     // the segment to paint: chosen in the SegVol panel's segment list
-    await segvol(page, 'segments').locator(`tr[data-segment="${cfg.paint_label}"] button`).click();
+    await segvol(page, 'segments').locator(`button[data-select="${cfg.paint_label}"]`).click();
     await panelTab(page, 'panelSegmentationWithTools').click();
     const before = await page.evaluate(LABELMAP_STATS);
     const sliceBefore = await page.evaluate(SLICE);
@@ -337,6 +337,124 @@ async function annotate(page) {
     return { before, painted, stats: await page.evaluate(LABELMAP_STATS), slice: sliceBefore,
       segment_index: await page.evaluate(SEGMENT_INDEX, cfg.paint_label), brush_screenshot: brushShot,
       screenshot: await shot(page, 'erased') };
+  });
+
+  // ---- many structures on one labelmap, every prompt type, live, undoable (issue 25): clicks and keys only ----
+  const count = async label => {
+    const stats = await page.evaluate(LABELMAP_STATS);
+    const found = stats && stats.segments.find(s => s.label === label);
+    return found ? found.total : 0;
+  };
+  // Wait for the panel's next outcome after ``since`` and for the labelmap to settle.
+  const settled = async since => {
+    const outcome = await panelOutcome(page, since, cfg.timeout_s * 1000);
+    await page.waitForTimeout(800);
+    return outcome;
+  };
+  const addName = async name => {
+    await segvol(page, 'text').click();
+    await segvol(page, 'text').type(name, { delay: 20 });
+    await page.keyboard.press('Enter');
+  };
+  const freehand = async (points, steps = 4) => {
+    await page.mouse.move(points[0][0], points[0][1]);
+    await page.mouse.down();
+    for (let n = 1; n < points.length; n++) {
+      for (let s = 1; s <= steps; s++) {
+        await page.mouse.move(points[n - 1][0] + (points[n][0] - points[n - 1][0]) * s / steps,
+          points[n - 1][1] + (points[n][1] - points[n - 1][1]) * s / steps);
+      }
+    }
+    await page.mouse.up();
+  };
+
+  await step('lock a segment, replace mode: a second structure overlapping it leaves it unchanged', async () => {
+    await panelTab(page, 'segvol').click();
+    await segvol(page, 'prompts').getByRole('button', { name: 'Clear names' }).click();
+    await segvol(page, 'prompts').getByRole('button', { name: 'Clear points' }).click();
+    await segvol(page, 'segments').locator(`input[data-lock="${cfg.text_label}"]`).check();
+    await segvol(page, 'rule').selectOption('replace');
+    await addName(cfg.second_label);
+    const locked = await count(cfg.text_label);
+    const secondBefore = await count(cfg.second_label);
+    const run = await runSegVol('locked');
+    return { ...run, locked_before: locked, locked_after: await count(cfg.text_label), second_before: secondBefore,
+      second_after: await count(cfg.second_label) };
+  });
+
+  await step('undo and redo the last result of a segment', async () => {
+    const before = await count(cfg.second_label);
+    await segvol(page, 'segments').locator(`button[data-undo="${cfg.second_label}"]`).click();
+    await page.waitForTimeout(800);
+    const undone = await count(cfg.second_label);
+    await segvol(page, 'segments').locator(`button[data-redo="${cfg.second_label}"]`).click();
+    await page.waitForTimeout(800);
+    return { before, undone, redone: await count(cfg.second_label), locked: await count(cfg.text_label),
+      screenshot: await shot(page, 'undo-redo') };
+  });
+
+  await step('live mode: each click runs SegVol at once', async () => {
+    await segvol(page, 'live').check();
+    await segvol(page, 'prompts').locator(`button[data-tool="SegVolPositivePoint"]`).click();
+    const rounds = [];
+    const requests = [];
+    page.on('request', r => { if (r.url().includes('/infer/segvol?') && r.method() === 'POST') requests.push(r); });
+    for (const [dx, dy] of [[-20, -10], [10, 15], [25, -20], [-5, 25], [15, 5]]) {
+      const since = await page.evaluate(() => Date.now());
+      const t0 = Date.now();
+      await page.mouse.click(centre[0] + dx, centre[1] + dy);
+      const outcome = await settled(since);
+      if (outcome.kind !== 'success') throw new Error(`live run: ${outcome.text}`);
+      rounds.push({ click_to_result_s: (Date.now() - t0 - 800) / 1000,
+        round_trip_s: Number(await segvol(page, 'latency').getAttribute('data-round-trip')) });
+    }
+    return { rounds, requests: requests.length, second: await count(cfg.second_label),
+      screenshot: await shot(page, 'live') };
+  });
+
+  await step('a positive lasso and a negative scribble each change the segment (live)', async () => {
+    const lassoRequest = page.waitForRequest(r => r.url().includes('/infer/segvol?') && r.method() === 'POST',
+      { timeout: 60000 }).catch(() => null);
+    const beforeLasso = await count(cfg.second_label);
+    await segvol(page, 'prompts').locator(`button[data-tool="SegVolLassoPositive"]`).click();
+    let since = await page.evaluate(() => Date.now());
+    // away from the box's rectangle and the clicks (a press on an annotation would move it instead of drawing)
+    const r = 22;
+    const loop = Array.from({ length: 13 }, (_, n) => [centre[0] - 60 + r * Math.cos(n * Math.PI / 6),
+      centre[1] + 95 + r * Math.sin(n * Math.PI / 6)]);
+    await freehand(loop);
+    const lassoOutcome = await settled(since);
+    const lasso = await lassoRequest;
+    const afterLasso = await count(cfg.second_label);
+    const freehandText = await segvol(page, 'freehand').innerText().catch(() => '');
+    const scribbleRequest = page.waitForRequest(r => r.url().includes('/infer/segvol?') && r.method() === 'POST',
+      { timeout: 60000 }).catch(() => null);
+    await segvol(page, 'prompts').locator(`button[data-tool="SegVolScribbleNegative"]`).click();
+    since = await page.evaluate(() => Date.now());
+    await freehand([[centre[0] - 80, centre[1] - 90], [centre[0] - 50, centre[1] - 75], [centre[0] - 20, centre[1] - 95],
+      [centre[0] + 10, centre[1] - 80]]);
+    const scribbleOutcome = await settled(since);
+    const scribble = await scribbleRequest;
+    return { before_lasso: beforeLasso, after_lasso: afterLasso, after_scribble: await count(cfg.second_label),
+      lasso_outcome: lassoOutcome, scribble_outcome: scribbleOutcome, freehand_text: freehandText,
+      lasso_params: lasso ? formParams(lasso) : null, scribble_params: scribble ? formParams(scribble) : null,
+      screenshot: await shot(page, 'lasso-scribble') };
+  });
+
+  await step('refine an existing segment: its prompts are kept and a click is added', async () => {
+    await segvol(page, 'live').uncheck();
+    await segvol(page, 'clear-freehand').click();
+    await segvol(page, 'prompts').getByRole('button', { name: 'Clear points' }).click();
+    await segvol(page, 'segments').locator(`button[data-refine="${cfg.free_text}"]`).click();
+    const banner = await segvol(page, 'refining').innerText();
+    await segvol(page, 'prompts').locator(`button[data-tool="SegVolPositivePoint"]`).click();
+    await page.mouse.click(centre[0] + 5, centre[1] - 5);
+    await page.waitForTimeout(500);
+    const run = await runSegVol('refined');
+    await segvol(page, 'segments').locator(`button[data-refine="${cfg.free_text}"]`).click(); // refining off
+    await segvol(page, 'segments').locator(`input[data-lock="${cfg.text_label}"]`).uncheck();
+    await segvol(page, 'rule').selectOption('empty');
+    return { ...run, banner };
   });
 
   await step('save while the server fails: error shown, nothing lost', async () => {

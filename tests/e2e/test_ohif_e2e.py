@@ -42,6 +42,7 @@ PAINT_LABEL = "liver"
 REST_SEG = "SegVol Label"  # SeriesDescription of the SEG MONAI Label writes for PUT /datastore/label (model_name)
 TEXT_PREFIX, TEXT_LABEL = "liv", "liver"  # typed, then picked from the suggestions
 FREE_TEXT = "hepatic cyst xyz"  # not in the vocabulary: sent as free text
+SECOND_LABEL = "spleen"  # the structure segmented over the locked TEXT_LABEL segment
 # a training run short enough for the e2e (OHIF's "Update Model" trains with the server's defaults): one epoch from
 # the served small-configuration weights, at most one minute
 TRAIN_CONF = {"train_epochs": "1", "train_init": "official", "train_minutes": "1"}
@@ -176,7 +177,8 @@ def _drive(app, phase, artifacts, timeout=420):
     config = {"phase": phase, "server": app.url, "study": CT_STUDY, "series": CT_SERIES, "artifacts": str(artifacts),
               "chromium": CHROMIUM, "timeout_s": 240, "auto_model": "segvol_auto", "class_model": "segvol",
               "class_label": CLASS_LABEL, "paint_label": PAINT_LABEL, "seg_description": REST_SEG,
-              "text_prefix": TEXT_PREFIX, "text_label": TEXT_LABEL, "free_text": FREE_TEXT, "train_timeout_s": 150}
+              "text_prefix": TEXT_PREFIX, "text_label": TEXT_LABEL, "free_text": FREE_TEXT, "train_timeout_s": 150,
+              "second_label": SECOND_LABEL}
     path = artifacts / f"{phase}-config.json"
     path.write_text(json.dumps(config))
     done = subprocess.run(["node", str(E2E / "ohif_driver.js"), str(path)], cwd=str(E2E), capture_output=True,
@@ -371,6 +373,40 @@ def test_brush_and_eraser_correct_the_labelmap(annotate):
     total = lambda stats: sum(s["total"] for s in stats["segments"])  # noqa: E731
     assert total(erased) < total(painted)  # the eraser removed voxels of every segment it crossed
     assert _changed_pixels(Path(step["brush_screenshot"]), Path(step["screenshot"])) > 0
+
+
+def test_locked_segments_undo_live_lasso_scribble_and_refine_by_clicks(annotate):
+    locked = annotate["lock a segment, replace mode: a second structure overlapping it leaves it unchanged"]
+    assert locked["params"]["texts"] == [SECOND_LABEL] and locked["outcome"]["kind"] == "success"
+    assert locked["locked_before"] > 0 and locked["locked_after"] == locked["locked_before"]  # not one voxel changed
+    assert locked["second_after"] > 0 and locked["second_after"] != locked["second_before"]
+
+    undo = annotate["undo and redo the last result of a segment"]
+    assert undo["before"] == locked["second_after"]
+    assert undo["undone"] == locked["second_before"] and undo["redone"] == undo["before"]
+    assert undo["locked"] == locked["locked_before"]
+
+    live = annotate["live mode: each click runs SegVol at once"]
+    assert live["requests"] == len(live["rounds"]) == 5  # one request per click, no button pressed
+    times = sorted(r["round_trip_s"] for r in live["rounds"])
+    print("live click round trip p50 %.2f s, p95 %.2f s (small test model)" % (times[2], times[-1]))
+
+    freehand = annotate["a positive lasso and a negative scribble each change the segment (live)"]
+    assert freehand["lasso_outcome"]["kind"] == "success" and freehand["scribble_outcome"]["kind"] == "success"
+    lasso, scribble = freehand["lasso_params"], freehand["scribble_params"]
+    assert lasso and sum(lasso["point_labels"]) > len(live["rounds"]), lasso  # live clicks + lasso
+    assert scribble and scribble["point_labels"].count(0) > lasso["point_labels"].count(0), scribble
+    assert freehand["after_lasso"] != freehand["before_lasso"]
+    assert freehand["after_scribble"] != freehand["after_lasso"]
+
+    refined = annotate["refine an existing segment: its prompts are kept and a click is added"]
+    first = annotate["add a positive click and run SegVol again (the image is cached)"]["params"]
+    params = refined["params"]
+    assert FREE_TEXT in refined["banner"] and params["texts"] == [FREE_TEXT] and params["free_text"] is True
+    assert params["box"] == first["box"]  # the box that made it
+    kept = [p for p in first["points"] if p in params["points"]]
+    assert kept == first["points"] and len(params["points"]) == len(first["points"]) + 1  # kept, plus the new click
+    assert refined["outcome"]["kind"] == "success" and FREE_TEXT in refined["outcome"]["text"]
 
 
 def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, orthanc, tmp_path_factory):

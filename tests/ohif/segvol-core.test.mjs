@@ -4,8 +4,8 @@ import { test } from 'node:test';
 
 import {
   ResultHistory, applyDiff, boxOfCorners, clampIndex, colorOf, diffLabels, insidePolygon, lassoPrompts, maskPrompts,
-  mergeResult, negativeEvidence, parseNrrd, strokePoints, suggestions, trainingStatus, vocabularyOf, voxelCounts,
-  voxelOf,
+  mergeResult, negativeEvidence, parseNrrd, restrictDiff, strokePoints, suggestions, trainingStatus, vocabularyOf,
+  voxelCounts, voxelOf,
 } from '../../apps/segvol/ohif/segvol-core.js';
 
 function nrrd(header, voxels) {
@@ -177,4 +177,14 @@ test('other segments inside the box become negative points', () => {
   labels[2 + 2 * 5] = 3; // another segment, not asked for
   assert.deepEqual(negativeEvidence(labels, dims, [2], [0, 0, 0, 2, 2, 0], 3), [[1, 1, 0]]);
   assert.deepEqual(negativeEvidence(labels, dims, [2], null, 3), [[1, 1, 0], [4, 4, 0]]);
+});
+
+test('a result touching two segments is undone per segment', () => {
+  const before = Uint8Array.from([0, 1, 2, 0]);
+  const after = Uint8Array.from([3, 1, 3, 4]);
+  const diff = diffLabels(before, after);
+  const three = restrictDiff(diff, 3);
+  assert.deepEqual([...three.indices], [0, 2]);
+  assert.deepEqual([...applyDiff(after, three, true)], [0, 1, 2, 4]);
+  assert.deepEqual([...restrictDiff(diff, 1).indices], []);
 });

@@ -123,6 +123,16 @@ export function diffLabels(before, after) {
   return diff;
 }
 
+/** The part of `diff` that changed segment `index` (voxels it had before or has after). */
+export function restrictDiff(diff, index) {
+  const keep = [];
+  for (let n = 0; n < diff.indices.length; n++) {
+    if (diff.before[n] === index || diff.after[n] === index) keep.push(n);
+  }
+  return { indices: Uint32Array.from(keep, n => diff.indices[n]), before: Uint8Array.from(keep, n => diff.before[n]),
+    after: Uint8Array.from(keep, n => diff.after[n]) };
+}
+
 /** A new labelmap: `labels` with `diff` undone (`undo` true: back to its before values) or redone. */
 export function applyDiff(labels, diff, undo) {
   const out = new Uint8Array(labels.length);

@@ -60,6 +60,10 @@ const extension = {
         panel.activateTool(toolName);
       },
       segvolClearPrompts: ({ toolNames = PROMPT_TOOLS } = {}) => panel.clearPrompts(toolNames),
+      segvolToggleLive: () => panel.toggleLive(),
+      segvolRefine: ({ name }) => panel.refine(name),
+      segvolUndo: ({ name }) => panel.undo(name),
+      segvolRedo: ({ name }) => panel.redo(name),
     };
     const definitions = {
       segvolRun: { commandFn: actions.segvolRun },
@@ -70,6 +74,10 @@ const extension = {
       segvolNegativePoint: { commandFn: actions.segvolActivateTool, options: { toolName: NEGATIVE_TOOL } },
       segvolBox: { commandFn: actions.segvolActivateTool, options: { toolName: BOX_TOOL } },
       segvolClearPrompts: { commandFn: actions.segvolClearPrompts },
+      segvolToggleLive: { commandFn: actions.segvolToggleLive },
+      segvolRefine: { commandFn: actions.segvolRefine },
+      segvolUndo: { commandFn: actions.segvolUndo },
+      segvolRedo: { commandFn: actions.segvolRedo },
     };
     return { actions, definitions, defaultContext: COMMANDS_CONTEXT };
   },

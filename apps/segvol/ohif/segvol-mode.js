@@ -10,7 +10,7 @@
  *     defines no buttons for it);
  *   - the SegVol prompt tools (points, box) added to the viewports' tool groups;
  *   - hotkeys for the SegVol commands (Shift+R run, Shift+S save, Shift+N next sample, Shift+B box, Shift+P / Shift+O
- *     positive / negative point).
+ *     positive / negative point, Shift+L live mode).
  */
 
 const MODE_ID = '@ohif/mode-monai-label';
@@ -74,6 +74,7 @@ const segvolHotkeys = [
   ['segvolBox', 'SegVol box tool', 'shift+b'],
   ['segvolPositivePoint', 'SegVol positive point', 'shift+p'],
   ['segvolNegativePoint', 'SegVol negative point', 'shift+o'],
+  ['segvolToggleLive', 'SegVol live mode on/off', 'shift+l'],
 ].map(([commandName, label, key]) => ({ commandName, context: 'SEGVOL', label, keys: [key], isEditable: true }));
 
 async function modeFactory({ modeConfiguration, loadModules }) {

@@ -4,7 +4,14 @@
  *     outside it is sent as free text and marked so), a 3D box (rectangles drawn with the Box tool on one or two
  *     slices; their extent in voxel indices is the box) and positive / negative points, all in one request to
  *     POST /infer/segvol; the latency the server reports is shown;
- *   - the segments in the labelmap, each with the prompts that produced it;
+ *   - lassos (a closed contour on one slice: its box and points inside it) and scribbles (points along the stroke),
+ *     positive or negative;
+ *   - the segments in the labelmap, each with the prompts that produced it, a lock (no result changes a locked
+ *     segment), Refine (the next run refines it: the prompts that made it are kept, a hand-drawn one gives its box and
+ *     interior points) and Undo / Redo of its SegVol results;
+ *   - the overwrite rule (replace other unlocked segments' voxels, or fill only empty voxels), other segments as
+ *     background (negative points in them), and Live mode (each prompt placed runs SegVol at once, clicks made while
+ *     it runs are run right after);
  *   - "Save to SegVol Label": PUT /datastore/label with the labelmap and the segment names (label_info); the answer
  *     (or the error) is shown, the labelmap stays in the viewer either way;
  *   - "Next sample": the next image of the server's active-learning strategy, opened in the viewer;
@@ -15,9 +22,10 @@
  * the host element the extension gives it.
  */
 
-import { ACTIVE_TASK, ACTIVE_TRAIN, mergeResult, seconds, suggestions, trainingStatus,
-  vocabularyOf } from './segvol-core.js';
-import { BOX_TOOL, NEGATIVE_TOOL, POSITIVE_TOOL } from './segvol-viewer.js';
+import { ACTIVE_TASK, ACTIVE_TRAIN, ResultHistory, diffLabels, maskPrompts, mergeResult, negativeEvidence,
+  restrictDiff, seconds, suggestions, trainingStatus, vocabularyOf } from './segvol-core.js';
+import { BOX_TOOL, LASSO_NEGATIVE, LASSO_POSITIVE, NEGATIVE_TOOL, POSITIVE_TOOL, SCRIBBLE_NEGATIVE,
+  SCRIBBLE_POSITIVE } from './segvol-viewer.js';
 
 export const COMMANDS_CONTEXT = 'SEGVOL';
 const SEG_DESCRIPTION = 'SegVol Label'; // SeriesDescription of the DICOM SEG the server stores (label_info model_name)
@@ -36,6 +44,8 @@ const STYLE = `
 .segvol-panel button:disabled { opacity: .5; cursor: default; }
 .segvol-panel button.segvol-primary { background: #2d7bd0; border-color: #5aa0f0; font-weight: 600; }
 .segvol-panel button.segvol-active { outline: 2px solid #f0c040; }
+.segvol-panel select { background: #000; color: #fff; border: 1px solid #3a3f52; border-radius: 4px; padding: 2px 4px;
+  margin: 2px 4px 2px 0; font-size: 12px; }
 .segvol-panel input[type=text] { width: 100%; box-sizing: border-box; background: #000; color: #fff; border: 1px solid #3a3f52;
   border-radius: 4px; padding: 4px 6px; }
 .segvol-chip { display: inline-block; border-radius: 10px; padding: 1px 8px; margin: 2px; background: #24466b; }
@@ -108,6 +118,14 @@ export class SegVolPanel {
     this.activeTool = null;
     this.root = null;
     this.timer = null;
+    this.locked = new Set(); // segment names no result may change
+    this.rule = 'empty'; // 'replace': a result overwrites other unlocked segments; 'empty': it fills empty voxels only
+    this.othersNegative = false; // other segments inside the box become negative points
+    this.live = false; // each prompt placed runs SegVol
+    this.pendingLive = false; // a prompt was placed while a run was going: run again after it
+    this.liveTimes = []; // round trips of live runs (seconds)
+    this.refineTarget = null; // the segment the next runs refine
+    this.history = new ResultHistory();
   }
 
   run(command) {
@@ -130,6 +148,7 @@ export class SegVolPanel {
     try {
       this.viewer.listen({
         onPrompts: () => this.refreshPromptInfo(),
+        onCompleted: () => { if (this.live) this.run('segvolRun'); },
         onEdit: () => { this.dirty = true; },
         onLabels: () => this.refreshSegments(),
       });
@@ -222,24 +241,95 @@ export class SegVolPanel {
     this.render();
   }
 
+  toggleLive() {
+    this.live = !this.live;
+    this.setMessage('info', this.live ? 'Live: each prompt you place runs SegVol.' : 'Live mode off.');
+  }
+
+  setLocked(name, locked) {
+    if (locked) this.locked.add(name);
+    else this.locked.delete(name);
+    this.render();
+  }
+
+  /** The next runs refine `name` (again: stop refining). */
+  refine(name) {
+    this.refineTarget = this.refineTarget === name ? null : name;
+    this.setMessage('info', this.refineTarget ? `Refining ${name}: add clicks, the prompts that made it are kept.`
+      : 'Refining off: runs segment the names and prompts of the panel.');
+  }
+
+  undo(name) { this.step(name, true); }
+
+  redo(name) { this.step(name, false); }
+
+  step(name, undo) {
+    const labels = this.viewer.labels();
+    const next = labels && (undo ? this.history.undo(name, labels) : this.history.redo(name, labels));
+    if (!next) return this.setMessage('error', `Nothing to ${undo ? 'undo' : 'redo'} for ${name}.`);
+    this.viewer.setLabels(next);
+    const count = this.viewer.presentSegments()[this.viewer.segmentIndexOf(name)] || 0;
+    this.setMessage('success', `${undo ? 'Undone' : 'Redone'}: ${name} has ${count} voxels.`);
+  }
+
+  // The request's prompts: the panel's names and the viewer's annotations, or, when refining a segment, the prompts
+  // that made it (a hand-drawn one: its box and interior points) plus the new annotations.
+  requestPrompts() {
+    const drawn = this.viewer.collectPrompts();
+    const target = this.refineTarget;
+    if (!target) {
+      return { texts: this.texts.map(t => t.name), free: this.texts.some(t => !t.known), box: drawn.box,
+        positive: drawn.positive, negative: drawn.negative };
+    }
+    const produced = this.produced[target];
+    if (produced && produced.provenance && produced.provenance.prompts) {
+      const kept = produced.provenance.prompts; // the request's; its texts may name other segments too
+      return { texts: produced.texts || [], free: produced.free, box: drawn.box || kept.box || null,
+        positive: [...(kept.positive_points || []), ...drawn.positive],
+        negative: [...(kept.negative_points || []), ...drawn.negative] };
+    }
+    const labels = this.viewer.labels();
+    const mask = labels && maskPrompts(labels, this.viewer.dimensions(), this.viewer.segmentIndexOf(target));
+    if (!mask) throw new Error(`${target} has no voxels to refine`);
+    return { texts: [], free: false, box: drawn.box || mask.box, positive: [...mask.positive, ...drawn.positive],
+      negative: drawn.negative };
+  }
+
   async segment() {
-    if (this.running) return;
+    if (this.running) {
+      if (this.live) this.pendingLive = true; // the click is not lost: it runs when this run is done
+      return;
+    }
     const displaySet = this.viewer.activeDisplaySet();
     if (!displaySet) return this.setMessage('error', 'No image series in the active viewport.');
-    const prompts = this.viewer.collectPrompts();
-    const texts = this.texts.map(t => t.name);
-    if (!texts.length && !prompts.box && !prompts.positive.length) {
+    let prompts;
+    try {
+      prompts = this.requestPrompts();
+    } catch (error) {
+      return this.setMessage('error', String(error.message || error));
+    }
+    const { texts, box } = prompts;
+    if (!texts.length && !box && !prompts.positive.length) {
       return this.setMessage('error', 'Give SegVol a prompt: a name, a box or a positive point.');
+    }
+    const target = this.refineTarget;
+    const negative = [...prompts.negative];
+    const labelsNow = this.viewer.labels();
+    if (this.othersNegative && labelsNow) {
+      const targets = new Set(target ? [target] : texts);
+      const others = Object.keys(this.viewer.presentSegments()).map(Number)
+        .filter(index => !targets.has((this.viewer.segments()[index] || {}).label));
+      negative.push(...negativeEvidence(labelsNow, this.viewer.dimensions(), others, box));
     }
     const params = { result_extension: '.nrrd', result_dtype: 'uint8', result_compress: false,
       restore_label_idx: false };
     if (texts.length) params.texts = texts;
-    if (this.texts.some(t => !t.known)) params.free_text = true;
-    if (prompts.box) params.box = prompts.box;
-    const points = [...prompts.positive, ...prompts.negative];
+    if (prompts.free) params.free_text = true;
+    if (box) params.box = box;
+    const points = [...prompts.positive, ...negative];
     if (points.length) {
       params.points = points;
-      params.point_labels = [...prompts.positive.map(() => 1), ...prompts.negative.map(() => 0)];
+      params.point_labels = [...prompts.positive.map(() => 1), ...negative.map(() => 0)];
     }
     this.running = true;
     this.setMessage('info', 'SegVol is running…');
@@ -252,33 +342,46 @@ export class SegVolPanel {
       if (!current) throw new Error('no labelmap to put the result in');
       const names = meta.label_names || {};
       const valueToSegment = {};
-      for (const [name, value] of Object.entries(names)) valueToSegment[value] = this.viewer.ensureSegment(name);
-      const { labels: merged, counts } = mergeResult(current, labels, valueToSegment);
+      const segmentOf = {}; // segment name -> index
+      for (const [name, value] of Object.entries(names)) {
+        const segmentName = target || name; // a refined segment takes every value of the result
+        segmentOf[segmentName] = segmentOf[segmentName] || this.viewer.ensureSegment(segmentName);
+        valueToSegment[value] = segmentOf[segmentName];
+      }
+      const locked = [...this.locked].map(name => this.viewer.segmentIndexOf(name)).filter(Boolean);
+      const { labels: merged, counts } = mergeResult(current, labels, valueToSegment, { locked, rule: this.rule });
+      const diff = diffLabels(current, merged);
+      for (const [name, index] of Object.entries(segmentOf)) this.history.record(name, restrictDiff(diff, index));
       this.viewer.setLabels(merged);
       const latency = meta.latencies || {};
       const roundTrip = (performance.now() - started) / 1000;
+      if (this.live) this.liveTimes.push(roundTrip);
       const used = meta.prompts || {};
-      for (const [name, value] of Object.entries(names)) {
-        const index = valueToSegment[value];
+      for (const [name, index] of Object.entries(segmentOf)) {
         this.produced[name] = {
-          texts: texts.filter(t => t === name || names[t] === undefined),
-          free: this.texts.some(t => t.name === name && !t.known),
+          texts: target ? texts : texts.filter(t => t === name || names[t] === undefined),
+          free: target ? prompts.free : this.texts.some(t => t.name === name && !t.known),
           box: used.box || null, positive: (used.positive_points || []).length,
           negative: (used.negative_points || []).length, server_s: latency.total, voxels: counts[index] || 0,
           // what the saved DICOM SEG records for this segment (lib/seg_metadata.py): checkpoint, zoom mode, prompts
           provenance: { model: meta.model, mode: meta.mode, prompts: used },
         };
       }
-      this.lastRun = { names: Object.keys(names), server_s: latency.total, round_trip_s: roundTrip, counts,
+      this.lastRun = { names: Object.keys(segmentOf), server_s: latency.total, round_trip_s: roundTrip, counts,
         prompts: used, encode_cached: ((meta.stats || {}).embedding_cache_hits || 0) > 0 };
-      const found = Object.entries(names).map(([name, value]) => `${name} (${counts[valueToSegment[value]] || 0} voxels)`);
-      this.setMessage('success', `SegVol: ${found.join(', ') || 'nothing'} — server ${seconds(latency.total)}, `
-        + `round trip ${seconds(roundTrip)}`);
+      const found = Object.entries(segmentOf).map(([name, index]) => `${name} (${counts[index] || 0} voxels)`);
+      const skipped = Object.keys(segmentOf).filter(name => this.locked.has(name));
+      this.setMessage('success', `SegVol: ${found.join(', ') || 'nothing'}${skipped.length ? ` (locked, unchanged: `
+        + `${skipped.join(', ')})` : ''} — server ${seconds(latency.total)}, round trip ${seconds(roundTrip)}`);
     } catch (error) {
       this.setMessage('error', String(error.message || error));
     } finally {
       this.running = false;
       this.render();
+      if (this.pendingLive) {
+        this.pendingLive = false;
+        this.run('segvolRun');
+      }
     }
   }
 
@@ -464,17 +567,48 @@ export class SegVolPanel {
         toolButton('Box', BOX_TOOL, 'Draw a rectangle on one slice, then another on a second slice: the box spans both'),
         toolButton('+ Point', POSITIVE_TOOL, 'Click inside the structure'),
         toolButton('− Point', NEGATIVE_TOOL, 'Click where the structure is not')),
+      el('div', null,
+        toolButton('+ Lasso', LASSO_POSITIVE, 'Draw around the structure on one slice: its box and points inside it'),
+        toolButton('− Lasso', LASSO_NEGATIVE, 'Draw around a region that is not the structure: points inside it'),
+        toolButton('+ Scribble', SCRIBBLE_POSITIVE, 'Draw a stroke inside the structure: points along it'),
+        toolButton('− Scribble', SCRIBBLE_NEGATIVE, 'Draw a stroke where the structure is not')),
+      this.optionsRow(),
+      this.refineTarget ? el('div', { class: 'segvol-message info', 'data-segvol': 'refining',
+        text: `Refining ${this.refineTarget}: its prompts are kept, new ones are added.` }) : null,
       el('div', { class: 'segvol-muted', 'data-segvol': 'box', text: boxText(prompts) }),
       el('div', { class: 'segvol-muted', 'data-segvol': 'points', text: pointsText(prompts) }),
+      prompts.lassos || prompts.scribbles ? el('div', { class: 'segvol-muted', 'data-segvol': 'freehand',
+        text: `${prompts.lassos} lasso(s), ${prompts.scribbles} scribble(s)` }) : null,
       el('div', null,
         el('button', { onClick: () => this.clearPrompts([BOX_TOOL]) }, 'Clear box'),
         el('button', { onClick: () => this.clearPrompts([POSITIVE_TOOL, NEGATIVE_TOOL]) }, 'Clear points'),
+        el('button', { 'data-segvol': 'clear-freehand', onClick: () => this.clearPrompts([LASSO_POSITIVE,
+          LASSO_NEGATIVE, SCRIBBLE_POSITIVE, SCRIBBLE_NEGATIVE]) }, 'Clear lassos/scribbles'),
         el('button', { onClick: () => { this.texts = []; this.render(); } }, 'Clear names')),
       el('div', null, el('button', { class: 'segvol-primary', 'data-segvol': 'run', disabled: this.running,
         title: 'Run SegVol (Shift+R)', onClick: () => this.run('segvolRun') }, this.running ? 'Running…' : 'Run SegVol')),
       this.lastRun ? el('div', { class: 'segvol-muted', 'data-segvol': 'latency',
+        'data-round-trip': String(this.lastRun.round_trip_s),
         text: `Last run: server ${seconds(this.lastRun.server_s)}, round trip ${seconds(this.lastRun.round_trip_s)}`
-          + (this.lastRun.encode_cached ? ' (image encoding reused)' : '') }) : null);
+          + (this.lastRun.encode_cached ? ' (image encoding reused)' : '')
+          + (this.liveTimes.length ? ` · live: ${this.liveTimes.length} run(s)` : '') }) : null);
+  }
+
+  optionsRow() {
+    const rule = el('select', { 'data-segvol': 'rule', title: 'What a result may overwrite' },
+      el('option', { value: 'empty', selected: this.rule === 'empty' }, 'Fill only empty voxels'),
+      el('option', { value: 'replace', selected: this.rule === 'replace' }, 'Replace other unlocked segments'));
+    rule.addEventListener('change', () => { this.rule = rule.value; });
+    const check = (what, checked, label, title, onChange) => {
+      const box = el('input', { type: 'checkbox', 'data-segvol': what, checked });
+      box.addEventListener('change', () => onChange(box.checked));
+      return el('label', { title }, box, ` ${label} `);
+    };
+    return el('div', { 'data-segvol': 'options' }, rule,
+      check('live', this.live, 'Live', 'Run SegVol on each prompt you place (Shift+L)',
+        () => this.run('segvolToggleLive')),
+      check('others-negative', this.othersNegative, 'Other segments as background',
+        'Points in the other segments (inside the box) are sent as negative points', on => { this.othersNegative = on; }));
   }
 
   segmentsSection() {
@@ -487,13 +621,24 @@ export class SegVolPanel {
         produced.box ? `box [${produced.box.join(', ')}]` : '', produced.positive ? `${produced.positive} +pt` : '',
         produced.negative ? `${produced.negative} −pt` : '', seconds(produced.server_s)].filter(Boolean).join(', ')
         : 'MONAI Label panel / brush';
+      const lock = el('input', { type: 'checkbox', 'data-lock': name, checked: this.locked.has(name),
+        title: 'Locked: no SegVol result changes this segment' });
+      lock.addEventListener('change', () => this.setLocked(name, lock.checked));
       return el('tr', { 'data-segment': name },
-        el('td', null, el('button', { title: 'Make it the active segment (brush, eraser)', onClick: () => {
+        el('td', null, el('button', { 'data-select': name, title: 'Make it the active segment (brush, eraser)', onClick: () => {
           this.viewer.setActiveSegment(index);
           this.setMessage('info', `Active segment: ${name}`);
         } }, name)),
-        el('td', { text: `${present[index]}` }),
-        el('td', { class: 'segvol-muted', text: how }));
+        el('td', { 'data-count': name, text: `${present[index]}` }),
+        el('td', { class: 'segvol-muted', text: how }),
+        el('td', null, el('label', null, lock, '🔒'),
+          el('button', { 'data-refine': name, class: this.refineTarget === name ? 'segvol-active' : null,
+            title: 'Refine this segment with new clicks (its prompts are kept)',
+            onClick: () => this.commands.runCommand('segvolRefine', { name }, COMMANDS_CONTEXT) }, 'Refine'),
+          el('button', { 'data-undo': name, disabled: !this.history.canUndo(name), title: 'Undo its last SegVol result',
+            onClick: () => this.commands.runCommand('segvolUndo', { name }, COMMANDS_CONTEXT) }, 'Undo'),
+          el('button', { 'data-redo': name, disabled: !this.history.canRedo(name), title: 'Redo',
+            onClick: () => this.commands.runCommand('segvolRedo', { name }, COMMANDS_CONTEXT) }, 'Redo')));
     });
     return el('section', { 'data-segvol': 'segments' }, el('h3', { text: 'Segments in the labelmap' }),
       rows.length ? el('table', { class: 'segvol-table' }, el('tbody', null, rows))

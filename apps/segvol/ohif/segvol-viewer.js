@@ -4,13 +4,19 @@
  * (OHIF segmentation '1', the one the MONAI Label panel fills), the prompt tools and their annotations.
  */
 
-import { boxOfCorners, clampIndex, colorOf, voxelCounts } from './segvol-core.js';
+import { boxOfCorners, clampIndex, colorOf, lassoPrompts, strokePoints, voxelCounts } from './segvol-core.js';
 
 export const SEGMENTATION_ID = '1';
 export const POSITIVE_TOOL = 'SegVolPositivePoint';
 export const NEGATIVE_TOOL = 'SegVolNegativePoint';
 export const BOX_TOOL = 'RectangleROI';
-export const PROMPT_TOOLS = [POSITIVE_TOOL, NEGATIVE_TOOL, BOX_TOOL];
+// freehand contours (cornerstone's PlanarFreehandROI): a lasso is a closed contour on one slice, a scribble a stroke
+export const LASSO_POSITIVE = 'SegVolLassoPositive';
+export const LASSO_NEGATIVE = 'SegVolLassoNegative';
+export const SCRIBBLE_POSITIVE = 'SegVolScribblePositive';
+export const SCRIBBLE_NEGATIVE = 'SegVolScribbleNegative';
+const FREEHAND_TOOLS = [LASSO_POSITIVE, LASSO_NEGATIVE, SCRIBBLE_POSITIVE, SCRIBBLE_NEGATIVE];
+export const PROMPT_TOOLS = [POSITIVE_TOOL, NEGATIVE_TOOL, BOX_TOOL, ...FREEHAND_TOOLS];
 
 export class SegVolViewer {
   constructor({ servicesManager, commandsManager, extensionManager }) {
@@ -151,11 +157,16 @@ export class SegVolViewer {
   registerTools() {
     const { cornerstoneTools } = this.libraries();
     if (!cornerstoneTools || !cornerstoneTools.ProbeTool) return;
-    for (const [name, color] of [[POSITIVE_TOOL, 'rgb(0, 220, 90)'], [NEGATIVE_TOOL, 'rgb(255, 60, 60)']]) {
+    const tools = [pointTool(cornerstoneTools, POSITIVE_TOOL, 'rgb(0, 220, 90)'),
+      pointTool(cornerstoneTools, NEGATIVE_TOOL, 'rgb(255, 60, 60)')];
+    if (cornerstoneTools.PlanarFreehandROITool) {
+      for (const name of FREEHAND_TOOLS) tools.push(freehandTool(cornerstoneTools, name));
+    }
+    for (const tool of tools) {
       try {
-        cornerstoneTools.addTool(pointTool(cornerstoneTools, name, color));
+        cornerstoneTools.addTool(tool);
       } catch (e) {
-        console.warn('SegVol: tool', name, 'not registered:', e && e.message);
+        console.warn('SegVol: tool', tool.toolName, 'not registered:', e && e.message);
       }
     }
   }
@@ -205,31 +216,57 @@ export class SegVolViewer {
     if (engine) engine.render();
   }
 
-  /** The annotations as voxel indices (i column, j row, k slice of the series as stored: what the server takes). */
+  /**
+   * The annotations as voxel indices (i column, j row, k slice of the series as stored: what the server takes):
+   * points, the box spanning the rectangles and positive lassos, the points inside lassos and along scribbles.
+   */
   collectPrompts() {
     const volume = this.imageVolume();
-    if (!volume) return { positive: [], negative: [], box: null, rectangles: 0 };
+    if (!volume) return { positive: [], negative: [], box: null, rectangles: 0, lassos: 0, scribbles: 0 };
     const toIndex = world => clampIndex(volume.imageData.worldToIndex(world), volume.dimensions);
     const positive = [];
     const negative = [];
     const corners = [];
     let rectangles = 0;
+    let lassos = 0;
+    let scribbles = 0;
     for (const item of this.promptAnnotations()) {
+      const tool = item.metadata.toolName;
+      if (FREEHAND_TOOLS.includes(tool)) {
+        const contour = ((item.data && item.data.contour && item.data.contour.polyline) || []).map(toIndex);
+        if (!contour.length) continue;
+        const sign = tool === LASSO_POSITIVE || tool === SCRIBBLE_POSITIVE ? positive : negative;
+        if (tool === LASSO_POSITIVE || tool === LASSO_NEGATIVE) {
+          const lasso = lassoPrompts(contour, tool === LASSO_POSITIVE);
+          sign.push(...lasso.points);
+          if (lasso.box) corners.push(lasso.box.slice(0, 3), lasso.box.slice(3));
+          lassos++;
+        } else {
+          sign.push(...strokePoints(contour));
+          scribbles++;
+        }
+        continue;
+      }
       const points = (item.data && item.data.handles && item.data.handles.points) || [];
       if (!points.length) continue;
-      if (item.metadata.toolName === POSITIVE_TOOL) positive.push(toIndex(points[0]));
-      else if (item.metadata.toolName === NEGATIVE_TOOL) negative.push(toIndex(points[0]));
+      if (tool === POSITIVE_TOOL) positive.push(toIndex(points[0]));
+      else if (tool === NEGATIVE_TOOL) negative.push(toIndex(points[0]));
       else {
         rectangles++;
         for (const p of points) corners.push(toIndex(p));
       }
     }
-    return { positive, negative, box: boxOfCorners(corners), rectangles };
+    return { positive, negative, box: boxOfCorners(corners), rectangles, lassos, scribbles };
+  }
+
+  dimensions() {
+    const volume = this.labelmap();
+    return volume ? volume.dimensions : null;
   }
 
   /** Call `onPrompts` when an annotation changes, `onEdit` at once and `onLabels` a moment later when the labelmap
    * does (the debounced ones redraw). */
-  listen({ onPrompts, onEdit, onLabels }) {
+  listen({ onPrompts, onCompleted, onEdit, onLabels }) {
     const { cornerstone, cornerstoneTools } = this.libraries();
     const events = cornerstoneTools.Enums.Events;
     const subscribe = (name, handler) => {
@@ -241,6 +278,13 @@ export class SegVolViewer {
     for (const name of [events.ANNOTATION_COMPLETED, events.ANNOTATION_REMOVED, events.ANNOTATION_MODIFIED]) {
       subscribe(name, prompts);
     }
+    // a prompt placed (a click, a rectangle, a lasso or scribble finished): what live mode runs on
+    const completed = debounce(onCompleted, 100);
+    subscribe(events.ANNOTATION_COMPLETED, event => {
+      const tool = event && event.detail && event.detail.annotation && event.detail.annotation.metadata
+        && event.detail.annotation.metadata.toolName;
+      if (PROMPT_TOOLS.includes(tool)) completed();
+    });
     const labels = debounce(onLabels);
     subscribe(events.SEGMENTATION_DATA_MODIFIED, () => {
       onEdit();
@@ -264,6 +308,13 @@ function debounce(fn, ms = 300) {
       try { fn(); } catch (e) { console.warn('SegVol panel', e); }
     }, ms);
   };
+}
+
+// A freehand contour tool of its own name (a lasso or a scribble, positive or negative).
+function freehandTool(cornerstoneTools, toolName) {
+  class SegVolFreehandTool extends cornerstoneTools.PlanarFreehandROITool {}
+  SegVolFreehandTool.toolName = toolName;
+  return SegVolFreehandTool;
 }
 
 // A ProbeTool drawn as a dot in the prompt's colour, without statistics text.

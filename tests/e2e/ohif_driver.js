@@ -452,9 +452,14 @@ async function annotate(page) {
     await page.waitForTimeout(500);
     const run = await runSegVol('refined');
     await segvol(page, 'segments').locator(`button[data-refine="${cfg.free_text}"]`).click(); // refining off
+    // a segment SegVol did not make (the MONAI Label panel's class prompt): its box and points inside it
+    await segvol(page, 'prompts').getByRole('button', { name: 'Clear points' }).click();
+    await segvol(page, 'segments').locator(`button[data-refine="${cfg.class_label}"]`).click();
+    const madeElsewhere = await runSegVol('refined-existing');
+    await segvol(page, 'segments').locator(`button[data-refine="${cfg.class_label}"]`).click();
     await segvol(page, 'segments').locator(`input[data-lock="${cfg.text_label}"]`).uncheck();
     await segvol(page, 'rule').selectOption('empty');
-    return { ...run, banner };
+    return { ...run, banner, existing: { params: madeElsewhere.params, outcome: madeElsewhere.outcome } };
   });
 
   await step('save while the server fails: error shown, nothing lost', async () => {

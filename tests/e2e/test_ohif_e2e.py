@@ -407,6 +407,10 @@ def test_locked_segments_undo_live_lasso_scribble_and_refine_by_clicks(annotate)
     kept = [p for p in first["points"] if p in params["points"]]
     assert kept == first["points"] and len(params["points"]) == len(first["points"]) + 1  # kept, plus the new click
     assert refined["outcome"]["kind"] == "success" and FREE_TEXT in refined["outcome"]["text"]
+    existing = refined["existing"]  # made by the MONAI Label panel: no prompts of ours, so its box and inner points
+    assert "texts" not in existing["params"] and len(existing["params"]["box"]) == 6
+    assert existing["params"]["point_labels"] and set(existing["params"]["point_labels"]) == {1}
+    assert existing["outcome"]["kind"] == "success" and CLASS_LABEL in existing["outcome"]["text"]
 
 
 def test_save_button_stores_a_named_dicom_seg_and_keeps_the_view(annotate, app, orthanc, tmp_path_factory):

@@ -351,7 +351,10 @@ export class SegVolPanel {
       const locked = [...this.locked].map(name => this.viewer.segmentIndexOf(name)).filter(Boolean);
       const { labels: merged, counts } = mergeResult(current, labels, valueToSegment, { locked, rule: this.rule });
       const diff = diffLabels(current, merged);
-      for (const [name, index] of Object.entries(segmentOf)) this.history.record(name, restrictDiff(diff, index));
+      for (const [name, index] of Object.entries(segmentOf)) {
+        const step = restrictDiff(diff, index);
+        if (step.indices.length) this.history.record(name, step); // a locked segment's result changed nothing
+      }
       this.viewer.setLabels(merged);
       const latency = meta.latencies || {};
       const roundTrip = (performance.now() - started) / 1000;

@@ -18,9 +18,16 @@ import segvol
 from segvol.config import SMALL
 
 sys.path.insert(0, str(APP))  # the app's own `lib` package, as MONAI Label imports it
-from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy  # noqa: E402
+from lib.activelearning import (  # noqa: E402
+    ClassEntropyStrategy,
+    DisagreementStrategy,
+    FHNoveltyStrategy,
+    RandomForegroundStrategy,
+)
 from lib.infers.segvol_scribbles import scribble_ids, spread_points  # noqa: E402
-from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring  # noqa: E402
+from lib.scoring import ClassEntropyScoring, DisagreementScoring, FHNoveltyScoring, ForegroundScoring  # noqa: E402
+from lib.scoring.class_entropy import exploration_noise, mean_entropy, stratified_scores  # noqa: E402
+from lib.scoring.structures import structure_names  # noqa: E402
 from lib.service import SegVolService  # noqa: E402
 
 
@@ -141,14 +148,62 @@ def small_weights(tmp_path_factory, tokenizer_dir):
 
 def test_disagreement_scoring_with_a_model(datastore, small_weights):
     service = SegVolService(str(small_weights), device="cpu")
-    scoring = DisagreementScoring(service, labels=["liver", "spleen"])
+    scoring = DisagreementScoring(service, fallback=["liver", "spleen"])
     result = scoring({}, datastore)
     assert result["scored"] == 3  # the labelled image is not scored
+    assert result["structures"] == ["liver", "spleen"]  # the final label names none: the configured ones
     scores = [datastore.get_image_info(f"img{i}")["segvol_disagreement"] for i in range(3)]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert scoring({}, datastore)["up_to_date"] == 3  # same checkpoint: nothing recomputed
     missing = DisagreementScoring(SegVolService(str(small_weights / "nope"), device="cpu"))({}, datastore)
     assert "not available" in missing["error"]
+
+
+def test_scoring_prompts_the_structures_the_datastore_labels_name(datastore, tmp_path, small_weights):
+    from segvol.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.load()
+    assert structure_names(datastore, vocabulary, ["liver"]) == ["liver"]  # no label names yet: the fallback
+    label = tmp_path / "hn.nii.gz"
+    save(label, (phantom(body=0.6, seed=2) > 30).astype(np.uint8))
+    datastore.save_label("img2", str(label), "final", {"label_info": [{"name": "Parotid Left", "idx": 1},
+                                                                       {"name": "my gland", "idx": 2}]})
+    datastore.update_label_info("img3", "final", {"label_info": [{"name": "parotid left", "idx": 1}]})
+    names = structure_names(datastore, vocabulary, ["liver"])
+    parotid = vocabulary.find("parotid left").name
+    assert names == [parotid, "my gland"]  # the most named first, vocabulary spellings resolved, free text kept
+    service = SegVolService(str(small_weights), device="cpu")
+    scoring = ClassEntropyScoring(service, fallback=["liver"])
+    result = scoring({}, datastore)
+    assert result["structures"] == names and result["scored"] == 2  # two images are labelled now
+    info = datastore.get_image_info("img0")
+    assert set(info["class_entropy"]) == set(names) and all(0 <= v <= 1 for v in info["class_entropy"].values())
+    assert scoring({}, datastore)["up_to_date"] == 2
+    chosen = ClassEntropyStrategy()({}, datastore)
+    assert chosen["id"] in {"img0", "img1"} and chosen["scored"] and chosen["labelled"] == 2
+
+
+def test_class_stratified_scores_on_synthetic_probability_maps():
+    certain = np.where(np.arange(1000) < 500, 0.99, 0.01).reshape(10, 10, 10)
+    unsure = np.full((10, 10, 10), 0.5)
+    assert mean_entropy(certain) < 0.1 and abs(mean_entropy(unsure) - 1.0) < 1e-9
+    assert mean_entropy(np.zeros((4, 4, 4))) == 0.0  # nothing reached: no uncertainty counted
+    # image a: unsure about the large liver, sure about the small gland; b: a little surer about the liver but unsure
+    # about the gland. Entropy summed over voxels picks a (the liver is large); per structure, each weighs the same.
+    per_image = {"a": {"liver": 0.50, "gland": 0.10}, "b": {"liver": 0.48, "gland": 0.60},
+                 "c": {"liver": 0.10, "gland": 0.05}}
+    voxels = {"liver": 20000, "gland": 50}
+    summed = {image: sum(voxels[k] * v for k, v in scores.items()) for image, scores in per_image.items()}
+    assert max(summed, key=summed.get) == "a"
+    scores = stratified_scores(per_image)
+    assert max(scores, key=scores.get) == "b" and min(scores, key=scores.get) == "c"
+    assert stratified_scores({"x": {"liver": 0.3}}) == {"x": 0.0}  # one candidate: nothing to rank against
+    # the exploration noise fades as labels arrive
+    import random
+
+    early = [exploration_noise(0, rng=random.Random(seed)) for seed in range(200)]
+    late = [exploration_noise(15, rng=random.Random(seed)) for seed in range(200)]
+    assert np.std(early) > 10 * np.std(late) and np.std(late) < 0.02
 
 
 def test_scribble_helpers():
@@ -275,5 +330,5 @@ def test_strategies_and_scoring_through_the_server(scribble_server):
 
 def test_the_docs_document_every_strategy():
     curation = (Path(__file__).resolve().parents[1] / "docs" / "curation.md").read_text()
-    for name in ("random_fg", "disagreement", "fh_novelty", "random", "first", "segvol_scribbles"):
+    for name in ("random_fg", "disagreement", "fh_novelty", "class_entropy", "random", "first", "segvol_scribbles"):
         assert f"`{name}`" in curation

@@ -21,10 +21,10 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.activelearning import DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy
+from lib.activelearning import ClassEntropyStrategy, DisagreementStrategy, FHNoveltyStrategy, RandomForegroundStrategy
 from lib.http_errors import http_error
 from lib.infers import SegVolAutoInfer, SegVolInteractiveInfer, SegVolPromptInfer, SegVolScribblesInfer
-from lib.scoring import DisagreementScoring, FHNoveltyScoring, ForegroundScoring
+from lib.scoring import ClassEntropyScoring, DisagreementScoring, FHNoveltyScoring, ForegroundScoring
 from lib.service import SegVolService
 from lib.validation import check_image, check_model, parse_bool
 from segvol.accel import PRECISIONS
@@ -115,6 +115,7 @@ class SegVolApp(MONAILabelApp):
             "random_fg": RandomForegroundStrategy(),
             "disagreement": DisagreementStrategy(),
             "fh_novelty": FHNoveltyStrategy(),
+            "class_entropy": ClassEntropyStrategy(),
             # MONAI Label's stock names: OHIF's Next Sample always posts "random" (its default), MONAI Label's own
             # clients and tests "random" and "first"
             "random": RandomForegroundStrategy("Same as random_fg (the name OHIF's Next Sample sends)"),
@@ -129,9 +130,17 @@ class SegVolApp(MONAILabelApp):
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         return {
             "fg_fraction": ForegroundScoring(),
-            "segvol_disagreement": DisagreementScoring(self.service),
+            "segvol_disagreement": DisagreementScoring(self.service, self._scoring_structures()),
+            "class_entropy": ClassEntropyScoring(self.service, self._scoring_structures()),
             "fh_novelty": FHNoveltyScoring(),
         }
+
+    def _scoring_structures(self):
+        """What the model-based scoring prompts until the datastore has final labels: ``--conf auto_labels`` when
+        given, else seven abdominal organs."""
+        from lib.scoring.disagreement import DEFAULT_LABELS
+
+        return self.auto_labels or list(DEFAULT_LABELS)
 
     def async_scoring(self, method, params=None):
         """MONAI Label calls this with ``method=None`` to refresh every score (at start, after a next-sample and, in

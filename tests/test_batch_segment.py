@@ -119,3 +119,25 @@ def test_local_cluster_survives_a_killed_worker(inputs, tmp_path):
                                                "--mode", "zoom_out", "--journal", str(journal)])
     assert status == 0 and {l["status"] for l in again} == {"exists"}
     assert len(journal.read_text().splitlines()) == 6
+
+
+def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from segvol.batch import remove_dead_partials
+    from segvol.io import PARTIAL_DIR
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    partial = tmp_path / "labels" / PARTIAL_DIR
+    partial.mkdir(parents=True)
+    dead = partial / f"{process.pid}-0a1b2c3d-case0_segvol.nii.gz"  # a worker killed while writing
+    live = partial / f"{os.getpid()}-0a1b2c3d-case1_segvol.nii.gz"  # this process is still writing it
+    other = partial / f"{process.pid}-0a1b2c3d-not_a_job.nii.gz"  # not an output of these jobs
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    jobs = [{"image": str(tmp_path / f"case{i}.nii.gz"), "out": str(tmp_path / "labels" / f"case{i}_segvol.nii.gz")}
+            for i in range(2)]
+    assert remove_dead_partials(jobs) == [str(dead)]
+    assert not dead.exists() and live.exists() and other.exists()

@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any, Dict, Iterator, List, Optional
 
-from .io import PARTIAL_DIR, atomic_output
+from .io import PARTIAL_DIR, atomic_output, process_alive
 
 logger = logging.getLogger("segvol.batch")
 
@@ -152,6 +152,7 @@ def run_batch(jobs: List[Dict[str, Any]], options: Dict[str, Any], scheduler: Op
             bar = tqdm(total=len(jobs), unit="image", desc="segvol", dynamic_ncols=True)
         except ImportError:  # pragma: no cover
             bar = None
+    remove_dead_partials(jobs)  # what writers killed in an earlier run left behind
     try:
         if not scheduler:
             for job in jobs:
@@ -165,9 +166,43 @@ def run_batch(jobs: List[Dict[str, Any]], options: Dict[str, Any], scheduler: Op
                 yield line
             return
         yield from _run_dask(jobs, options, scheduler, workers, retries, bar)
+        remove_dead_partials(jobs)  # a worker killed while writing left its temp file; every task is done now
     finally:
         if bar is not None:
             bar.close()
+
+
+def remove_dead_partials(jobs: List[Dict[str, Any]]) -> List[str]:
+    """Remove the temp files of these jobs' outputs (``.partial/<pid>-<hex>-<name>``) whose writer process is gone
+    (the pid rule of ``segvol.io.process_alive``; a file of a live process, here or one a remote pid happens to match,
+    is left). -> the removed paths."""
+    removed = []
+    for folder, names in _partials_by_folder(jobs).items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            pid, _, rest = entry.partition("-")
+            name = rest.partition("-")[2]
+            if name in names and pid.isdigit() and not process_alive(int(pid)):
+                try:
+                    os.unlink(os.path.join(folder, entry))
+                    removed.append(os.path.join(folder, entry))
+                except OSError:
+                    pass
+    if removed:
+        logger.info("removed %d temp file(s) of writers that died: %s", len(removed),
+                    ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
+def _partials_by_folder(jobs: List[Dict[str, Any]]) -> Dict[str, set]:
+    folders: Dict[str, set] = {}
+    for job in jobs:
+        out = os.path.abspath(job["out"])
+        folders.setdefault(os.path.join(os.path.dirname(out), PARTIAL_DIR), set()).add(os.path.basename(out))
+    return folders
 
 
 def _run_dask(jobs, options, scheduler, workers, retries, bar) -> Iterator[Dict[str, Any]]:

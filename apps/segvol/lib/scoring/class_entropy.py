@@ -15,10 +15,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from segvol.checkpoint import checkpoint_id
-
-from .base import ImageScoring
-from .structures import structure_names
+from .structures import StructureScoring
 
 REACH = 0.05  # the voxels a structure's prediction reaches: probability above this
 
@@ -52,34 +49,12 @@ def exploration_noise(labelled: int, scale: float = 0.3, half_life: float = 3.0,
     return (rng or random).gauss(0.0, sigma)
 
 
-class ClassEntropyScoring(ImageScoring):
+class ClassEntropyScoring(StructureScoring):
     key = "class_entropy"
 
     def __init__(self, service, fallback: Sequence[str] = ()):
-        super().__init__("Class-stratified predictive entropy of SegVol's zoom-out prediction, per labelled structure")
-        self.service = service
-        self.fallback = list(fallback)
-        self.structures: list = []
-
-    def images(self, datastore):
-        return datastore.get_unlabeled_images()
-
-    def __call__(self, request, datastore):
-        if not self.service.available():
-            return {"method": self.key, "scored": 0, "error": "SegVol weights are not available"}
-        self.structures = structure_names(datastore, self.service.vocabulary, self.fallback)
-        result = super().__call__(request, datastore)
-        return {**result, "structures": self.structures}
-
-    def _tag(self) -> str:
-        try:
-            model = checkpoint_id(self.service.weights_file())
-        except Exception:
-            model = None
-        return hashlib.sha1(f"{model}|{'|'.join(self.structures)}".encode()).hexdigest()[:16]
-
-    def fresh(self, info) -> bool:
-        return self.key in info and info.get(f"{self.key}_tag") == self._tag()
+        super().__init__("Class-stratified predictive entropy of SegVol's zoom-out prediction, per labelled structure",
+                         service, fallback)
 
     def score(self, image_id, path):
         per_structure = {}
@@ -87,7 +62,7 @@ class ClassEntropyScoring(ImageScoring):
             for name in self.structures:  # one map at a time: a CT's probability map is 4 bytes per voxel
                 result = engine.segment(path, texts=[name], mode="zoom_out", return_probabilities=True)
                 per_structure[name] = round(mean_entropy(next(iter(result.probabilities.values()))), 6)
-        return {self.key: per_structure, f"{self.key}_tag": self._tag()}
+        return self.tagged(per_structure)
 
 
 def labelled_count(datastore) -> int:

@@ -6,7 +6,7 @@
         --publish apps/segvol/model/segvol_finetuned.pt
 
     # train the small configuration from scratch on CPU, validation on another folder, 15 minutes
-    # (--patch-lr-scale 10: CT soft-tissue contrasts are ~0.01 of the [0, 1] intensities; see the README)
+    # (--patch-lr-scale 10: CT soft-tissue contrasts are ~0.01 of the [0, 1] intensities; see docs/training.md)
     python scripts/train.py --data train/ --val val/ --init scratch --config small --freeze none \\
         --tokenizer ../shared/clip-tokenizer --out runs/small --minutes 15 --patch-lr-scale 10
 

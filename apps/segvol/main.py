@@ -6,7 +6,7 @@ the network is loaded on the first inference (``lib.service.SegVolService``).
 Configuration (``--conf key value``): ``weights``, ``tokenizer``, ``device``, ``precision``, ``zoom``, ``labels``,
 ``cache_mb``, ``auto_labels``, ``max_labels``, ``auto_scoring``, ``segment_name_free_text``, ``retrain_threshold``,
 ``train_*``; the server's own (``segvol_server.py``): ``cors_origins``, ``auth_token_file``, ``allow_local_paths`` and
-the ``max_*`` request limits (see the README).
+the ``max_*`` request limits (the README's configuration table).
 """
 from __future__ import annotations
 

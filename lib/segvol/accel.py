@@ -12,7 +12,7 @@
 * ``fp16``: CUDA only, float16 autocast (on CPU it falls back to fp32);
 * ``int8``: on CPU, OpenVINO with NNCF post-training int8 quantization calibrated on a few real CT views
   (``calibration``), the remaining ops in bfloat16 when the CPU has it, else float32. Not used by the server unless
-  asked for (see the README for its measured accuracy).
+  asked for (see docs/benchmarks.md for its measured accuracy).
 
 A precision that cannot run here falls back to exact float32 with one WARNING line saying why (no OpenVINO, no native
 bfloat16, not on this device); ``backend.precision`` is then ``"fp32"`` and ``backend.requested`` the precision asked

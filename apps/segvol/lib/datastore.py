@@ -2,7 +2,7 @@
 per-label sidecars, safe for several processes at once (the server and MONAI Label's scoring and training
 subprocesses, which rebuild the app and hold their own copy of the index).
 
-What it guarantees (``README.md``, "Where data lives and how to back it up"):
+What it guarantees (``docs/deploying.md``, "Where data lives and how to back it up"):
 
 * Every image, label, sidecar and index write goes to a temp file in the destination folder
   (``.<name>.segvol-tmp-<pid>-<hex>``), is flushed and fsynced, renamed over the destination (``os.replace``) and the

@@ -1,6 +1,6 @@
 """``random_fg`` (default): random among unlabelled images, weighted by how much of each image is body.
 
-The nnActive study (see the README) found foreground-aware random sampling the strongest simple baseline for 3D
+The nnActive study (see docs/curation.md) found foreground-aware random sampling the strongest simple baseline for 3D
 active learning: plain random wastes annotation on volumes that are mostly air, table or a thin scout. Weights are
 the ``fg_fraction`` written by the ``fg_fraction`` scoring method (images not scored yet get the mean weight),
 times the time since this strategy last served the image, so the same image is not handed out twice in a row.

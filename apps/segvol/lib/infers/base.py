@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class SegVolInferTask(InferTask):
     """Subclasses turn a client's request into a ``PromptRequest`` (``parse_request``) and say how they number labels
     (``value_space``, ``class_agnostic``); every value in a result is one the face's ``/info`` labels or the response's
-    ``label_names`` name, so each stock client imports it into the right segment (see the README's table)."""
+    ``label_names`` name, so each stock client imports it into the right segment (see the table in docs/rest-api.md)."""
 
     def __init__(self, service: SegVolService, type: str, labels, description: str, config: Optional[dict] = None):
         super().__init__(type=type, labels=labels, dimension=3, description=description,

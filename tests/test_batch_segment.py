@@ -141,3 +141,13 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
             for i in range(2)]
     assert remove_dead_partials(jobs) == [str(dead)]
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_temp_names_give_back_their_writer_and_target():
+    from segvol.io import parse_temp_name, temp_name
+
+    assert parse_temp_name(temp_name("/d/case0_segvol.nii.gz", "/d/.partial")) == (os.getpid(), "case0_segvol.nii.gz")
+    assert parse_temp_name(temp_name("/run/last.pt")) == (os.getpid(), "last.pt")
+    assert parse_temp_name("train_stats.json.4321.tmp") == (4321, "train_stats.json")
+    for other in ("last.pt.tmp", "case0_segvol.nii.gz", "12-zz-name", "x.abc.tmp"):
+        assert parse_temp_name(other) is None, other

@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any, Dict, Iterator, List, Optional
 
-from .io import PARTIAL_DIR, atomic_output, process_alive
+from .io import PARTIAL_DIR, atomic_output, parse_temp_name, writer_alive
 
 logger = logging.getLogger("segvol.batch")
 
@@ -174,8 +174,8 @@ def run_batch(jobs: List[Dict[str, Any]], options: Dict[str, Any], scheduler: Op
 
 def remove_dead_partials(jobs: List[Dict[str, Any]]) -> List[str]:
     """Remove the temp files of these jobs' outputs (``.partial/<pid>-<hex>-<name>``) whose writer process is gone
-    (the pid rule of ``segvol.io.process_alive``; a file of a live process, here or one a remote pid happens to match,
-    is left). -> the removed paths."""
+    (``segvol.io.writer_alive``; a file of a live process, here or one a remote pid happens to match, is left).
+    -> the removed paths."""
     removed = []
     for folder, names in _partials_by_folder(jobs).items():
         try:
@@ -183,12 +183,11 @@ def remove_dead_partials(jobs: List[Dict[str, Any]]) -> List[str]:
         except OSError:
             continue
         for entry in entries:
-            pid, _, rest = entry.partition("-")
-            name = rest.partition("-")[2]
-            if name in names and pid.isdigit() and not process_alive(int(pid)):
+            path, parsed = os.path.join(folder, entry), parse_temp_name(entry)
+            if parsed and parsed[1] in names and not writer_alive(parsed[0], path):
                 try:
-                    os.unlink(os.path.join(folder, entry))
-                    removed.append(os.path.join(folder, entry))
+                    os.unlink(path)
+                    removed.append(path)
                 except OSError:
                     pass
     if removed:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, List, Optional, Union
+from typing import Any, BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -283,11 +284,23 @@ def writer_alive(pid: int, path: str) -> bool:
 
 def temp_name(path: str, temp_dir: Optional[str] = None) -> str:
     """``<path>.<hex>.<pid>.tmp`` (or ``<temp_dir>/<pid>-<hex>-<name>``): the temp file of an atomic write of
-    ``path``, unique per call (threads of one process may write the same file), the writer's pid last (what start-up
-    cleaning reads to spare a live writer's file)."""
+    ``path``, unique per call (threads of one process may write the same file), with the writer's pid (what cleaning
+    reads, ``parse_temp_name``, to spare a live writer's file)."""
     if temp_dir is None:
         return f"{path}.{os.urandom(4).hex()}.{os.getpid()}.tmp"
     return os.path.join(temp_dir, f"{os.getpid()}-{os.urandom(4).hex()}-{os.path.basename(path)}")
+
+
+_SUFFIXED_TEMP = re.compile(r"^(?P<name>.+?)(?:\.[0-9a-f]{8})?\.(?P<pid>\d+)\.tmp$")
+_PREFIXED_TEMP = re.compile(r"^(?P<pid>\d+)-[0-9a-f]{8}-(?P<name>.+)$")
+
+
+def parse_temp_name(filename: str) -> Optional[Tuple[int, str]]:
+    """(writer's pid, name of the file it becomes) of a temp file ``temp_name`` gives (also ``<name>.<pid>.tmp``),
+    or None for any other name."""
+    base = os.path.basename(filename)
+    match = _SUFFIXED_TEMP.match(base) or _PREFIXED_TEMP.match(base)
+    return (int(match.group("pid")), match.group("name")) if match else None
 
 
 @contextlib.contextmanager

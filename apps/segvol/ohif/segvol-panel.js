@@ -317,8 +317,9 @@ export class SegVolPanel {
     const labelsNow = this.viewer.labels();
     if (this.othersNegative && labelsNow) {
       const targets = new Set(target ? [target] : texts);
+      const segments = this.viewer.segments();
       const others = Object.keys(this.viewer.presentSegments()).map(Number)
-        .filter(index => !targets.has((this.viewer.segments()[index] || {}).label));
+        .filter(index => !targets.has((segments[index] || {}).label));
       negative.push(...negativeEvidence(labelsNow, this.viewer.dimensions(), others, box));
     }
     const params = { result_extension: '.nrrd', result_dtype: 'uint8', result_compress: false,

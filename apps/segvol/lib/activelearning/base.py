@@ -14,16 +14,20 @@ class ScoredStrategy(Strategy):
     score_key = ""
 
     def candidates(self, request, datastore: Datastore) -> List[Tuple[str, Optional[float], float]]:
-        """(image id, score or None when not scored yet, seconds since this strategy last served it)."""
+        """(image id, ``score_of`` its info, seconds since this strategy last served it)."""
         strategy = request.get("strategy", "")
         now = time.time()
         rows = []
         for image_id in datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")):
             info: Dict = datastore.get_image_info(image_id) or {}
-            score = info.get(self.score_key)
             served = info.get("strategy", {}).get(strategy, {}).get("ts", 0)
-            rows.append((image_id, float(score) if isinstance(score, (int, float)) else None, now - served))
+            rows.append((image_id, self.score_of(info), now - served))
         return rows
+
+    def score_of(self, info: Dict):
+        """The image's score from its info (None when not scored yet)."""
+        score = info.get(self.score_key)
+        return float(score) if isinstance(score, (int, float)) else None
 
     def pick_highest(self, request, datastore: Datastore):
         """The unlabelled image with the highest score; ties (and unscored images) go to the least recently served."""

@@ -20,13 +20,10 @@ class ClassEntropyStrategy(ScoredStrategy):
     def __init__(self):
         super().__init__("Class-stratified entropy: the unlabelled image SegVol is least sure of, per structure")
 
-    def candidates(self, request, datastore):
-        """(image id, {structure: entropy} or None, seconds since last served)."""
-        rows = []
-        for image_id, _, idle in super().candidates(request, datastore):
-            value = (datastore.get_image_info(image_id) or {}).get(self.score_key)
-            rows.append((image_id, value if isinstance(value, dict) and value else None, idle))
-        return rows
+    def score_of(self, info):
+        """{structure: entropy}, or None when not scored yet."""
+        value = info.get(self.score_key)
+        return value if isinstance(value, dict) and value else None
 
     def __call__(self, request, datastore):
         rows = self.candidates(request, datastore)

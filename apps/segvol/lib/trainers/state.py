@@ -13,19 +13,17 @@ import glob
 import json
 import logging
 import os
-import re
 import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from segvol.io import atomic_write_json, process_alive, writer_alive
+from segvol.io import atomic_write_json, parse_temp_name, process_alive, writer_alive
 
 logger = logging.getLogger(__name__)
 
 STATS = "train_stats.json"
 DIED = "the training process died (pid {pid}): killed or crashed before the run ended; resume it by starting the " \
        "same run again"
-_PID_TMP = re.compile(r"\.(\d+)\.tmp$")
 
 
 def process_identity() -> Dict[str, Any]:
@@ -109,10 +107,10 @@ def recover(model_dir: str) -> Dict[str, Any]:
         folder = os.path.dirname(path)
         if folder in live:
             continue  # a live run's checkpoint being written
-        match = _PID_TMP.search(path)
-        if match and int(match.group(1)) != os.getpid() and writer_alive(int(match.group(1)), path):
+        parsed = parse_temp_name(path)
+        if parsed and parsed[0] != os.getpid() and writer_alive(parsed[0], path):
             continue  # its writer still runs (e.g. a publish by a training process that outlived the server)
-        if not match and live and folder == model_dir:
+        if not parsed and live and folder == model_dir:
             continue  # an unowned temp file at the top while some run is alive: leave it
         try:
             os.unlink(path)

@@ -10,6 +10,10 @@
     python scripts/train.py --data train/ --val val/ --init scratch --config small --freeze none \\
         --tokenizer ../shared/clip-tokenizer --out runs/small --minutes 15 --patch-lr-scale 10
 
+    # teach new structures from a few cases, keeping five known ones (replay labels), the light way
+    python scripts/train.py --data few/ --init runs/hn/best.pt --mode lora --keep "brainstem,spinal cord,mandible" \
+        --tokenizer ../shared/clip-tokenizer --out runs/few --publish apps/segvol/model/segvol_finetuned.pt
+
     # resume an interrupted run: the same command again (``--resume auto`` is the default)
     # multi-GPU: --gpus 2 (spawns one DDP process per GPU), or torchrun --nproc_per_node 2 scripts/train.py ...
 
@@ -60,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--freeze", default=",".join(DEFAULT_FREEZE),
                        help=f"comma list of {', '.join(FREEZABLE)}, or 'none' (default: {','.join(DEFAULT_FREEZE)}, "
                             "as the SegVol maintainers advise for fine-tuning)")
+    model.add_argument("--mode", default="", choices=("", "full", "decoder", "lora"),
+                       help="what trains (overrides --freeze): full (everything), decoder (image and text encoders "
+                            "frozen, image embeddings of fixed views cached), lora (decoder + low-rank adapters on "
+                            "the image encoder's attention, merged into the published checkpoint)")
+    model.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    model.add_argument("--views-per-case", type=int, default=None,
+                       help="fixed views per case (0: a new random view each time; default 8 in the decoder mode)")
+    model.add_argument("--checkpointing", action="store_true",
+                       help="gradient checkpointing of the image encoder's blocks (less memory, ~1/3 more compute)")
+    model.add_argument("--keep", default="",
+                       help="continual learning: comma list of structures the starting model knows and must keep; "
+                            "cases without them get its predictions as replay labels")
     model.add_argument("--publish", default=None, help="copy the best checkpoint here (atomically)")
     model.add_argument("--vocabulary", default=None, help="base vocabulary JSON (default: the built-in names)")
     optim = parser.add_argument_group("optimisation")
@@ -124,7 +140,9 @@ def main(argv=None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, repeats=args.repeats, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
         lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
-        grad_clip=args.grad_clip or None, freeze=args.freeze, seed=args.seed, device=args.device,
+        grad_clip=args.grad_clip or None, freeze=args.freeze, mode=args.mode, lora_rank=args.lora_rank,
+        views_per_case=args.views_per_case, checkpointing=args.checkpointing, keep=args.keep, seed=args.seed,
+        device=args.device,
         amp=None if args.amp == "auto" else args.amp == "on", zoom_out_prob=args.zoom_out_prob,
         pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,
         max_negative=args.max_negative, boundary_fraction=args.boundary_fraction, combinations=args.combinations,

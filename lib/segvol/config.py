@@ -20,6 +20,10 @@ class SegVolConfig:
     num_layers: int = 12
     num_heads: int = 12
     mlp_dim: int = 3072
+    # Low-rank adapters on the image encoder's attention projections (``modeling.lora``; 0: none, the official
+    # network). Only the ``lora`` training mode sets them; a published checkpoint has them merged (rank 0 again).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     # Prompt positions. The official model encodes a prompt at (d, h, w) as if it were at (h, d, w) of the image-token
     # grid (normalised by (H, D, W)); its weights depend on it, so it stays the default. A network trained from

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import SegVolConfig
+from .lora import LowRankAdapter
 
 
 class PatchEmbedding(nn.Module):
@@ -38,20 +40,26 @@ class PatchEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; ``qkv`` output is laid out (3, heads, head_dim) as in MONAI's SABlock."""
+    """Multi-head self-attention; ``qkv`` output is laid out (3, heads, head_dim) as in MONAI's SABlock. With
+    ``lora_rank`` > 0, low-rank adapters (``qkv_adapter``, ``out_proj_adapter``) add to both projections."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, lora_rank: int = 0, lora_alpha: float = 16.0):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.qkv_adapter = LowRankAdapter(hidden_size, 3 * hidden_size, lora_rank, lora_alpha) if lora_rank else None
+        self.out_proj_adapter = LowRankAdapter(hidden_size, hidden_size, lora_rank, lora_alpha) if lora_rank else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C)."""
         b, length, c = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(attended.transpose(1, 2).reshape(b, length, c))
+        qkv = self.qkv(x) if self.qkv_adapter is None else self.qkv(x) + self.qkv_adapter(x)
+        q, k, v = qkv.view(b, length, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, c)
+        if self.out_proj_adapter is None:
+            return self.out_proj(attended)
+        return self.out_proj(attended) + self.out_proj_adapter(attended)
 
 
 class FeedForward(nn.Module):
@@ -67,10 +75,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_dim: int):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_dim: int, lora_rank: int = 0, lora_alpha: float = 16.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads, lora_rank, lora_alpha)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.mlp = FeedForward(hidden_size, mlp_dim)
 
@@ -87,17 +95,23 @@ class ImageEncoder(nn.Module):
         self.config = config
         self.patch_embedding = PatchEmbedding(config)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config.hidden_size, config.num_heads, config.mlp_dim) for _ in range(config.num_layers)
+            TransformerBlock(config.hidden_size, config.num_heads, config.mlp_dim, config.lora_rank, config.lora_alpha)
+            for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
+        """``checkpoint_blocks``: recompute each block's activations in the backward pass instead of keeping them
+        (gradient checkpointing: training memory for about a third more compute)."""
         expected = (1, *self.config.image_size)
         if image.dim() != 5 or tuple(image.shape[1:]) != expected:
             raise ValueError(f"image must be (B, {', '.join(map(str, expected))}), got {tuple(image.shape)}")
         x = self.patch_embedding(image)
         for block in self.blocks:
-            x = block(x)
+            if checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.norm(x)
         b = x.shape[0]
         return x.transpose(1, 2).reshape(b, self.config.hidden_size, *self.config.grid_size)

@@ -441,12 +441,18 @@ def view_rng(seed: int, epoch: int, index: int, rank: int = 0) -> np.random.Gene
     return np.random.default_rng([int(seed), int(epoch), int(index), int(rank)])
 
 
+def fixed_view_rng(seed: int, case: int, variant: int) -> np.random.Generator:
+    """The generator of a case's fixed view number ``variant`` (``TrainOptions.views_per_case``): the same view in
+    every epoch, so a frozen image encoder's embedding of it can be computed once."""
+    return np.random.default_rng([int(seed), int(case), int(variant), 104729])
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), 7919]).permutation(n)
 
 
 __all__ = [
     "Case", "CaseStore", "PreparedCase", "View", "ViewConfig", "attach_pseudo_labels", "cases_from_datastore",
-    "datalist_from_spec", "epoch_order", "load_dataset", "parse_case_slice", "parse_label_names", "prepare_case",
-    "sample_view", "split_cases", "view_rng",
+    "datalist_from_spec", "epoch_order", "fixed_view_rng", "load_dataset", "parse_case_slice", "parse_label_names",
+    "prepare_case", "sample_view", "split_cases", "view_rng",
 ]

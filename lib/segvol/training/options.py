@@ -13,6 +13,11 @@ from .prompts import COMBINATIONS, combination_parts
 
 FREEZABLE = ("image_encoder", "text_encoder", "dim_align", "prompt_encoder", "mask_decoder")
 DEFAULT_FREEZE = ("image_encoder", "text_encoder")  # the SegVol maintainers' advice for fine-tuning
+# What each training mode trains (``TrainOptions.mode``; "" keeps ``freeze`` as given):
+# full: every part; decoder: the image and text encoders frozen (image embeddings cached per fixed view);
+# lora: as decoder, plus low-rank adapters on the image encoder's attention (merged when published).
+MODE_FREEZE = {"full": (), "decoder": ("image_encoder", "text_encoder"), "lora": ("image_encoder", "text_encoder")}
+DECODER_VIEWS_PER_CASE = 8  # fixed views per case in the decoder mode, so their embeddings are computed once
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -36,6 +41,15 @@ class TrainOptions:
     min_lr_ratio: float = 0.01
     grad_clip: Optional[float] = 1.0
     freeze: Tuple[str, ...] = DEFAULT_FREEZE
+    mode: str = ""  # "full" | "decoder" | "lora" (MODE_FREEZE; overrides ``freeze``) or "" (``freeze`` decides)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    views_per_case: Optional[int] = None  # k > 0: each case offers k fixed views (embeddings cacheable when the
+    # image encoder is frozen); 0: a fresh random view every time; None: DECODER_VIEWS_PER_CASE in "decoder" mode
+    embedding_cache_mb: float = 2048  # the decoder mode's cache of image embeddings
+    checkpointing: bool = False  # gradient checkpointing of the image encoder's blocks (memory for compute)
+    keep: Tuple[str, ...] = ()  # continual learning: structures the starting model knows and must keep; a case
+    # without one gets the starting model's prediction of it as a replay label (``continual.add_replay_labels``)
     amp: Optional[bool] = None  # default: on when training on CUDA
     device: str = "auto"
     seed: int = 0
@@ -74,6 +88,17 @@ class TrainOptions:
     threads: int = 0  # torch intra-op threads per process (0: leave as is)
 
     def __post_init__(self):
+        if self.mode:
+            if self.mode not in MODE_FREEZE:
+                raise ValueError(f"mode must be one of {', '.join(MODE_FREEZE)} (or empty), got {self.mode!r}")
+            self.freeze = MODE_FREEZE[self.mode]
+        if self.views_per_case is None:
+            self.views_per_case = DECODER_VIEWS_PER_CASE if self.mode == "decoder" else 0
+        if int(self.views_per_case) < 0 or (self.mode == "lora" and int(self.lora_rank) < 1):
+            raise ValueError("views_per_case must be >= 0 and lora_rank >= 1")
+        if isinstance(self.keep, str):
+            self.keep = tuple(k.strip() for k in self.keep.split(",") if k.strip())
+        self.keep = tuple(self.keep)
         if isinstance(self.freeze, str):
             self.freeze = tuple(p.strip() for p in self.freeze.split(",") if p.strip() and p.strip() != "none")
         self.freeze = tuple(self.freeze)
@@ -103,6 +128,7 @@ class TrainOptions:
         out = asdict(self)
         out["freeze"] = list(self.freeze)
         out["combinations"] = list(self.combinations)
+        out["keep"] = list(self.keep)
         return out
 
     @classmethod
@@ -145,4 +171,5 @@ class StopTraining(Exception):
     """Raised by a callback to stop after the current step with a checkpoint (tests, external control)."""
 
 
-__all__ = ["BEST", "DEFAULT_FREEZE", "FREEZABLE", "LAST", "StopTraining", "TrainOptions", "TrainResult", "TrainStatus"]
+__all__ = ["BEST", "DEFAULT_FREEZE", "FREEZABLE", "LAST", "MODE_FREEZE", "StopTraining", "TrainOptions", "TrainResult",
+           "TrainStatus"]

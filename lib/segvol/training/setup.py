@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import find_tokenizer, read_checkpoint
 from ..config import PRESETS, SegVolConfig
+from ..modeling.lora import adapter_parameters
 from ..modeling.segvol import SegVol
 from .options import LAST, TrainOptions
 
@@ -75,7 +76,8 @@ def init_text_tower_like_clip(model: SegVol) -> None:
 
 
 def freeze_parameters(model: SegVol, freeze: Sequence[str]) -> Dict[str, int]:
-    """Set ``requires_grad`` by the freeze list (plus the never-used parameters); -> trainable counts per part."""
+    """Set ``requires_grad`` by the freeze list (plus the never-used parameters; low-rank adapters always train);
+    -> trainable counts per part."""
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     groups = {
@@ -92,6 +94,8 @@ def freeze_parameters(model: SegVol, freeze: Sequence[str]) -> Dict[str, int]:
             *list(model.mask_decoder.output_hypernetworks_mlps)[1:]]
     for module in dead:
         module.requires_grad_(False)
+    for parameter in adapter_parameters(model):  # low-rank adapters exist to be trained (the ``lora`` mode)
+        parameter.requires_grad_(True)
     return {name: sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
             for name, modules in groups.items()}
 
@@ -191,6 +195,22 @@ def _stderr_is_tty() -> bool:
         return False
 
 
+def with_adapters(model: SegVol, rank: int, alpha: float) -> SegVol:
+    """A copy of ``model`` with low-rank adapters (rank ``rank``) on the image encoder's attention, starting at zero
+    (the copy computes exactly what ``model`` does); a model that already has adapters is returned as is."""
+    import dataclasses
+
+    if model.config.lora_rank:
+        return model
+    adapted = SegVol(dataclasses.replace(model.config, lora_rank=int(rank), lora_alpha=float(alpha)), model.tokenizer)
+    missing, unexpected = adapted.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".lora_" not in key for key in missing):
+        raise RuntimeError(f"adapters: unexpected {unexpected}, missing {missing}")
+    adapted.vocabulary = list(getattr(model, "vocabulary", []) or [])
+    return adapted.to(next(model.parameters()).device)
+
+
 __all__ = ["close_progress", "freeze_parameters", "init_path", "init_text_tower_like_clip", "parameter_groups",
            "patch_embedding_lr_scale", "progress_bar", "read_last", "remove_stale_temp_files", "resolve_config",
-           "set_modes", "stop_on_signals", "tokenizer_dir"]
+           "set_modes", "stop_on_signals", "tokenizer_dir", "with_adapters"]
+

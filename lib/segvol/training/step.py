@@ -61,6 +61,7 @@ class Batch:
     kinds: List[str] = field(default_factory=list)
     combinations: Optional[Tuple[str, ...]] = None  # this step's prompt combinations (None: all)
     corrective: Optional[Tuple[str, int]] = None  # this step's corrective-click term: (start prompt, rounds)
+    view_keys: Optional[List[Tuple[int, int]]] = None  # (case, fixed view) per image, when views are fixed
 
 
 CORRECTIVE_STARTS = ("box", "box+text", "text")  # what the robot's protocols start from before clicking
@@ -68,7 +69,7 @@ CORRECTIVE_STARTS = ("box", "box+text", "text")  # what the robot's protocols st
 
 def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, pseudo_passes: int,
                 combinations: Sequence[str] = COMBINATIONS, per_step: int = 0, corrective_prob: float = 0.0,
-                corrective_rounds: int = 3) -> Batch:
+                corrective_rounds: int = 3, view_keys: Optional[List[Tuple[int, int]]] = None) -> Batch:
     targets: List[Target] = []
     pseudo: List[Tuple[str, Target]] = []
     for index, (view, rng) in enumerate(zip(views, rngs)):
@@ -95,21 +96,52 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
         corrective = (CORRECTIVE_STARTS[int(rngs[0].integers(len(CORRECTIVE_STARTS)))],
                       1 + int(rngs[0].integers(max(1, int(corrective_rounds)))))
     return Batch(images=images, targets=targets, pseudo=pseudo, kinds=[v.kind for v in views], combinations=chosen,
-                 corrective=corrective)
+                 corrective=corrective, view_keys=view_keys)
 
 
 class TrainStep(nn.Module):
     """``forward(batch) -> (loss, parts)`` for one batch; the module DDP wraps."""
 
     def __init__(self, model: SegVol, freeze: Sequence[str], combinations: Sequence[str], pseudo_weight: float,
-                 loss_resolution: str = "full"):
+                 loss_resolution: str = "full", checkpoint_blocks: bool = False, embedding_cache_mb: float = 0):
         super().__init__()
         self.model = model
         self.loss_resolution = loss_resolution
         self.freeze = set(freeze)
         self.combinations = tuple(combinations)
         self.pseudo_weight = float(pseudo_weight)
+        self.checkpoint_blocks = bool(checkpoint_blocks)
         self._pooled: Dict[str, torch.Tensor] = {}  # frozen CLIP tower output per name
+        # a frozen encoder's embedding of each fixed view (Batch.view_keys), computed once (the decoder mode)
+        self.embedding_cache_bytes = int(embedding_cache_mb * 2 ** 20)
+        self._embeddings: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._cached_bytes = 0
+        self.encoded = 0  # images run through the image encoder (the rest came from the cache)
+
+    def image_embeddings(self, batch: Batch, images: torch.Tensor) -> torch.Tensor:
+        """(B, hidden, *grid): from the cache for fixed views already seen, else from the image encoder (frozen:
+        without gradients)."""
+        encoder = self.model.image_encoder
+        frozen = "image_encoder" in self.freeze and not self.model.config.lora_rank
+        if not frozen:
+            self.encoded += len(images)
+            return encoder(images, checkpoint_blocks=self.checkpoint_blocks)
+        if not (self.embedding_cache_bytes and batch.view_keys):
+            self.encoded += len(images)
+            with torch.no_grad():
+                return encoder(images)
+        rows = []
+        for key, image in zip(batch.view_keys, images):
+            row = self._embeddings.get(key)
+            if row is None:
+                with torch.no_grad():
+                    row = encoder(image[None])[0]
+                self.encoded += 1
+                if self._cached_bytes + row.numel() * row.element_size() <= self.embedding_cache_bytes:
+                    self._embeddings[key] = row
+                    self._cached_bytes += row.numel() * row.element_size()
+            rows.append(row)
+        return torch.stack(rows)
 
     def text_embeddings(self, names: Sequence[str]) -> torch.Tensor:
         encoder = self.model.text_encoder
@@ -190,11 +222,7 @@ class TrainStep(nn.Module):
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Dict[str, float]]:
         model = self.model
         images = batch.images.to(model.device)
-        if "image_encoder" in self.freeze:
-            with torch.no_grad():
-                embedding = model.image_encoder(images)
-        else:
-            embedding = model.image_encoder(images)
+        embedding = self.image_embeddings(batch, images)
         parts: Dict[str, float] = {}
         losses = []
         if batch.targets:

@@ -35,11 +35,12 @@ from torch import nn
 
 from ..checkpoint import load_model, resolve_device, save_checkpoint
 from ..io import atomic_copy, atomic_write_json
+from ..modeling.lora import merge_adapters
 from ..modeling.segvol import SegVol
 from ..modeling.text_encoder import load_tokenizer
 from ..vocabulary import Vocabulary
 from . import distributed, setup
-from .data import Case, CaseStore, ViewConfig, epoch_order, sample_view, view_rng
+from .data import Case, CaseStore, ViewConfig, epoch_order, fixed_view_rng, sample_view, view_rng
 from .evaluate import evaluate, format_dice
 from .options import BEST, DEFAULT_FREEZE, FREEZABLE, LAST, StopTraining, TrainOptions, TrainResult, TrainStatus
 from .prompts import PromptConfig
@@ -128,6 +129,8 @@ class Trainer:
             model.vocabulary = []
         else:
             model = load_model(setup.init_path(options), device=str(self.device), tokenizer=self.tokenizer)
+        if options.mode == "lora":  # a resumed lora run's last.pt already holds its adapters
+            model = setup.with_adapters(model, options.lora_rank, options.lora_alpha)
         self.model = model.float()
         return meta
 
@@ -187,8 +190,10 @@ class Trainer:
             if self.total_epochs * steps != self.scheduler.total_steps:
                 self.scheduler.set_total(self.total_epochs * steps)
         self.epoch_seconds: List[float] = [h["seconds"] for h in self.history if "seconds" in h]
+        cache = ("image_encoder" in options.freeze and not model.config.lora_rank and options.views_per_case > 0)
         self.step_module = TrainStep(model, options.freeze, options.combinations, options.pseudo_weight,
-                                     options.loss_resolution)
+                                     options.loss_resolution, checkpoint_blocks=options.checkpointing,
+                                     embedding_cache_mb=options.embedding_cache_mb if cache else 0)
         self.runner: nn.Module = self.step_module
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -261,11 +266,18 @@ class Trainer:
         options = self.options
         positions = range(step * int(options.batch_size), (step + 1) * int(options.batch_size))
         rngs = [view_rng(options.seed, epoch, p, self.rank) for p in positions]
-        views = [sample_view(self.train_store[int(mine[p])], r, self.view_config) for p, r in zip(positions, rngs)]
+        keys = None
+        if options.views_per_case:  # one of the case's fixed views (its own generator); the prompts stay per step
+            keys = [(int(mine[p]), int(r.integers(options.views_per_case))) for p, r in zip(positions, rngs)]
+            views = [sample_view(self.train_store[case], fixed_view_rng(options.seed, case, variant),
+                                 self.view_config) for case, variant in keys]
+        else:
+            views = [sample_view(self.train_store[int(mine[p])], r, self.view_config)
+                     for p, r in zip(positions, rngs)]
         return build_batch(views, rngs, self.prompt_config, options.max_categories,
                            options.pseudo_passes if options.pseudo_weight > 0 else 0, options.combinations,
                            int(options.combinations_per_step), float(options.corrective_prob),
-                           int(options.corrective_rounds))
+                           int(options.corrective_rounds), view_keys=keys)
 
     def train_step(self, batch: Batch):
         """One optimizer step (``step.optimizer_step``); -> (loss, loss parts)."""
@@ -300,7 +312,8 @@ class Trainer:
         losses = log.losses
         entry: Dict[str, Any] = {"epoch": epoch, "steps": len(losses), "global_step": self.global_step,
                                  "loss": float(np.mean(losses)) if losses else None, "lr": self.scheduler.lr,
-                                 "parts": {k: v / max(len(losses), 1) for k, v in log.parts.items()}}
+                                 "parts": {k: v / max(len(losses), 1) for k, v in log.parts.items()},
+                                 "encoded": self.step_module.encoded}  # images the image encoder ran on so far
         val = None
         if self.main and (epoch % max(int(options.val_every), 1) == 0 or epoch >= self.total_epochs or stopping):
             val = self.validate()
@@ -398,7 +411,9 @@ class Trainer:
             return None
         options = self.options
         path = os.path.join(options.output_dir, BEST)
-        save_checkpoint(path, self.model, epoch=self.epoch, vocabulary=self.names, metric=metric, per_label=per_label,
+        # adapters folded into the weights: the published model serves at the plain network's cost
+        save_checkpoint(path, merge_adapters(self.model), epoch=self.epoch, vocabulary=self.names, metric=metric,
+                        per_label=per_label,
                         run={"output_dir": os.path.abspath(options.output_dir), "step": self.global_step})
         if options.publish_path:
             atomic_copy(path, options.publish_path)
@@ -427,11 +442,34 @@ def train(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequenc
     return Trainer(options, train_cases, val_cases, callback).fit()
 
 
+def with_replay_labels(options: TrainOptions, cases: Sequence[Case]) -> List[Case]:
+    """The cases with the starting model's predictions of the ``keep`` structures each case's label lacks."""
+    from ..engine import SegVolEngine
+    from .continual import add_replay_labels
+
+    if options.init == "scratch":
+        raise ValueError("keep: a model trained from scratch knows no structures to keep; start from a checkpoint")
+    device = resolve_device(options.device)
+    model = load_model(setup.init_path(options), device=str(device), tokenizer=setup.tokenizer_dir(options))
+    vocabulary = Vocabulary.load(options.vocabulary)
+    vocabulary.extend(list(getattr(model, "vocabulary", []) or []))
+    engine = SegVolEngine(model, mode="zoom_out_zoom_in", cache_mb=256, image_cache_mb=64)
+    try:
+        cases, _ = add_replay_labels(cases, engine, options.keep, options.output_dir,
+                                     lambda name: vocabulary.resolve(name, allow_free_text=True))
+    finally:
+        engine.clear_cache()
+    return cases
+
+
 def run_training(options: TrainOptions, train_cases: Sequence[Case], val_cases: Sequence[Case] = (),
                  callback: Optional[Callback] = None) -> TrainResult:
     """Train in this process, or in ``options.world_size`` DDP processes (one per GPU) and return rank 0's result.
 
-    Under ``torchrun`` (``WORLD_SIZE`` set) the process group is joined instead of spawning."""
+    Under ``torchrun`` (``WORLD_SIZE`` set) the process group is joined instead of spawning. With ``options.keep``
+    the training cases first get replay labels of the structures to keep (``continual.add_replay_labels``)."""
+    if options.keep:
+        train_cases = with_replay_labels(options, train_cases)
     result = distributed.launch(train, (options, list(train_cases), list(val_cases)), int(options.world_size),
                                 options.ddp_backend, resolve_device(options.device),
                                 lambda: train(options, train_cases, val_cases, callback))
@@ -443,4 +481,4 @@ def run_training(options: TrainOptions, train_cases: Sequence[Case], val_cases: 
 
 __all__ = ["DEFAULT_FREEZE", "FREEZABLE", "StopTraining", "TrainOptions", "TrainResult", "TrainStatus", "TrainStep",
            "Trainer", "build_batch", "freeze_parameters", "patch_embedding_lr_scale", "read_last", "resolve_config",
-           "run_training", "train"]
+           "run_training", "train", "with_replay_labels"]

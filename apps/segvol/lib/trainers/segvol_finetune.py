@@ -3,7 +3,10 @@ datastore's final labels.
 
 Request keys (shown to clients by ``config()``, defaults from ``--conf train_*``): ``max_epochs``, ``learning_rate``,
 ``train_batch_size``, ``val_split``, ``freeze`` (comma list of image_encoder, text_encoder, dim_align,
-prompt_encoder, mask_decoder; "none" trains everything), ``init`` ("auto": the published fine-tuned checkpoint when
+prompt_encoder, mask_decoder; "none" trains everything), ``mode`` (full | decoder | lora: overrides ``freeze``;
+``segvol.training.options.MODE_FREEZE``), ``lora_rank``, ``keep`` (comma list of structures the starting model knows
+and must keep: cases without them get its predictions as replay labels), ``checkpointing`` (gradient checkpointing),
+``init`` ("auto": the published fine-tuned checkpoint when
 there is one, else the served weights; "official"; "scratch"; or a checkpoint path), ``scratch_config`` (small |
 official), ``device``, ``amp``, ``minutes`` (time budget, 0 = none), ``val_mode``, ``val_prompt``, ``pseudo_weight``,
 ``loss_resolution`` (full | low), ``corrective_prob`` and ``corrective_rounds`` (clicks on the model's own errors in
@@ -60,6 +63,10 @@ class SegVolFinetune(TrainTask):
             "train_batch_size": int(conf.get("train_batch_size", 1)),
             "val_split": float(conf.get("train_val_split", 0.2)),
             "freeze": conf.get("train_freeze", "image_encoder,text_encoder"),
+            "mode": conf.get("train_mode", ""),
+            "lora_rank": int(conf.get("train_lora_rank", 8)),
+            "keep": conf.get("train_keep", ""),
+            "checkpointing": _bool(conf.get("train_checkpointing", "false")),
             "init": conf.get("train_init", "auto"),
             "scratch_config": conf.get("train_scratch_config", "small"),
             "device": conf.get("train_device", conf.get("device", "auto")),
@@ -164,6 +171,8 @@ class SegVolFinetune(TrainTask):
             init=init, weights=weights, tokenizer=tokenizer, config=values["scratch_config"],
             epochs=int(values["max_epochs"]), batch_size=int(values["train_batch_size"]),
             repeats=int(values["repeats"]), lr=float(values["learning_rate"]), freeze=str(values["freeze"]),
+            mode=str(values["mode"] or ""), lora_rank=int(values["lora_rank"]), keep=str(values["keep"] or ""),
+            checkpointing=_bool(values["checkpointing"]),
             amp=_bool(values["amp"]), device=str(values["device"]), seed=int(values["seed"]),
             val_mode=str(values["val_mode"]), val_prompt=str(values["val_prompt"]),
             pseudo_weight=float(values["pseudo_weight"]), time_budget_s=minutes * 60 if minutes > 0 else None,

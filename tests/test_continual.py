@@ -141,3 +141,24 @@ def test_replay_labels_put_the_old_structures_in_the_targets(tmp_path, data, tok
     result = run_training(options(tmp_path, tokenizer_dir, start, mode="decoder", keep=("liver", "spleen"),
                                   epochs=1), cases)
     assert {"liver", "spleen", "zorblax gland"} <= set(result.vocabulary)
+
+
+def test_train_benchmark_reports_each_mode(tmp_path, tokenizer_dir, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from benchmark import main as benchmark_main
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY.to_dict()))
+    assert benchmark_main(["train", "--config", str(config), "--steps", "2", "--variants", "full,decoder,lora+ckpt",
+                           "--lora-rank", "2", "--threads", "1", "--tokenizer", str(tokenizer_dir)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {row["variant"]: row for row in report["variants"]}
+    assert list(rows) == ["full", "decoder", "lora+ckpt"]
+    for row in rows.values():
+        assert row["steps"] == 3 and row["seconds_per_step"] > 0 and row["peak_rss_mb"] > 100
+    assert rows["full"]["trainable_parameters_m"] > rows["lora+ckpt"]["trainable_parameters_m"] > \
+        rows["decoder"]["trainable_parameters_m"] > 0

@@ -151,6 +151,7 @@ def test_disagreement_scoring_with_a_model(datastore, small_weights):
     scoring = DisagreementScoring(service, fallback=["liver", "spleen"])
     result = scoring({}, datastore)
     assert result["scored"] == 3  # the labelled image is not scored
+    assert 0 < result["seconds_per_image"] <= result["seconds"]  # what a pass costs per image
     assert result["structures"] == ["liver", "spleen"]  # the final label names none: the configured ones
     scores = [datastore.get_image_info(f"img{i}")["segvol_disagreement"] for i in range(3)]
     assert all(0.0 <= s <= 1.0 for s in scores)

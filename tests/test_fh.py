@@ -382,3 +382,21 @@ def test_scribbles_select_the_touched_supervoxels_and_the_cache_keeps_the_last_b
     cache.supervoxels(volume * 2, (1.0, 1.0, 1.0), box, k=0.05)
     assert len(cache) == 2
     assert cache.supervoxels(volume, (1.0, 1.0, 1.0), box, k=0.05) is not supervoxels
+
+
+def test_fh_leaves_pytorch_its_threads():
+    """FH's parallel kernels use numba's workqueue layer, not a second OpenMP runtime whose threads would keep
+    competing with PyTorch's after the first FH call (training steps were 2.2x slower); a user's choice is kept."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import numpy as np, numba\nfrom segvol import fh\n"
+              "fh.segment(fh.normalize_intensity(np.random.default_rng(0).random((8, 16, 16), dtype=np.float32)))\n"
+              "print(numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "workqueue"
+    env["NUMBA_THREADING_LAYER"] = "omp"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "omp"

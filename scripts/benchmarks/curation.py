@@ -258,6 +258,7 @@ def run_loop(strategy_name: str, seed: int, pool, initial_ids: Sequence[str], st
                                 len(cases), seed * 1000 + number, tokenizer, settings["device"], threads)
         tick = time.time()
         result = run_training(options, cases)
+        stopped(result)
         train_seconds = time.time() - tick
         checkpoint = os.path.join(options.output_dir, LAST)
         tick = time.time()
@@ -271,6 +272,12 @@ def run_loop(strategy_name: str, seed: int, pool, initial_ids: Sequence[str], st
                  strategy_name, number, added, len(labelled), rounds[-1]["mean_dice"], scoring_seconds,
                  train_seconds)
     return {"strategy": strategy_name, "seed": seed, "rounds": rounds}
+
+
+def stopped(result) -> None:
+    """The trainer turns SIGINT/SIGTERM into a clean stop of its run; the benchmark then stops too."""
+    if result.status == "stopped":
+        raise SystemExit("interrupted")
 
 
 def hash_seed(*parts: int) -> int:
@@ -393,7 +400,7 @@ def run(args) -> Dict[str, Any]:
         tick = time.time()
         options = train_options(str(start_dir), config, "scratch", settings["steps_initial"], len(initial), seed,
                                 args.tokenizer, settings["device"], threads)
-        run_training(options, [c for c in pool if c.id in initial])
+        stopped(run_training(options, [c for c in pool if c.id in initial]))
         start_checkpoint = str(start_dir / LAST)
         start_dice = test.dice(start_checkpoint)
         log.info("seed %d: starting model on %s: test Dice %.3f (%.0fs)", seed, initial, mean_of(start_dice),

@@ -56,8 +56,9 @@ class ImageScoring(ScoringMethod):
                 logger.warning("%s: image %s skipped: %s", self.key, image_id, error)
             logger.info("%s: %d/%d images", self.key, number, len(images))
         self.after(datastore, scored)
+        seconds = time.perf_counter() - started
         return {"method": self.key, "scored": len(scored), "up_to_date": skipped, "failed": failed,
-                "seconds": round(time.perf_counter() - started, 2)}
+                "seconds": round(seconds, 2), "seconds_per_image": round(seconds / len(scored), 3) if scored else None}
 
 
 def read_volume(path: str):

@@ -98,14 +98,15 @@ def measure(variant: str, config: str, steps: int, lora_rank: int, device: str, 
         seconds = [b - a for a, b in zip([started] + ticks[:-1], ticks)]
         out = {"variant": variant, "steps": len(seconds), "seconds_first_step": round(seconds[0], 2),
                "seconds_per_step": round(statistics.median(seconds[1:]), 2) if len(seconds) > 1 else None,
-               "trainable_parameters_m": trainable_millions(options)}
+               "trainable_parameters": trainable_count(options)}
+        out["trainable_parameters_m"] = round(out["trainable_parameters"] / 1e6, 2)
         if device.startswith("cuda"):
             out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
             out["cuda_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2 ** 20, 1)
         return out
 
 
-def trainable_millions(options) -> float:
+def trainable_count(options) -> int:
     """What the options train, counted on a model built on the meta device (no memory)."""
     import dataclasses
 
@@ -119,7 +120,7 @@ def trainable_millions(options) -> float:
         config = dataclasses.replace(config, lora_rank=options.lora_rank, lora_alpha=options.lora_alpha)
     with torch.device("meta"):
         model = SegVol(config)
-    return round(sum(freeze_parameters(model, options.freeze).values()) / 1e6, 2)
+    return int(sum(freeze_parameters(model, options.freeze).values()))
 
 
 def run(args) -> dict:

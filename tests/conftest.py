@@ -69,3 +69,15 @@ def official_model(official_checkpoint, tokenizer_dir):
 def golden_image_embedding(official_model, goldens):
     with torch.no_grad():
         return official_model.encode_image(goldens["preprocess"]["example_ct"]["zoom_out"][None])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks train fastest on one thread (and a busy 2-core machine makes two threads much slower); a test
+    module that trains them uses it: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from segvol.training.continual import add_replay_labels, missing_structures
 from segvol.training.setup import freeze_parameters, with_adapters
 from segvol.vocabulary import Vocabulary
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

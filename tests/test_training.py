@@ -33,13 +33,7 @@ from segvol.vocabulary import Vocabulary
 NAMES = {1: "zorblax gland", 2: "Brainstem"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks train fastest on one thread (and a busy 2-core machine makes two threads much slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -93,20 +93,13 @@ def restricted(case, keep_names: Sequence[str], folder: Path):
 def fine_tune(output_dir: str, init: str, config_dict: dict, cases, mode: str, steps: int, keep: Sequence[str],
               lr: float, tokenizer: str, device: str) -> Dict:
     """One fine-tuning run (in a child process): -> seconds and steps (the parent adds the peak RSS)."""
-    import math
+    from segvol.config import SegVolConfig
+    from segvol.training import run_training
 
-    import torch
+    from .curation import train_options
 
-    from segvol.training import TrainOptions, run_training
-    from segvol.training.trainer import patch_embedding_lr_scale
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    options = TrainOptions(
-        output_dir=output_dir, init=init, config=config_dict, tokenizer=tokenizer, mode=mode, keep=tuple(keep),
-        epochs=max(1, math.ceil(steps / len(cases))), lr=lr, weight_decay=1e-4, warmup_epochs=0.0,
-        lr_scale=patch_embedding_lr_scale(10.0), seed=0, max_categories=8, combinations_per_step=3,
-        corrective_prob=0.0, box_jitter=0.0, zoom_out_prob=0.2, loss_resolution="low", device=device,
-        val_every=10 ** 6, publish="last", pseudo_weight=0.0, resume=False, fit_budget=False, progress=False)
+    options = train_options(output_dir, SegVolConfig.from_dict(config_dict), init, steps, len(cases), 0, tokenizer,
+                            device, os.cpu_count() or 1, lr=lr, warmup_epochs=0.0, mode=mode, keep=keep)
     tick = time.time()
     result = run_training(options, cases)
     return {"seconds": round(time.time() - tick, 1), "steps": result.steps}

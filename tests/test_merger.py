@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from segvol.frames import Crop, ImageFrames, Zoom, bounding_box
-from segvol.merger import merge_categories, zoom_out_label
+from segvol.merger import merge_categories, uncovered_box, zoom_out_label
 from segvol.windows import CategoryPlan
 
 
@@ -91,3 +91,31 @@ def test_more_than_255_categories_give_a_uint16_label():
     label = zoom_out_label(zoom, plans_for(logits, zoom))
     assert label.dtype == np.uint16 and set(np.unique(label)) == {0, 300}
     np.testing.assert_array_equal(label, definition(logits, native_shape))
+
+
+def test_uncovered_box_is_the_bounding_box_of_the_voxels_no_cover_reaches():
+    """Against a voxel mask: random supports and covers (windows inside, across and outside the support, touching
+    faces, covering all of it)."""
+    rng = np.random.default_rng(0)
+    shape = np.asarray([14, 19, 23])
+    for trial in range(300):
+        low = rng.integers(0, shape // 2)
+        support = np.concatenate([low, rng.integers(low, shape)])
+        covers = []
+        for _ in range(rng.integers(0, 9)):
+            start = rng.integers(-3, shape)
+            covers.append(np.concatenate([start, start + rng.integers(0, 12, size=3)]))
+        if trial % 10 == 0:  # one cover over everything, or the support's own box
+            covers.append(support.copy() if trial % 20 else np.asarray([-1, -1, -1, *shape]))
+        covers = np.asarray(covers, dtype=np.int64).reshape(-1, 6)
+        mask = np.zeros(shape, dtype=bool)
+        mask[support[0]:support[3] + 1, support[1]:support[4] + 1, support[2]:support[5] + 1] = True
+        for cover in covers:
+            lo, hi = np.maximum(cover[:3], 0), np.maximum(cover[3:] + 1, 0)
+            mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
+        expected = bounding_box(mask)
+        found = uncovered_box(support, covers)
+        if expected is None:
+            assert found is None, (support, covers)
+        else:
+            assert found is not None and np.array_equal(found, expected), (support, covers, found, expected)

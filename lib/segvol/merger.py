@@ -28,6 +28,7 @@ class BlendState:
 
     starts: Tuple[Start, ...]
     box: np.ndarray
+    extents: np.ndarray  # (windows, 6) inclusive native boxes of the windows' valid voxels: where weight_sum > 0
     keys: Dict[Start, Hashable]
     logits: Dict[Start, torch.Tensor]
     total: np.ndarray
@@ -64,7 +65,8 @@ class WindowMerger:
                  sigma_scale: float, previous: Optional[BlendState] = None):
         self.probability = probability
         self.sigma_scale = float(sigma_scale)
-        box = union_box([np.concatenate([w.start, np.asarray(w.stop) - 1]) for w in windows])
+        extents = np.asarray([np.concatenate([w.start, np.asarray(w.stop) - 1]) for w in windows], dtype=np.int64)
+        box = union_box(list(extents))
         starts = tuple(w.start for w in windows)
         if (previous is not None and previous.complete and previous.starts == starts
                 and np.array_equal(previous.box, box)):
@@ -72,7 +74,8 @@ class WindowMerger:
             previous.complete = False  # updated in place from here on, until finalize
         else:
             shape = tuple(int(b - a + 1) for a, b in zip(box[:3], box[3:]))
-            self.state = BlendState(starts, box, {}, {}, np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+            self.state = BlendState(starts, box, extents, {}, {}, np.zeros(shape, np.float32),
+                                    np.zeros(shape, np.float32))
             self.incremental = False
         self.previous_request = self.state.request if self.incremental else None
         self.changed_box: Optional[np.ndarray] = None
@@ -124,13 +127,35 @@ def zoom_out_box(plan: CategoryPlan, state: Optional[BlendState]) -> Optional[np
     category's zoom-out support that no window covers (None when there are none)."""
     if plan.support is None:
         return None
-    part = _intersect(plan.support, None if state is None else state.box)
-    if part is None:
+    if state is None:
         return plan.support
-    uncovered = np.ones(tuple(int(v) for v in plan.support[3:] - plan.support[:3] + 1), dtype=bool)
-    uncovered[_slices(part, plan.support[:3])] = ~state.covered[_slices(part, state.box[:3])]
-    found = bounding_box(uncovered)
-    return None if found is None else found + np.tile(plan.support[:3], 2)
+    return uncovered_box(plan.support, state.extents)
+
+
+def uncovered_box(box: np.ndarray, covers: np.ndarray) -> Optional[np.ndarray]:
+    """Tight inclusive box of the voxels of the inclusive ``box`` outside every inclusive box of ``covers`` (n, 6);
+    None when they cover it all.
+
+    Exact and without a voxel array: the boxes' faces cut ``box`` into a few cells (a dozen per axis for a zoom-in
+    grid) that each lie wholly inside or wholly outside every cover; the answer is the bounding box of the uncovered
+    cells. (A voxel mask of the support, up to the whole CT, took 0.15 s of a click.)
+    """
+    box = np.asarray(box, dtype=np.int64)
+    covers = np.asarray(covers, dtype=np.int64).reshape(-1, 6)
+    low, high = box[:3], box[3:] + 1  # half-open
+    cuts = [np.unique(np.clip(np.concatenate([[low[a], high[a]], covers[:, a], covers[:, a + 3] + 1]),
+                              low[a], high[a])) for a in range(3)]
+    covered = np.zeros(tuple(len(c) - 1 for c in cuts), dtype=bool)
+    for cover in covers:
+        first = [np.searchsorted(cuts[a], max(cover[a], low[a])) for a in range(3)]
+        last = [np.searchsorted(cuts[a], min(cover[a + 3] + 1, high[a])) for a in range(3)]
+        if all(f < e for f, e in zip(first, last)):
+            covered[first[0]:last[0], first[1]:last[1], first[2]:last[2]] = True
+    cells = bounding_box(~covered)
+    if cells is None:
+        return None
+    return np.asarray([cuts[a][cells[a]] for a in range(3)] + [cuts[a][cells[a + 3] + 1] - 1 for a in range(3)],
+                      dtype=np.int64)
 
 
 def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Optional[BlendState]],

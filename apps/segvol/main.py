@@ -28,6 +28,7 @@ from lib.scoring import ClassEntropyScoring, DisagreementScoring, FHNoveltyScori
 from lib.service import SegVolService
 from lib.validation import check_image, check_model, parse_bool
 from segvol.accel import PRECISIONS
+from segvol.memory import keep_large_arrays
 from segvol.modes import DEFAULT_MODE, Mode
 from segvol.vocabulary import Vocabulary
 
@@ -70,6 +71,8 @@ class SegVolApp(MONAILabelApp):
             published=os.path.join(app_dir, "model", "segvol_finetuned.pt"),
             calibration_images=self._calibration_images,  # called once the datastore exists
         )
+        if parse_bool(conf.get("keep_large_arrays"), "--conf keep_large_arrays", True):
+            keep_large_arrays()  # clicks reuse freed CT-sized arrays instead of faulting fresh memory in (memory.py)
         auto_labels = conf.get("auto_labels", "")
         self.auto_labels = [n.strip() for n in auto_labels.split(",") if n.strip()] if auto_labels else None
         self.max_labels = int(conf.get("max_labels", 40))

@@ -160,6 +160,10 @@ def run(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.server:
+        from segvol.memory import keep_large_arrays
+
+        keep_large_arrays()  # as the server does at start
     starts = [s.strip() for s in args.starts.split(",") if s.strip()]
     unknown = [s for s in starts if s not in STARTS]
     if unknown:

@@ -21,7 +21,8 @@ memory. Each measurement runs in its own child process (so its peak RSS is its o
   box for the liver (the first request: reading, preprocessing, encoding), then N corrective clicks added one at a
   time by the robot annotator's rule (``segvol.interaction.error_click`` against the liver of ``example_seg`` on the
   resampled grid), each answered in zoom-out-zoom-in mode: seconds per click (p50, p95, max; the goal is p95 <= 1 s),
-  the engine's stages, windows decoded and encoder forwards per click, beside the first request's seconds.
+  the engine's stages, windows decoded and encoder forwards per click, beside the first request's seconds. The child
+  applies ``segvol.memory.keep_large_arrays`` first, as the server does.
 * ``g_goals`` (``--goals``): the issue's GPU targets, per precision of ``--precisions`` (default fp32), after a
   warm-up on another image and with cold caches: one organ ("liver", text only) and the 21 ``PREVIEW_NAMES`` on the
   CT in zoom-out-zoom-in mode, seconds (with and without reading and preprocessing the CT, CPU work; the targets
@@ -337,8 +338,10 @@ def _run_clicks(ct: dict, clicks: int, threads: int, device: str) -> dict:
     from segvol.engine import SegVolEngine
     from segvol.interaction import error_click
     from segvol.io import spacing
+    from segvol.memory import keep_large_arrays
     from segvol.prompts import Prompts
 
+    keep_large_arrays()  # as the server does at start
     model = _model(threads, device)
     volume = _volume(ct["path"])
     truth = liver_truth(volume.array.shape)

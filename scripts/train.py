@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--keep", default="",
                        help="continual learning: comma list of structures the starting model knows and must keep; "
                             "cases without them get its predictions as replay labels")
+    model.add_argument("--distill-weight", type=float, default=None,
+                       help="continual learning: weight of the distillation term toward the starting model's answers "
+                            "for the --keep structures (default 1.0 with --keep; 0: replay labels only)")
     model.add_argument("--publish", default=None, help="copy the best checkpoint here (atomically)")
     model.add_argument("--vocabulary", default=None, help="base vocabulary JSON (default: the built-in names)")
     optim = parser.add_argument_group("optimisation")
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr_ratio=args.min_lr_ratio,
         lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         grad_clip=args.grad_clip or None, freeze=args.freeze, mode=args.mode, lora_rank=args.lora_rank,
-        views_per_case=args.views_per_case, checkpointing=args.checkpointing, keep=args.keep, seed=args.seed,
+        views_per_case=args.views_per_case, checkpointing=args.checkpointing, keep=args.keep,
+        distill_weight=args.distill_weight, seed=args.seed,
         device=args.device,
         amp=None if args.amp == "auto" else args.amp == "on", zoom_out_prob=args.zoom_out_prob,
         pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,

@@ -137,6 +137,77 @@ def test_replay_labels_put_the_old_structures_in_the_targets(tmp_path, data, tok
     assert {"liver", "spleen", "zorblax gland"} <= set(result.vocabulary)
 
 
+def test_the_trainer_distils_the_kept_structures_by_default(tmp_path, data, tokenizer_dir, start):
+    result = run_training(options(tmp_path, tokenizer_dir, start, mode="lora", lora_rank=2, keep=("liver",),
+                                  epochs=1), load_dataset(str(data / "old"))[:2])
+    parts = result.history[-1]["parts"]
+    assert any(part.startswith("distill_") for part in parts), parts
+    plain = run_training(options(tmp_path / "b", tokenizer_dir, start, mode="lora", lora_rank=2, keep=("liver",),
+                                 distill_weight=0.0, epochs=1), load_dataset(str(data / "old"))[:2])
+    assert not any(part.startswith("distill_") for part in plain.history[-1]["parts"])
+
+
+def test_distillation_pulls_the_kept_structures_toward_the_starting_model(tokenizer_dir):
+    """The distillation term (step.py 3a): zero gradient while the student is the starting model; after the student's
+    decoder drifts, descending the term alone brings its logits back toward the starting model's."""
+    import copy
+
+    from segvol.modeling.text_encoder import load_tokenizer
+    from segvol.training.prompts import PromptConfig, sample_prompts
+    from segvol.training.step import Batch, Distillation, Target, TrainStep
+
+    torch.manual_seed(0)
+    teacher = segvol.SegVol(TINY, load_tokenizer(str(tokenizer_dir))).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    mask = np.zeros(TINY.image_size, bool)
+    mask[8:24, 16:40, 20:44] = True
+    rng = np.random.default_rng(0)
+    targets = [Target(0, "liver", mask, sample_prompts(mask, rng, PromptConfig(box_jitter=0.0))),
+               Target(0, "zorblax gland", ~mask, sample_prompts(~mask, rng, PromptConfig(box_jitter=0.0)))]
+    batch = Batch(images=torch.rand(1, 1, *TINY.image_size), targets=targets, combinations=("box+text",))
+    freeze = ("image_encoder", "text_encoder")
+    step = TrainStep(student, freeze, ("box+text",), 0.0, "low", distill=Distillation(teacher, frozenset({"liver"}),
+                                                                                        1.0))
+    _, parts = step(batch)
+    assert set(parts) == {"box+text", "distill_box+text"}  # only the kept structure's target is distilled
+
+    embedding = step.image_embeddings(batch, batch.images)
+    teacher_embedding = step._teacher_embedding(batch.images, embedding)
+
+    def distill_term():
+        table = step.text_embeddings(["liver"])
+        logits = step._decode(student, embedding, targets[:1], True, True, False, table)
+        return step._distill_loss(teacher_embedding, targets, [0], "box+text", logits), logits
+
+    loss, _ = distill_term()
+    loss.backward()
+    decoder = [p for p in student.mask_decoder.parameters()]
+    assert max(float(p.grad.abs().max()) for p in decoder if p.grad is not None) < 1e-6
+    with torch.no_grad():
+        reference = torch.sigmoid(step._decode(teacher, teacher_embedding, targets[:1], True, True, False,
+                                               teacher.encode_text(["liver"])))
+        for p in student.mask_decoder.output_hypernetworks_mlps.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    optimizer = torch.optim.Adam(decoder, lr=1e-3)
+    gaps = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss, logits = distill_term()
+        gaps.append(float((torch.sigmoid(logits.detach()) - reference).abs().mean()))
+        loss.backward()
+        optimizer.step()
+    assert gaps[0] > 0.01 and gaps[-1] < 0.5 * gaps[0], gaps
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_comes_with_structures_to_keep():
+    with pytest.raises(ValueError, match="distill_weight"):
+        TrainOptions(output_dir="x", distill_weight=0.5)
+    assert TrainOptions(output_dir="x").distill_weight == 0.0
+    assert TrainOptions(output_dir="x", keep=("liver",)).distill_weight == 1.0  # on by default in continual mode
+    assert TrainOptions(output_dir="x", keep=("liver",), distill_weight=0.0).distill_weight == 0.0
+
+
 def test_train_benchmark_reports_each_mode(tmp_path, tokenizer_dir, capsys):
     import json
     import sys

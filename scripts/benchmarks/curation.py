@@ -112,10 +112,11 @@ def network_config(name: str):
 
 def train_options(output_dir: str, config, init: str, steps: int, labelled: int, seed: int, tokenizer: str,
                   device: str, threads: int, lr: float = 1e-3, warmup_epochs: Optional[float] = None, mode: str = "",
-                  keep: Sequence[str] = ()):
+                  keep: Sequence[str] = (), distill_weight: float = 0.0):
     """The trainer's options for one retraining: ``steps`` views over the labelled cases (whole epochs), the
     settings scripts/finetune_eval.py chose for this network, no validation (the test set is never seen).
-    ``warmup_epochs`` None: a tenth of the epochs, at most one; ``mode``/``keep``: the few-shot runs'."""
+    ``warmup_epochs`` None: a tenth of the epochs, at most one; ``mode``/``keep``/``distill_weight``: the few-shot
+    runs'."""
     from segvol.training import TrainOptions
     from segvol.training.trainer import patch_embedding_lr_scale
 
@@ -124,7 +125,7 @@ def train_options(output_dir: str, config, init: str, steps: int, labelled: int,
         output_dir=output_dir, init=init, config=config.to_dict(), tokenizer=tokenizer, epochs=epochs,
         batch_size=1, lr=lr, weight_decay=1e-4, lr_scale=patch_embedding_lr_scale(10.0),
         warmup_epochs=min(1.0, 0.1 * epochs) if warmup_epochs is None else warmup_epochs, freeze=(), mode=mode,
-        keep=tuple(keep), seed=seed, max_categories=8, combinations_per_step=3,
+        keep=tuple(keep), distill_weight=distill_weight, seed=seed, max_categories=8, combinations_per_step=3,
         corrective_prob=0.0, box_jitter=0.0, zoom_out_prob=0.2, loss_resolution="low", world_size=1, device=device,
         threads=threads, val_every=10 ** 6, publish="last", pseudo_weight=0.0, resume=False, fit_budget=False,
         progress=False)

@@ -12,7 +12,8 @@ On a dataset folder (default ../shared/data/openkbp-dev: ``--train-cases`` to le
 3. for each mode (``--modes``: full, decoder, lora) and each N of ``--shots``: the starting model fine-tuned on the
    first N training cases holding the new structures, labelled with the new structures only (what a lab has),
    ``--steps`` steps, keeping the old structures through replay labels (``--keep``: the starting model's predictions,
-   ``segvol.training.continual``); plus ``full`` without replay at the largest N (what replay buys);
+   ``segvol.training.continual``) and the distillation term toward the starting model (``--distill``); at the largest
+   N also each mode with replay labels only (what distillation buys) and ``full`` with neither (what replay buys);
 4. every model's held-out Dice per structure (text + box, zoom-out-zoom-in).
 
 Each fine-tuning runs in a child process of its own: its seconds and peak resident memory are its own. Output: one
@@ -54,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps of each few-shot run")
     parser.add_argument("--reference-steps", type=int, default=450, help="steps of the all-cases reference")
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of the fine-tuning runs")
+    parser.add_argument("--distill", type=float, default=1.0,
+                        help="weight of the distillation term toward the starting model in the few-shot runs (0: "
+                             "replay labels only); the largest N also runs each mode with replay labels only")
     parser.add_argument("--start-minutes", type=float, default=8.0, help="training budget of the starting model")
     parser.add_argument("--start-checkpoint", default=None, help="use this starting model instead of training one")
     parser.add_argument("--processes", type=int, default=min(2, os.cpu_count() or 1),
@@ -91,7 +95,7 @@ def restricted(case, keep_names: Sequence[str], folder: Path):
 
 
 def fine_tune(output_dir: str, init: str, config_dict: dict, cases, mode: str, steps: int, keep: Sequence[str],
-              lr: float, tokenizer: str, device: str) -> Dict:
+              lr: float, tokenizer: str, device: str, distill_weight: float = 0.0) -> Dict:
     """One fine-tuning run (in a child process): -> seconds and steps (the parent adds the peak RSS)."""
     from segvol.config import SegVolConfig
     from segvol.training import run_training
@@ -99,7 +103,8 @@ def fine_tune(output_dir: str, init: str, config_dict: dict, cases, mode: str, s
     from .curation import train_options
 
     options = train_options(output_dir, SegVolConfig.from_dict(config_dict), init, steps, len(cases), 0, tokenizer,
-                            device, os.cpu_count() or 1, lr=lr, warmup_epochs=0.0, mode=mode, keep=keep)
+                            device, os.cpu_count() or 1, lr=lr, warmup_epochs=0.0, mode=mode, keep=keep,
+                            distill_weight=distill_weight)
     tick = time.time()
     result = run_training(options, cases)
     return {"seconds": round(time.time() - tick, 1), "steps": result.steps}
@@ -162,13 +167,13 @@ def run(args) -> Dict:
     if not few or max(shots) > len(few):
         raise SystemExit(f"only {len(few)} training cases hold {new}")
 
-    def one_run(name: str, mode: str, cases, steps: int, keep: Sequence[str]) -> Dict:
+    def one_run(name: str, mode: str, cases, steps: int, keep: Sequence[str], distill: float = 0.0) -> Dict:
         tick = time.time()
         measured = in_child(fine_tune, output_dir=str(out / name), init=start, config_dict=config.to_dict(),
                             cases=cases, mode=mode, steps=steps, keep=list(keep), lr=args.lr,
-                            tokenizer=args.tokenizer, device=args.device)
+                            tokenizer=args.tokenizer, device=args.device, distill_weight=distill)
         dice = summary(tester.dice(str(out / name / LAST)))
-        row = {"run": name, "mode": mode, "cases": len(cases), "replay": bool(keep), **measured,
+        row = {"run": name, "mode": mode, "cases": len(cases), "replay": bool(keep), "distill": distill, **measured,
                "minutes": round((time.time() - tick) / 60.0, 2), "dice_new": dice["new"], "dice_old": dice["old"],
                "old_change": round(dice["old"] - start_dice["old"], 4), "per_structure": dice["per_structure"]}
         log.info("%s: new %.3f, old %.3f (%+.3f), %.1f min, peak RSS %.0f MB", name, row["dice_new"], row["dice_old"],
@@ -181,17 +186,21 @@ def run(args) -> Dict:
     runs = []
     for mode in names_of(args.modes):
         for count in shots:
-            row = one_run(f"{mode}_n{count}", mode, few[:count], args.steps, old)
+            row = one_run(f"{mode}_n{count}", mode, few[:count], args.steps, old, args.distill)
             row["ratio_to_reference"] = round(row["dice_new"] / reference["dice_new"], 3) \
                 if reference["dice_new"] > 0 else None
             runs.append(row)
     ablation = one_run(f"full_n{max(shots)}_no_replay", "full", few[:max(shots)], args.steps, ())
+    replay_only = [one_run(f"{mode}_n{max(shots)}_replay_only", mode, few[:max(shots)], args.steps, old, 0.0)
+                   for mode in names_of(args.modes)] if args.distill > 0 else []
     largest = [r for r in runs if r["cases"] == max(shots)]
     goals = {r["mode"]: {"ratio_to_reference": r["ratio_to_reference"], "old_change": r["old_change"],
                          "met": bool(r["ratio_to_reference"] is not None and r["ratio_to_reference"] >= GOAL_RATIO
                                      and r["old_change"] >= -GOAL_FORGETTING)} for r in largest}
     return {"benchmark": "fewshot", "data": args.data, "config": args.config, "old": old, "new": new,
             "train_cases": len(train), "cases_with_new": len(few), "test_cases": len(test), "steps": args.steps,
-            "lr": args.lr, "start": {"checkpoint": start, "minutes": start_minutes, **start_dice},
-            "reference": reference, "runs": runs, "no_replay": ablation, "goals": goals,
+            "lr": args.lr, "distill": args.distill,
+            "start": {"checkpoint": start, "minutes": start_minutes, **start_dice},
+            "reference": reference, "runs": runs, "no_replay": ablation, "replay_only": replay_only,
+            "goals": goals,
             "minutes": round((time.time() - started) / 60.0, 2)}

@@ -17,6 +17,7 @@ DEFAULT_FREEZE = ("image_encoder", "text_encoder")  # the SegVol maintainers' ad
 # full: every part; decoder: the image and text encoders frozen (image embeddings cached per fixed view);
 # lora: as decoder, plus low-rank adapters on the image encoder's attention (merged when published).
 MODE_FREEZE = {"full": (), "decoder": ("image_encoder", "text_encoder"), "lora": ("image_encoder", "text_encoder")}
+DISTILL_WEIGHT = 1.0  # the distillation term's weight in continual learning (benchmark.py fewshot measured it)
 DECODER_VIEWS_PER_CASE = 8  # fixed views per case in the decoder mode, so their embeddings are computed once
 LAST = "last.pt"
 BEST = "best.pt"
@@ -50,6 +51,9 @@ class TrainOptions:
     checkpointing: bool = False  # gradient checkpointing of the image encoder's blocks (memory for compute)
     keep: Tuple[str, ...] = ()  # continual learning: structures the starting model knows and must keep; a case
     # without one gets the starting model's prediction of it as a replay label (``continual.add_replay_labels``)
+    distill_weight: Optional[float] = None  # continual learning: weight of a distillation term toward the starting
+    # model's answers for the ``keep`` structures' prompts (soft targets on the same views and prompts; step.py 3a);
+    # None: DISTILL_WEIGHT with ``keep``, else 0
     amp: Optional[bool] = None  # default: on when training on CUDA
     device: str = "auto"
     seed: int = 0
@@ -99,6 +103,11 @@ class TrainOptions:
         if isinstance(self.keep, str):
             self.keep = tuple(k.strip() for k in self.keep.split(",") if k.strip())
         self.keep = tuple(self.keep)
+        if self.distill_weight is None:
+            self.distill_weight = DISTILL_WEIGHT if self.keep else 0.0
+        self.distill_weight = float(self.distill_weight)
+        if self.distill_weight < 0 or (self.distill_weight > 0 and not self.keep):
+            raise ValueError("distill_weight must be >= 0, and needs keep (the structures to distil)")
         if isinstance(self.freeze, str):
             self.freeze = tuple(p.strip() for p in self.freeze.split(",") if p.strip() and p.strip() != "none")
         self.freeze = tuple(self.freeze)

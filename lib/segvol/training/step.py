@@ -11,6 +11,10 @@ One optimizer step:
    point, box+point) are decoded against that embedding (the reference re-encoded the image per category);
 3. the loss is the sum over combinations of the mean per-sample Dice + BCE (``losses``), plus ``pseudo_weight`` (0.1)
    times the same on FH pseudo-label targets when a case has them;
+3a. continual learning (``distill``): for the targets naming a structure to keep, the same prompts decoded by the
+   frozen starting model give soft targets (its sigmoid probabilities), and ``distill_weight`` times the binary
+   cross-entropy toward them is added (Learning without Forgetting): the old structures keep the starting model's
+   whole answer, not only its thresholded replay labels;
 3b. in a share of the steps (``corrective_prob``) a **corrective-click** term: from a start prompt (box, box + text or
    text) the model predicts without gradients, the robot annotator's rule (``segvol.interaction.error_click``: the
    deepest voxel of the largest error region) adds a click on each prediction's own mistake, for 1 to
@@ -28,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..interaction import error_click
@@ -99,13 +104,25 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
                  corrective=corrective, view_keys=view_keys)
 
 
+@dataclass
+class Distillation:
+    """The distillation term's state (module docstring, 3a): the frozen starting model, the text prompts of the
+    structures to keep, and the term's weight."""
+
+    teacher: SegVol
+    names: frozenset
+    weight: float
+
+
 class TrainStep(nn.Module):
     """``forward(batch) -> (loss, parts)`` for one batch; the module DDP wraps."""
 
     def __init__(self, model: SegVol, freeze: Sequence[str], combinations: Sequence[str], pseudo_weight: float,
-                 loss_resolution: str = "full", checkpoint_blocks: bool = False, embedding_cache_mb: float = 0):
+                 loss_resolution: str = "full", checkpoint_blocks: bool = False, embedding_cache_mb: float = 0,
+                 distill: Optional[Distillation] = None):
         super().__init__()
         self.model = model
+        self.distill = distill
         self.loss_resolution = loss_resolution
         self.freeze = set(freeze)
         self.combinations = tuple(combinations)
@@ -164,17 +181,42 @@ class TrainStep(nn.Module):
                 return encoder.dim_align(pooled)
         return encoder.dim_align(pooled)
 
-    def _decode_loss(self, embedding, targets: Sequence[Target], use_text: bool, use_box: bool, use_points: bool,
-                     text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor], truth: torch.Tensor):
+    def _decode(self, model: SegVol, embedding, targets: Sequence[Target], use_text: bool, use_box: bool,
+                use_points: bool, text: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits (N, 1, ...) of the targets' prompts (``text``: their (N, C) embeddings) at the loss resolution."""
         device = embedding.device
         index = torch.as_tensor([t.sample for t in targets], device=device)
         prompts = [t.prompts for t in targets]
-        text = text_table[text_index] if use_text else None
         boxes = stack_boxes(prompts, device) if use_box else None
         points = stack_points(prompts, device) if use_points else None
-        low_res = self.model.decode(embedding[index], text, boxes, points)
-        logits = low_res if self.loss_resolution == "low" else self.model.upsample(low_res)
-        return dice_bce_loss(logits, truth).mean()
+        low_res = model.decode(embedding[index], text if use_text else None, boxes, points)
+        return low_res if self.loss_resolution == "low" else model.upsample(low_res)
+
+    def _decode_loss(self, embedding, targets: Sequence[Target], use_text: bool, use_box: bool, use_points: bool,
+                     text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor], truth: torch.Tensor):
+        text = text_table[text_index] if use_text else None
+        logits = self._decode(self.model, embedding, targets, use_text, use_box, use_points, text)
+        return dice_bce_loss(logits, truth).mean(), logits
+
+    def _teacher_embedding(self, images: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """The starting model's image embedding of the batch; a frozen encoder without adapters is the starting
+        model's own, so its embedding is the student's."""
+        if "image_encoder" in self.freeze and not self.model.config.lora_rank:
+            return embedding.detach()
+        with torch.no_grad():
+            return self.distill.teacher.image_encoder(images)
+
+    def _distill_loss(self, teacher_embedding: torch.Tensor, targets: Sequence[Target], rows: List[int],
+                      combination: str, logits: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the student's ``logits`` rows toward the starting model's probabilities for the
+        same prompts (module docstring, 3a)."""
+        teacher = self.distill.teacher
+        use_text, use_box, use_points = combination_parts(combination)
+        kept = [targets[i] for i in rows]
+        with torch.no_grad():
+            text = teacher.encode_text([t.text for t in kept]) if use_text else None
+            soft = torch.sigmoid(self._decode(teacher, teacher_embedding, kept, use_text, use_box, use_points, text))
+        return F.binary_cross_entropy_with_logits(logits[rows], soft)
 
     def _corrective_loss(self, embedding, targets: Sequence[Target], start: str, rounds: int,
                          text_table: torch.Tensor, text_index: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -225,6 +267,9 @@ class TrainStep(nn.Module):
         embedding = self.image_embeddings(batch, images)
         parts: Dict[str, float] = {}
         losses = []
+        distilled = [] if self.distill is None else [i for i, t in enumerate(batch.targets)
+                                                      if t.text in self.distill.names]
+        teacher_embedding = self._teacher_embedding(images, embedding) if distilled else None
         if batch.targets:
             truth = self._truth([t.mask for t in batch.targets], images.device)
             names = list(dict.fromkeys(t.text for t in batch.targets))
@@ -232,13 +277,17 @@ class TrainStep(nn.Module):
             text_index = torch.as_tensor([names.index(t.text) for t in batch.targets], device=images.device)
             for combination in batch.combinations or self.combinations:
                 use_text, use_box, use_points = combination_parts(combination)
-                loss = self._decode_loss(embedding, batch.targets, use_text, use_box, use_points, table, text_index,
-                                         truth)
+                loss, logits = self._decode_loss(embedding, batch.targets, use_text, use_box, use_points, table,
+                                                 text_index, truth)
                 losses.append(loss)
                 parts[combination] = float(loss.detach())
+                if distilled:
+                    loss = self._distill_loss(teacher_embedding, batch.targets, distilled, combination, logits)
+                    losses.append(self.distill.weight * loss)
+                    parts[f"distill_{combination}"] = float(loss.detach())
             if batch.corrective is not None:
                 start, rounds = batch.corrective
-                loss = self._corrective_loss(embedding, batch.targets, start, rounds, table, text_index, truth)
+                loss, _ = self._corrective_loss(embedding, batch.targets, start, rounds, table, text_index, truth)
                 losses.append(loss)
                 parts["corrective"] = float(loss.detach())
         if batch.pseudo and self.pseudo_weight > 0:
@@ -247,7 +296,8 @@ class TrainStep(nn.Module):
                 if not group:
                     continue
                 truth = self._truth([t.mask for t in group], images.device)
-                loss = self._decode_loss(embedding, group, False, kind == "box", kind == "point", None, None, truth)
+                loss, _ = self._decode_loss(embedding, group, False, kind == "box", kind == "point", None, None,
+                                            truth)
                 losses.append(self.pseudo_weight * loss)
                 parts[f"pseudo_{kind}"] = float(loss.detach())
         if not losses:  # nothing to learn from in this batch: a zero loss that still touches every parameter (DDP)
@@ -313,4 +363,5 @@ class Prefetcher:
             yield step, batch
 
 
-__all__ = ["Batch", "CORRECTIVE_STARTS", "Prefetcher", "Target", "TrainStep", "build_batch", "optimizer_step"]
+__all__ = ["Batch", "CORRECTIVE_STARTS", "Distillation", "Prefetcher", "Target", "TrainStep", "build_batch",
+           "optimizer_step"]

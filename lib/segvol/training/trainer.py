@@ -46,7 +46,7 @@ from .options import BEST, DEFAULT_FREEZE, FREEZABLE, LAST, StopTraining, TrainO
 from .prompts import PromptConfig
 from .schedule import WarmupCosine
 from .setup import freeze_parameters, patch_embedding_lr_scale, read_last, resolve_config  # noqa: F401 (API)
-from .step import Batch, Prefetcher, TrainStep, build_batch, optimizer_step
+from .step import Batch, Distillation, Prefetcher, TrainStep, build_batch, optimizer_step
 
 logger = logging.getLogger("segvol.training")
 
@@ -155,6 +155,7 @@ class Trainer:
                                           options.boundary_fraction)
         self.view_config = ViewConfig(options.zoom_out_prob, options.pos_fraction,
                                       intensity_prob=options.intensity_prob)
+        self.kept_texts = frozenset(resolve(name) for name in options.keep)  # the text prompts of the kept names
 
     def _build_optimisation(self, meta: Optional[Dict[str, Any]]) -> None:
         """Optimizer, schedule, scaler, the step module (DDP-wrapped) and the counters, restored from ``meta``."""
@@ -193,7 +194,8 @@ class Trainer:
         cache = ("image_encoder" in options.freeze and not model.config.lora_rank and options.views_per_case > 0)
         self.step_module = TrainStep(model, options.freeze, options.combinations, options.pseudo_weight,
                                      options.loss_resolution, checkpoint_blocks=options.checkpointing,
-                                     embedding_cache_mb=options.embedding_cache_mb if cache else 0)
+                                     embedding_cache_mb=options.embedding_cache_mb if cache else 0,
+                                     distill=self._distillation())
         self.runner: nn.Module = self.step_module
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -201,6 +203,17 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = DistributedDataParallel(self.step_module, device_ids=device_ids,
                                                   find_unused_parameters=True)
+
+    def _distillation(self) -> Optional[Distillation]:
+        """The distillation term toward the starting model (``options.distill_weight``; step.py, 3a), or None."""
+        options = self.options
+        if not float(options.distill_weight) > 0:
+            return None
+        if options.init == "scratch":
+            raise ValueError("distill_weight: a model trained from scratch has no starting model to distil")
+        teacher = load_model(setup.init_path(options), device=str(self.device), tokenizer=self.tokenizer).float()
+        teacher.eval().requires_grad_(False)
+        return Distillation(teacher, self.kept_texts, float(options.distill_weight))
 
     # ---- the run -----------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:

@@ -5,7 +5,8 @@ Request keys (shown to clients by ``config()``, defaults from ``--conf train_*``
 ``train_batch_size``, ``val_split``, ``freeze`` (comma list of image_encoder, text_encoder, dim_align,
 prompt_encoder, mask_decoder; "none" trains everything), ``mode`` (full | decoder | lora: overrides ``freeze``;
 ``segvol.training.options.MODE_FREEZE``), ``lora_rank``, ``keep`` (comma list of structures the starting model knows
-and must keep: cases without them get its predictions as replay labels), ``checkpointing`` (gradient checkpointing),
+and must keep: cases without them get its predictions as replay labels), ``distill_weight`` (the distillation term
+toward the starting model for those structures; empty: 1.0 with ``keep``), ``checkpointing`` (gradient checkpointing),
 ``init`` ("auto": the published fine-tuned checkpoint when
 there is one, else the served weights; "official"; "scratch"; or a checkpoint path), ``scratch_config`` (small |
 official), ``device``, ``amp``, ``minutes`` (time budget, 0 = none), ``val_mode``, ``val_prompt``, ``pseudo_weight``,
@@ -66,6 +67,7 @@ class SegVolFinetune(TrainTask):
             "mode": conf.get("train_mode", ""),
             "lora_rank": int(conf.get("train_lora_rank", 8)),
             "keep": conf.get("train_keep", ""),
+            "distill_weight": conf.get("train_distill_weight", ""),
             "checkpointing": _bool(conf.get("train_checkpointing", "false")),
             "init": conf.get("train_init", "auto"),
             "scratch_config": conf.get("train_scratch_config", "small"),
@@ -159,6 +161,7 @@ class SegVolFinetune(TrainTask):
         resume = values["resume"]
         resume = "auto" if str(resume).lower() == "auto" else _bool(resume)
         minutes = float(values["minutes"] or 0)
+        distill = str(values["distill_weight"] if values["distill_weight"] is not None else "").strip()
         world = 1
         if _bool(values["multi_gpu"]):
             import torch
@@ -172,6 +175,7 @@ class SegVolFinetune(TrainTask):
             epochs=int(values["max_epochs"]), batch_size=int(values["train_batch_size"]),
             repeats=int(values["repeats"]), lr=float(values["learning_rate"]), freeze=str(values["freeze"]),
             mode=str(values["mode"] or ""), lora_rank=int(values["lora_rank"]), keep=str(values["keep"] or ""),
+            distill_weight=float(distill) if distill else None,  # empty: the trainer's default
             checkpointing=_bool(values["checkpointing"]),
             amp=_bool(values["amp"]), device=str(values["device"]), seed=int(values["seed"]),
             val_mode=str(values["val_mode"]), val_prompt=str(values["val_prompt"]),

@@ -218,11 +218,13 @@ def test_train_benchmark_reports_each_mode(tmp_path, tokenizer_dir, capsys):
 
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY.to_dict()))
-    assert benchmark_main(["train", "--config", str(config), "--steps", "2", "--variants", "full,decoder,lora+ckpt",
-                           "--lora-rank", "2", "--threads", "1", "--tokenizer", str(tokenizer_dir)]) == 0
+    assert benchmark_main(["train", "--config", str(config), "--steps", "2", "--variants",
+                           "full,decoder,lora+ckpt,decoder+distill", "--lora-rank", "2", "--threads", "1",
+                           "--tokenizer", str(tokenizer_dir)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = {row["variant"]: row for row in report["variants"]}
-    assert list(rows) == ["full", "decoder", "lora+ckpt"]
+    assert list(rows) == ["full", "decoder", "lora+ckpt", "decoder+distill"]
+    assert rows["decoder+distill"]["trainable_parameters"] == rows["decoder"]["trainable_parameters"]
     for row in rows.values():
         assert row["steps"] == 3 and row["seconds_per_step"] > 0 and row["peak_rss_mb"] > 100
     assert rows["full"]["trainable_parameters"] > rows["lora+ckpt"]["trainable_parameters"] > \

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py train                                  # official configuration, CPU
     python scripts/benchmark.py train --device cuda --variants full,full+ckpt,decoder,lora,lora+ckpt
+    python scripts/benchmark.py train --variants decoder+distill,lora+ckpt+distill   # continual learning's cost
     python scripts/benchmark.py train --config small --steps 10
 
 Each variant runs the project trainer (``segvol.training.run_training``, what ``scripts/train.py`` and the app's
@@ -10,7 +11,9 @@ memory or time), on one synthetic CT (a body with two labelled balls), batch 1, 
 combinations (all six per step, no corrective clicks, full-resolution loss). Variants are ``mode[+ckpt]``: ``full``
 (every part trains), ``decoder`` (image and text encoders frozen; each case's fixed views are encoded once and
 their embeddings reused), ``lora`` (frozen encoders plus rank ``--lora-rank`` adapters on the image encoder's
-attention); ``+ckpt`` adds gradient checkpointing of the image encoder's blocks.
+attention); ``+ckpt`` adds gradient checkpointing of the image encoder's blocks; ``+distill`` starts from a checkpoint
+(the same random network, saved first) and keeps "liver" with the distillation term toward it (a second, frozen
+network in memory; few-shot continual learning's default).
 
 Per variant: trainable parameters, the first step's seconds (model warm-up, the decoder mode's encoding), the median
 seconds of the later steps, peak resident memory of the process (RSS: model, optimizer state, activations) and on
@@ -76,9 +79,16 @@ def measure(variant: str, config: str, steps: int, lora_rank: int, device: str, 
 
     if threads:
         torch.set_num_threads(threads)
-    mode, _, extra = variant.partition("+")
+    mode, *extras = variant.split("+")
     with tempfile.TemporaryDirectory() as folder:
         cases = load_dataset(write_case(folder))
+        init, keep = "scratch", ()
+        if "distill" in extras:
+            from segvol.checkpoint import save_checkpoint
+            from segvol.modeling.segvol import SegVol
+            from segvol.training.setup import resolve_config
+
+            init, keep = save_checkpoint(os.path.join(folder, "start.pt"), SegVol(resolve_config(config))), ("liver",)
         ticks = []
 
         def on_event(event, info):
@@ -87,8 +97,8 @@ def measure(variant: str, config: str, steps: int, lora_rank: int, device: str, 
                 if len(ticks) > steps:
                     raise StopTraining
 
-        options = TrainOptions(output_dir=os.path.join(folder, "run"), init="scratch", config=config,
-                               tokenizer=tokenizer, mode=mode, lora_rank=lora_rank, checkpointing=extra == "ckpt",
+        options = TrainOptions(output_dir=os.path.join(folder, "run"), init=init, config=config, keep=keep,
+                               tokenizer=tokenizer, mode=mode, lora_rank=lora_rank, checkpointing="ckpt" in extras,
                                epochs=1, repeats=steps + 1, device=device, resume=False, progress=False,
                                corrective_prob=0.0, prefetch=False, pseudo_weight=0.0)
         if device.startswith("cuda"):
@@ -129,9 +139,9 @@ def run(args) -> dict:
     threads = args.threads or torch.get_num_threads()
     rows = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        mode, _, extra = variant.partition("+")
-        if mode not in ("full", "decoder", "lora") or extra not in ("", "ckpt"):
-            raise SystemExit(f"unknown variant {variant!r}: mode[+ckpt], modes full, decoder, lora")
+        mode, *extras = variant.split("+")
+        if mode not in ("full", "decoder", "lora") or not set(extras) <= {"ckpt", "distill"}:
+            raise SystemExit(f"unknown variant {variant!r}: mode[+ckpt][+distill], modes full, decoder, lora")
         rows.append(in_child(measure, variant=variant, config=args.config, steps=args.steps,
                              lora_rank=args.lora_rank, device=args.device, threads=threads,
                              tokenizer=args.tokenizer))

@@ -354,6 +354,40 @@ def test_packed_mask_regions_equal_the_mask():
         assert np.array_equal(packed.region(low, high), mask[tuple(slice(a, b) for a, b in zip(low, high))])
 
 
+def test_packed_mask_knows_whether_a_region_holds_a_voxel():
+    rng = np.random.default_rng(1)
+    shape = (6, 7, 45)
+    for trial in range(400):
+        mask = np.zeros(shape, bool)
+        for _ in range(trial % 4):  # 0 to 3 single voxels: every byte edge gets tested
+            mask[tuple(int(rng.integers(0, n)) for n in shape)] = True
+        packed = PackedMask(mask)
+        low = [int(rng.integers(0, n)) for n in shape]
+        high = [int(rng.integers(a, n + 1)) for a, n in zip(low, shape)]  # empty ranges too
+        expected = bool(mask[tuple(slice(a, b) for a, b in zip(low, high))].any())
+        assert packed.any_in(low, high) == expected, (low, high, np.argwhere(mask))
+
+
+def test_a_window_has_foreground_exactly_when_it_has_a_foreground_box():
+    """Planning's quick test (packed bytes) against the tight box prompting uses, over a grid with ragged edges."""
+    from segvol.windows import CategoryPlan, Grid
+
+    rng = np.random.default_rng(2)
+    shape = (40, 70, 90)
+    for _ in range(20):
+        mask = np.zeros(shape, bool)
+        for _ in range(int(rng.integers(1, 4))):
+            centre = [int(rng.integers(0, n)) for n in shape]
+            mask[tuple(slice(max(c - 2, 0), c + 3) for c in centre)] = True
+        support = np.concatenate([np.zeros(3, int), np.asarray(shape) - 1])
+        windows = Grid.over(((0, 0, 0), shape), shape, (16, 32, 32), 0.5).windows()
+
+        quick, tight = (CategoryPlan("x", 1, zoom_logits=torch.zeros(1), support=support,
+                                     foreground=PackedMask(mask), foreground_box=bounding_box(mask)) for _ in range(2))
+        assert [quick.has_foreground(w) for w in windows] == [tight.foreground_box_in(w) is not None for w in windows]
+        assert any(quick.has_foreground(w) for w in windows) and not all(quick.has_foreground(w) for w in windows)
+
+
 def test_progress_is_logged_per_window_on_long_runs(ct, oracle, caplog):
     array, affine, _ = ct
     oracle.config = TINY

@@ -145,6 +145,27 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
         assert torch.allclose(decoder._upscaled_masks(tokens, weights, grid), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_upsampling_equals_trilinear_interpolation():
+    """SegVol.upsample resizes slice by slice where the depth needs no interpolation: for the official window the
+    same floats as trilinear interpolation (bit for bit), elsewhere the same to float rounding; gradients too."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for config, exact in ((SegVolConfig(), True), (SMALL, False),
+                          (SegVolConfig(image_size=(16, 64, 64), patch_size=(8, 8, 8)), True)):  # the trilinear path
+        with torch.device("meta"):
+            model = segvol.SegVol(config)
+        for batch in (1, 3):
+            low = (torch.randn(batch, 1, *config.low_res_size) * 4).requires_grad_(True)
+            ours = model.upsample(low)
+            reference = F.interpolate(low, size=config.image_size, mode="trilinear", align_corners=False)
+            assert torch.equal(ours, reference) if exact else torch.allclose(ours, reference, atol=1e-5)
+            weights = torch.randn_like(reference)
+            (gradient,) = torch.autograd.grad((ours * weights).sum(), low)
+            (expected,) = torch.autograd.grad((reference * weights).sum(), low)
+            assert torch.allclose(gradient, expected, atol=1e-4)
+
+
 def test_spatial_layernorm_spans_channels_and_space(small_model):
     norm = small_model.mask_decoder.output_upscaling[1]
     assert tuple(norm.normalized_shape) == (SMALL.hidden_size // 4, *(2 * g for g in SMALL.grid_size))

@@ -32,6 +32,8 @@ _M_MMAP_MAX = -4
 def keep_large_arrays(trim_mb: int = 1024) -> Dict[str, bool]:
     """Apply the settings above to this process. -> what was applied: ``{"malloc": bool, "numpy_hugepages_off":
     bool}`` (False where the platform has no such setting: another C library, an older numpy)."""
+    if not 0 < int(trim_mb) < 2048:  # mallopt takes a C int of bytes
+        raise ValueError(f"trim_mb must be in 1..2047, got {trim_mb}")
     applied = {"malloc": False, "numpy_hugepages_off": False}
     library = ctypes.util.find_library("c")
     try:

@@ -193,7 +193,9 @@ class TrainStep(nn.Module):
         return low_res if self.loss_resolution == "low" else model.upsample(low_res)
 
     def _decode_loss(self, embedding, targets: Sequence[Target], use_text: bool, use_box: bool, use_points: bool,
-                     text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor], truth: torch.Tensor):
+                     text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor],
+                     truth: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (mean Dice + BCE of the targets' prompts, their logits)."""
         text = text_table[text_index] if use_text else None
         logits = self._decode(self.model, embedding, targets, use_text, use_box, use_points, text)
         return dice_bce_loss(logits, truth).mean(), logits
@@ -250,7 +252,8 @@ class TrainStep(nn.Module):
                     added = True
             if not added:
                 break
-        return self._decode_loss(embedding, clicked(), use_text, use_box, any(clicks), text_table, text_index, truth)
+        return self._decode_loss(embedding, clicked(), use_text, use_box, any(clicks), text_table, text_index,
+                                 truth)[0]
 
     def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
         """(N, 1, *image_size) float targets, area-averaged to the decoder's grid for ``loss_resolution='low'``."""
@@ -287,7 +290,7 @@ class TrainStep(nn.Module):
                     parts[f"distill_{combination}"] = float(loss.detach())
             if batch.corrective is not None:
                 start, rounds = batch.corrective
-                loss, _ = self._corrective_loss(embedding, batch.targets, start, rounds, table, text_index, truth)
+                loss = self._corrective_loss(embedding, batch.targets, start, rounds, table, text_index, truth)
                 losses.append(loss)
                 parts["corrective"] = float(loss.detach())
         if batch.pseudo and self.pseudo_weight > 0:

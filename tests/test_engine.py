@@ -58,8 +58,7 @@ def oracle(ct):
 def small_model():
     tokenizer = need(SHARED / "clip-tokenizer")
     torch.manual_seed(0)
-    model = segvol.SegVol(segvol.SMALL).eval()
-    model.text_encoder.tokenizer = segvol.modeling.text_encoder.load_tokenizer(str(tokenizer))
+    model = segvol.SegVol(segvol.SMALL, segvol.modeling.text_encoder.load_tokenizer(str(tokenizer))).eval()
     return model
 
 
@@ -509,9 +508,8 @@ def test_segment_cli_image_and_folder(tmp_path, small_model):
 def official_filled_model(filled_state_dict):
     tokenizer = need(SHARED / "clip-tokenizer")
     with torch.device("meta"):
-        model = segvol.SegVol(segvol.OFFICIAL)
+        model = segvol.SegVol(segvol.OFFICIAL, segvol.modeling.text_encoder.load_tokenizer(str(tokenizer)))
     model.load_state_dict(filled_state_dict, strict=True, assign=True)
-    model.text_encoder.tokenizer = segvol.modeling.text_encoder.load_tokenizer(str(tokenizer))
     return model.eval()
 
 

@@ -32,11 +32,10 @@ def _model(seed: int = 0):
     if not TOKENIZER.exists():
         pytest.skip(f"{TOKENIZER} is missing (tests read it from ../shared beside the repository)")
     torch.manual_seed(seed)
-    model = segvol.SegVol(segvol.SMALL).eval()
+    model = segvol.SegVol(segvol.SMALL, segvol.modeling.text_encoder.load_tokenizer(str(TOKENIZER)),
+                          checkpoint_id=f"small-{seed}").eval()
     with torch.no_grad():  # a random network whose logits are not all near 0: a real boundary to compare
         model.mask_decoder.output_hypernetworks_mlps.apply(lambda m: m.weight.mul_(4) if hasattr(m, "weight") else None)
-    model.text_encoder.tokenizer = segvol.modeling.text_encoder.load_tokenizer(str(TOKENIZER))
-    model.checkpoint_id = f"small-{seed}"
     return model
 
 

@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def small_model(tokenizer_dir):
     torch.manual_seed(0)
-    model = segvol.SegVol(SMALL).eval()
-    model.text_encoder.tokenizer = load_tokenizer(str(tokenizer_dir))
+    model = segvol.SegVol(SMALL, load_tokenizer(str(tokenizer_dir))).eval()
     return model
 
 

@@ -26,8 +26,7 @@ def small_model():
     if not tokenizer.exists():
         pytest.skip(f"{tokenizer} is missing (tests read it from ../shared beside the repository)")
     torch.manual_seed(0)
-    model = segvol.SegVol(segvol.SMALL).eval()
-    model.text_encoder.tokenizer = segvol.modeling.text_encoder.load_tokenizer(str(tokenizer))
+    model = segvol.SegVol(segvol.SMALL, segvol.modeling.text_encoder.load_tokenizer(str(tokenizer))).eval()
     return model
 
 

@@ -169,14 +169,13 @@ def load_model(checkpoint: str, device: str = "cpu", tokenizer: Optional[str] = 
     tokenizer_dir = find_tokenizer(tokenizer, weights_file)
     state, meta = read_checkpoint(weights_file)
     config = SegVolConfig.from_dict(meta["config"]) if "config" in meta else SegVolConfig()
+    clip_tokenizer = load_tokenizer(tokenizer_dir)
     with torch.device("meta"):
-        model = SegVol(config)
+        model = SegVol(config, clip_tokenizer, checkpoint_id=checkpoint_id(weights_file),
+                       vocabulary=meta.get("vocabulary", []))
     check_state_dict(model, state, source=repr(weights_file))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.text_encoder.tokenizer = load_tokenizer(tokenizer_dir)
-    model.checkpoint_id = checkpoint_id(weights_file)
-    model.vocabulary = list(meta.get("vocabulary", []))
     model = model.to(resolve_device(device)).eval()
     if precision not in (None, "fp32") or accel_options:
         from .accel import accelerate

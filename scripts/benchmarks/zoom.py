@@ -94,11 +94,10 @@ def _model(threads: int, device: str = "cpu"):
     from fill import fill_state_dict
 
     manifest = json.loads((SHARED / "parity" / "segvol_keys.json").read_text())["tensors"]
+    tokenizer = load_tokenizer(str(SHARED / "clip-tokenizer"))
     with torch.device("meta"):
-        model = segvol.SegVol(segvol.OFFICIAL)
+        model = segvol.SegVol(segvol.OFFICIAL, tokenizer, checkpoint_id="parity-fill")
     model.load_state_dict(fill_state_dict(manifest), strict=True, assign=True)
-    model.text_encoder.tokenizer = load_tokenizer(str(SHARED / "clip-tokenizer"))
-    model.checkpoint_id = "parity-fill"
     return model.to(device).eval()
 
 

@@ -47,9 +47,9 @@ def merge_adapters(model):
             # "<...>.attn.qkv_adapter" adapts "<...>.attn.qkv"
             target = name[: -len("_adapter")] + ".weight"
             state[target] = state[target] + module.delta_weight().detach().to(state[target].dtype)
-    plain = SegVol(dataclasses.replace(model.config, lora_rank=0), model.tokenizer)
+    plain = SegVol(dataclasses.replace(model.config, lora_rank=0), model.tokenizer,
+                   vocabulary=getattr(model, "vocabulary", None) or ())
     plain.load_state_dict(state, strict=True)
-    plain.vocabulary = list(getattr(model, "vocabulary", []) or [])
     return plain.to(next(model.parameters()).device).train(model.training)
 
 

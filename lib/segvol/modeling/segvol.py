@@ -24,15 +24,19 @@ class SegVol(nn.Module):
     work so an image embedding can be reused for many prompts.
     """
 
-    def __init__(self, config: SegVolConfig = SegVolConfig(), tokenizer=None):
+    def __init__(self, config: SegVolConfig = SegVolConfig(), tokenizer=None, checkpoint_id: Optional[str] = None,
+                 vocabulary: Sequence[str] = ()):
+        """``tokenizer``: the CLIP tokenizer text prompts need (``text_encoder.load_tokenizer``); ``checkpoint_id``:
+        what the engine's caches key this model's results by (``segvol.load_model`` gives the file's); ``vocabulary``:
+        the category names a project checkpoint was trained on."""
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config)
         self.prompt_encoder = PromptEncoder(config)
         self.mask_decoder = MaskDecoder(config)
         self.text_encoder = TextEncoder(config, tokenizer)
-        self.checkpoint_id: Optional[str] = None
-        self.vocabulary: list = []  # category names a project checkpoint was trained on
+        self.checkpoint_id = checkpoint_id
+        self.vocabulary = list(vocabulary)
         self.encoder_backend = None  # segvol.accel: a fast encoder (OpenVINO, autocast) used in eval mode
 
     @property

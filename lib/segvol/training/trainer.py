@@ -126,7 +126,6 @@ class Trainer:
             model = SegVol(setup.resolve_config(options.config), load_tokenizer(self.tokenizer))
             setup.init_text_tower_like_clip(model)
             model = model.to(self.device)
-            model.vocabulary = []
         else:
             model = load_model(setup.init_path(options), device=str(self.device), tokenizer=self.tokenizer)
         if options.mode == "lora":  # a resumed lora run's last.pt already holds its adapters

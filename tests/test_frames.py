@@ -159,6 +159,21 @@ def test_upsample_region_matches_interpolate_and_support_is_conservative(native_
     assert np.all(support[:3] <= positive[:3]) and np.all(support[3:] >= positive[3:])
 
 
+@pytest.mark.parametrize("native_shape", [(30, 96, 121), (200, 490, 300), (10, 20, 7)])
+def test_positive_region_is_where_the_trilinear_logits_are_positive(native_shape):
+    zoom = Zoom(native_shape, (32, 64, 64))
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn((32, 64, 64), generator=generator)  # signs change between neighbouring zoom voxels
+    full = F.interpolate(logits[None, None], size=native_shape, mode="trilinear", align_corners=False)[0, 0]
+    box = [1, 2, 3, native_shape[0] - 1, native_shape[1] - 1, native_shape[2] - 3]  # the clamped last slice included
+    mask = zoom.positive_region(logits, box)
+    expected = full[1:, 2:, 3:-2]
+    assert mask.shape == tuple(expected.shape) and mask.dtype == bool
+    clear = expected.abs() > 1e-5  # float rounding decides only values this close to 0
+    assert np.array_equal(mask[clear.numpy()], (expected > 0)[clear].numpy())
+    assert clear.float().mean() > 0.99
+
+
 def test_window_padded_points_boxes_and_extract():
     native_shape = (20, 300, 100)  # smaller than the window on axes 0 and 2: padded symmetrically
     window = Window((0, 40, 0), (32, 256, 256), native_shape)

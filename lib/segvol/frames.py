@@ -318,17 +318,25 @@ class Zoom:
         slices, planes, shape = self._separable(logits, box)
         return (slices @ planes).reshape(shape)
 
-    def positive_region(self, logits, box, rows_per_block: int = 8) -> np.ndarray:
-        """Where ``upsample_region(logits, box)`` is > 0, as a bool array (on the CPU, the native slices are
-        interpolated a few at a time, so the box's float values never exist at once: 2-3x faster for a large box)."""
+    def positive_region(self, logits, box) -> np.ndarray:
+        """Where ``upsample_region(logits, box)`` is > 0 (to float rounding), as a bool array.
+
+        On the CPU the native slices are interpolated one at a time from their two zoom slices
+        (``interpolation_taps``), so the box's float values never exist at once and no product runs over the zero
+        weights of the depth matrix (a click's zoom-out foreground: 0.16 -> 0.06 s for a whole-body support)."""
         import torch
 
         if logits.device.type != "cpu":
             return (self.upsample_region(logits, box) > 0).cpu().numpy()
-        slices, planes, shape = self._separable(logits, box)
+        _, planes, shape = self._separable(logits, box)
+        first, second, weight = self.interpolation_taps(0, as_box(box)[0], as_box(box)[3])
+        lower = 1 - weight
         mask = torch.empty((shape[0], planes.shape[1]), dtype=torch.bool)
-        for first in range(0, shape[0], rows_per_block):
-            torch.gt(slices[first:first + rows_per_block] @ planes, 0, out=mask[first:first + rows_per_block])
+        values = torch.empty(planes.shape[1], dtype=planes.dtype)
+        for row in range(shape[0]):
+            torch.mul(planes[first[row]], lower[row], out=values)
+            values.add_(planes[second[row]], alpha=float(weight[row]))
+            torch.gt(values, 0, out=mask[row])
         return mask.reshape(shape).numpy()
 
     def _separable(self, logits, box):

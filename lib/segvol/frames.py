@@ -315,7 +315,9 @@ class Zoom:
         to float rounding), computed separably as three small matrix products and only where asked, on the tensor's
         device. The cost is proportional to the box, and about F.interpolate's for the whole volume.
         """
-        slices, planes, shape = self._separable(logits, box)
+        box = as_box(box)
+        planes, shape = self._in_plane(logits, box)
+        slices = self.interpolation_matrix(0, box[0], box[3], logits.device).to(logits.dtype)
         return (slices @ planes).reshape(shape)
 
     def positive_region(self, logits, box) -> np.ndarray:
@@ -328,8 +330,9 @@ class Zoom:
 
         if logits.device.type != "cpu":
             return (self.upsample_region(logits, box) > 0).cpu().numpy()
-        _, planes, shape = self._separable(logits, box)
-        first, second, weight = self.interpolation_taps(0, as_box(box)[0], as_box(box)[3])
+        box = as_box(box)
+        planes, shape = self._in_plane(logits, box)
+        first, second, weight = self.interpolation_taps(0, box[0], box[3])
         lower = 1 - weight
         mask = torch.empty((shape[0], planes.shape[1]), dtype=torch.bool)
         values = torch.empty(planes.shape[1], dtype=planes.dtype)
@@ -339,14 +342,12 @@ class Zoom:
             torch.gt(values, 0, out=mask[row])
         return mask.reshape(shape).numpy()
 
-    def _separable(self, logits, box):
-        """The first two interpolation steps of ``upsample_region``: (the native slices' weights on the zoom slices
-        (d, Z0), the zoom slices interpolated in-plane (Z0, h * w), the box's shape (d, h, w))."""
-        box = as_box(box)
-        d, h, w = (self.interpolation_matrix(a, box[a], box[a + 3], logits.device).to(logits.dtype)
-                   for a in range(3))
+    def _in_plane(self, logits, box: np.ndarray):
+        """The in-plane steps of ``upsample_region`` for the inclusive ``box``: (every zoom slice interpolated onto the
+        box's rows and columns (Z0, h * w), the box's shape (d, h, w)); the depth step is left to the caller."""
+        h, w = (self.interpolation_matrix(a, box[a], box[a + 3], logits.device).to(logits.dtype) for a in (1, 2))
         planes = h @ (logits @ w.T)  # (Z0, h, w), batched over Z0
-        return d, planes.reshape(planes.shape[0], -1), (d.shape[0], h.shape[0], w.shape[0])
+        return planes.reshape(planes.shape[0], -1), (int(box[3] - box[0] + 1), h.shape[0], w.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------------------------

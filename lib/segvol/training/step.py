@@ -135,12 +135,17 @@ class TrainStep(nn.Module):
         self._cached_bytes = 0
         self.encoded = 0  # images run through the image encoder (the rest came from the cache)
 
+    @property
+    def _encoder_frozen(self) -> bool:
+        """The image encoder does not train (frozen, no adapters): its embeddings need no gradients, may be cached, and
+        equal the starting model's."""
+        return "image_encoder" in self.freeze and not self.model.config.lora_rank
+
     def image_embeddings(self, batch: Batch, images: torch.Tensor) -> torch.Tensor:
         """(B, hidden, *grid): from the cache for fixed views already seen, else from the image encoder (frozen:
         without gradients)."""
         encoder = self.model.image_encoder
-        frozen = "image_encoder" in self.freeze and not self.model.config.lora_rank
-        if not frozen:
+        if not self._encoder_frozen:
             self.encoded += len(images)
             return encoder(images, checkpoint_blocks=self.checkpoint_blocks)
         if not (self.embedding_cache_bytes and batch.view_keys):
@@ -203,7 +208,7 @@ class TrainStep(nn.Module):
     def _teacher_embedding(self, images: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """The starting model's image embedding of the batch; a frozen encoder without adapters is the starting
         model's own, so its embedding is the student's."""
-        if "image_encoder" in self.freeze and not self.model.config.lora_rank:
+        if self._encoder_frozen:
             return embedding.detach()
         with torch.no_grad():
             return self.distill.teacher.image_encoder(images)

@@ -65,7 +65,7 @@ class OracleModel(nn.Module):
 
     def image_tokens(self, embedding: torch.Tensor) -> ImageTokens:
         """The embedding itself stands for every part (``decode`` reads ``tokens``)."""
-        return ImageTokens(embedding, embedding, embedding, embedding, tuple(embedding.shape[2:]))
+        return ImageTokens(embedding, embedding, embedding, embedding, embedding, tuple(embedding.shape[2:]))
 
     def decode(self, image_embedding, text_embedding=None, boxes=None, points=None) -> torch.Tensor:
         if isinstance(image_embedding, ImageTokens):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import segvol
 from segvol.config import SMALL, SegVolConfig
@@ -103,9 +104,9 @@ def test_text_adds_a_similarity_map_to_the_mask(small_model):
         tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).unsqueeze(0)
         tokens = torch.cat([tokens, sparse], dim=1)
         pe = small_model.prompt_encoder.dense_positional_encoding()
-        _, src = decoder.transformer(embedding + dense, pe, tokens)
+        hs, src, _ = decoder.transformer(decoder.image_tokens(embedding, pe, dense), pe, tokens)
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(1, -1, *SMALL.grid_size)).flatten(2)
-        hyper = decoder.output_hypernetworks_mlps[0](decoder.transformer(embedding + dense, pe, tokens)[0][:, 1])
+        hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1])
         expected = (hyper + decoder.txt_align_upscaled_embedding(text)).unsqueeze(1) @ upscaled
     assert torch.allclose(with_text.flatten(2), expected, atol=1e-4)
 
@@ -124,7 +125,13 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
     grid = config.grid_size  # (4, 4, 6): unequal sides catch axis mix-ups
     tokens = torch.randn(2, math.prod(grid), config.hidden_size)
     weights = torch.randn(2, config.upscaled_channels[1])
-    masks = decoder._upscaled_masks(tokens, weights, grid)
+    conv1 = decoder.output_upscaling[0]
+
+    def first_upscaling(tokens):  # the first transposed convolution as (child, channel) columns per token
+        return F.linear(tokens, conv1.weight.permute(2, 3, 4, 1, 0).reshape(-1, conv1.in_channels),
+                        conv1.bias.repeat(8))
+
+    masks = decoder._upscaled_masks(first_upscaling(tokens), weights, grid)
     upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
     expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
     assert masks.shape == (2, 1, *config.low_res_size)
@@ -136,18 +143,86 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
     # Without autograd the reordered LayerNorm parameters are cached; an in-place update (an optimizer step, a
     # load_state_dict) must be seen on the next call.
     with torch.no_grad():
-        assert torch.allclose(decoder._upscaled_masks(tokens, weights, grid), expected, atol=1e-5, rtol=1e-5)
+        masks = decoder._upscaled_masks(first_upscaling(tokens), weights, grid)
+        assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
         decoder.output_upscaling[1].weight.mul_(-2.0)
         decoder.output_upscaling[1].bias.add_(1.0)
         upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
         expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
-        assert torch.allclose(decoder._upscaled_masks(tokens, weights, grid), expected, atol=1e-5, rtol=1e-5)
+        masks = decoder._upscaled_masks(first_upscaling(tokens), weights, grid)
+        assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
+
+
+def _plain_decode(decoder, embedding, pe, dense, sparse, text):
+    """SAM's two-way transformer and SegVol's upscaling written out with the modules' own forwards (every projection
+    of the image tokens done, the transposed convolutions as convolutions): what the decoder's folded and factored
+    products must equal."""
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+    tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+    keys = (embedding + dense).flatten(2).transpose(1, 2).expand(sparse.shape[0], -1, -1)
+    key_pe = pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for layer in decoder.transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(queries, queries, queries)
+        else:
+            queries = queries + layer.self_attn(queries + tokens, queries + tokens, queries)
+        queries = layer.norm1(queries)
+        queries = layer.norm2(queries + layer.cross_attn_token_to_image(queries + tokens, keys + key_pe, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + layer.cross_attn_image_to_token(keys + key_pe, queries + tokens, queries))
+    transformer = decoder.transformer
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(queries + tokens,
+                                                                                          keys + key_pe, keys))
+    grid = tuple(embedding.shape[2:])
+    upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(keys.shape[0], -1, *grid))
+    weights = decoder.output_hypernetworks_mlps[0](queries[:, 1]) + decoder.txt_align_upscaled_embedding(text)
+    return torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_folded_and_factored_decoder_equals_the_plain_computation(depth):
+    """The decoder folds the projections of its thousands of image tokens into the few prompt tokens and carries the
+    first upscaling through each layer's LayerNorm as low-rank updates; outputs and gradients must equal the plain
+    computation, with every LayerNorm, bias and upscaling parameter randomised (a LayerNorm's mean and scale are
+    where such algebra goes wrong), for several prompt sets sharing one image, with and without autograd."""
+    torch.manual_seed(depth)
+    config = SegVolConfig(image_size=(16, 32, 48), patch_size=(4, 8, 8), hidden_size=32, num_layers=1, num_heads=2,
+                          mlp_dim=64, decoder_depth=depth, decoder_heads=4, decoder_mlp_dim=32, text_hidden_size=32,
+                          text_intermediate_size=32, text_num_layers=1, text_num_heads=2)
+    model = segvol.SegVol(config)
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        for name, parameter in decoder.named_parameters():
+            if "norm" in name or name.endswith("bias") or "output_upscaling" in name:
+                parameter.normal_(0.5 if name.endswith("weight") else 0.0, 0.5)
+    embedding = torch.randn(1, config.hidden_size, *config.grid_size) * 2.0 + 1.0  # tokens with a large mean
+    text = torch.randn(3, config.hidden_size)
+    boxes = torch.tensor([[2.0, 4, 4, 12, 20, 30], [0, 0, 0, 15, 31, 47], [5, 9, 10, 8, 14, 40]])
+    points = (torch.tensor([[[5.0, 10, 12], [10, 20, 30], [1, 2, 40]]] * 3), torch.tensor([[1.0, 0.0, 1.0]] * 3))
+    pe = model.prompt_encoder.dense_positional_encoding()
+    dense = model.prompt_encoder.dense_embedding()
+    sparse, _ = model.prompt_encoder(points, boxes.reshape(3, 1, 6), text, 3)
+    with torch.no_grad():
+        expected = _plain_decode(decoder, embedding, pe, dense, sparse, text)
+        assert torch.allclose(model.decode(embedding, text, boxes, points), expected, atol=1e-4, rtol=1e-4)
+        tokens = model.image_tokens(embedding)
+        assert torch.allclose(model.decode(tokens, text, boxes, points), expected, atol=1e-4, rtol=1e-4)
+    ours = model.decode(embedding, text, boxes, points)
+    plain = _plain_decode(decoder, embedding, pe, dense, model.prompt_encoder(points, boxes.reshape(3, 1, 6),
+                                                                             text, 3)[0], text)
+    parameters = [p for p in decoder.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(ours.square().mean(), parameters, allow_unused=True)
+    expected_grads = torch.autograd.grad(plain.square().mean(), parameters, allow_unused=True)
+    for grad, expected_grad in zip(grads, expected_grads):
+        if expected_grad is None:
+            continue
+        assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-3)
 
 
 def test_upsampling_equals_trilinear_interpolation():
     """SegVol.upsample resizes slice by slice where the depth needs no interpolation: for the official window the
     same floats as trilinear interpolation (bit for bit), elsewhere the same to float rounding; gradients too."""
-    import torch.nn.functional as F
 
     torch.manual_seed(0)
     for config, exact in ((SegVolConfig(), True), (SMALL, False),

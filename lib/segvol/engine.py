@@ -92,10 +92,10 @@ class SegVolEngine:
         self.reuse_windows = bool(reuse_windows)
         self.images = ByteLRU(int(image_cache_mb * 2 ** 20))
         # image embeddings (6 MB per window officially; the default bound holds the 108 windows of a CT whose ROI is
-        # the whole body), the decoder's image tokens (15 MB per window: the 19 windows clicked last), decoder outputs
+        # the whole body), the decoder's image tokens (28 MB per window: the 18 windows clicked last), decoder outputs
         # (0.5 MB each: 200), blending sums and last labels (9 bytes per voxel of a category's windows, 1 per CT voxel)
-        self.embeddings = ByteLRU(int(cache_mb * 2 ** 20 * 0.45))
-        self.image_tokens_cache = ByteLRU(int(cache_mb * 2 ** 20 * 0.15))
+        self.embeddings = ByteLRU(int(cache_mb * 2 ** 20 * 0.35))
+        self.image_tokens_cache = ByteLRU(int(cache_mb * 2 ** 20 * 0.25))
         self.decodes = ByteLRU(int(cache_mb * 2 ** 20 * 0.05))
         self.blends = ByteLRU(int(cache_mb * 2 ** 20 * 0.35))
         self._sources = BoundedDict(256)  # file identity -> content key

@@ -305,6 +305,11 @@ def test_kept_image_tokens_decode_like_the_embedding_they_come_from(small_model)
         assert both.batch == 2
         assert torch.allclose(small_model.decode(both, text, boxes, points),
                               small_model.decode(embeddings, text, boxes, points), atol=1e-5)
+        index = torch.tensor([1, 0, 1])  # training: several prompt sets per image, each image's tokens made once
+        three = (torch.cat([text, text[:1]]), torch.cat([boxes, boxes[:1]]),
+                 (torch.cat([points[0], points[0][:1]]), torch.cat([points[1], points[1][:1]])))
+        assert torch.allclose(small_model.decode(both.select(index), *three),
+                              small_model.decode(embeddings[index], *three), atol=1e-5)
     embedding = embeddings[:1].clone().requires_grad_(True)
     small_model.decode(embedding, text[:1], boxes[:1]).sum().backward()
     assert embedding.grad is not None and embedding.grad.abs().sum() > 0

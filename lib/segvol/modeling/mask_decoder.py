@@ -166,6 +166,11 @@ class ImageTokens:
         """One image's tokens shared by ``batch`` prompt sets (views)."""
         return ImageTokens(*(t.expand(batch, -1, -1) for t in self._tensors()), self.grid)
 
+    def select(self, index: torch.Tensor) -> "ImageTokens":
+        """The tokens of images ``index`` (N,), in that order: N prompt sets on B images, each image's tokens computed
+        once (training decodes many prompt sets per image)."""
+        return ImageTokens(*(t[index] for t in self._tensors()), self.grid)
+
     @staticmethod
     def cat(items: List["ImageTokens"]) -> "ImageTokens":
         """Several images' tokens as one batch, in order."""

@@ -194,7 +194,7 @@ class TrainStep(nn.Module):
         prompts = [t.prompts for t in targets]
         boxes = stack_boxes(prompts, device) if use_box else None
         points = stack_points(prompts, device) if use_points else None
-        low_res = model.decode(embedding[index], text if use_text else None, boxes, points)
+        low_res = model.decode(model.image_tokens(embedding).select(index), text if use_text else None, boxes, points)
         return low_res if self.loss_resolution == "low" else model.upsample(low_res)
 
     def _decode_loss(self, embedding, targets: Sequence[Target], use_text: bool, use_box: bool, use_points: bool,
@@ -247,7 +247,7 @@ class TrainStep(nn.Module):
         for _ in range(int(rounds)):
             with torch.no_grad():
                 points = stack_points([t.prompts for t in clicked()], device) if any(clicks) else None
-                low_res = self.model.decode(embedding[index], text, boxes, points)
+                low_res = self.model.decode(self.model.image_tokens(embedding).select(index), text, boxes, points)
                 predicted = (self.model.upsample(low_res)[:, 0] > 0).cpu().numpy()
             added = False
             for row, (target, mask) in enumerate(zip(targets, predicted)):

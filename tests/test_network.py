@@ -208,6 +208,12 @@ def test_folded_and_factored_decoder_equals_the_plain_computation(depth):
         assert torch.allclose(model.decode(embedding, text, boxes, points), expected, atol=1e-4, rtol=1e-4)
         tokens = model.image_tokens(embedding)
         assert torch.allclose(model.decode(tokens, text, boxes, points), expected, atol=1e-4, rtol=1e-4)
+        # the layers' upscaling matrices are kept without autograd: an in-place update (an optimizer step, a
+        # load_state_dict) must be seen by the next decode
+        decoder.transformer.layers[-1].norm4.weight.mul_(-1.5)
+        decoder.transformer.layers[0].cross_attn_image_to_token.out_proj.bias.add_(0.3)
+        expected = _plain_decode(decoder, embedding, pe, dense, sparse, text)
+        assert torch.allclose(model.decode(embedding, text, boxes, points), expected, atol=1e-4, rtol=1e-4)
     ours = model.decode(embedding, text, boxes, points)
     plain = _plain_decode(decoder, embedding, pe, dense, model.prompt_encoder(points, boxes.reshape(3, 1, 6),
                                                                              text, 3)[0], text)

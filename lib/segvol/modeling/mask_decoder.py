@@ -5,7 +5,7 @@ each mask token's hypernetwork turns them into mask logits. The text embedding, 
 count, adds its own similarity map to every mask (additive, as in the official model).
 
 A decoder meets thousands of image tokens (L = 2048 officially) with a few prompt tokens (T = 7-20). Two exact
-rearrangements keep the L-long side off the wide matrix products (an official decode: 17 -> 7 GFLOP, 0.19 -> 0.11 s
+rearrangements keep the L-long side off the wide matrix products (an official decode: 17 -> 7 GFLOP, 0.19 -> 0.10 s
 on 2 CPU cores):
 
 * every projection of the image tokens after the first layer is folded into the prompt tokens

@@ -172,19 +172,19 @@ def test_distillation_pulls_the_kept_structures_toward_the_starting_model(tokeni
     assert set(parts) == {"box+text", "distill_box+text"}  # only the kept structure's target is distilled
 
     embedding = step.image_embeddings(batch, batch.images)
-    teacher_embedding = step._teacher_embedding(batch.images, embedding)
+    teacher_image = step._teacher_image(batch.images, embedding)
 
     def distill_term():
         table = step.text_embeddings(["liver"])
-        logits = step._decode(student, embedding, targets[:1], True, True, False, table)
-        return step._distill_loss(teacher_embedding, targets, [0], "box+text", logits), logits
+        logits = step._decode(student, student.image_tokens(embedding), targets[:1], True, True, False, table)
+        return step._distill_loss(teacher_image, targets, [0], "box+text", logits), logits
 
     loss, _ = distill_term()
     loss.backward()
     decoder = [p for p in student.mask_decoder.parameters()]
     assert max(float(p.grad.abs().max()) for p in decoder if p.grad is not None) < 1e-6
     with torch.no_grad():
-        reference = torch.sigmoid(step._decode(teacher, teacher_embedding, targets[:1], True, True, False,
+        reference = torch.sigmoid(step._decode(teacher, teacher_image, targets[:1], True, True, False,
                                                teacher.encode_text(["liver"])))
         for p in student.mask_decoder.output_hypernetworks_mlps.parameters():
             p.add_(torch.randn_like(p) * 0.2)

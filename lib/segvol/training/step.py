@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..interaction import error_click
+from ..modeling.mask_decoder import ImageTokens
 from ..modeling.segvol import SegVol
 from .losses import dice_bce_loss
 from .prompts import (
@@ -186,34 +187,36 @@ class TrainStep(nn.Module):
                 return encoder.dim_align(pooled)
         return encoder.dim_align(pooled)
 
-    def _decode(self, model: SegVol, embedding, targets: Sequence[Target], use_text: bool, use_box: bool,
+    def _decode(self, model: SegVol, image: ImageTokens, targets: Sequence[Target], use_text: bool, use_box: bool,
                 use_points: bool, text: Optional[torch.Tensor]) -> torch.Tensor:
-        """Logits (N, 1, ...) of the targets' prompts (``text``: their (N, C) embeddings) at the loss resolution."""
-        device = embedding.device
+        """Logits (N, 1, ...) of the targets' prompts on the batch's decoder image tokens (``model.image_tokens``,
+        made once per step) (``text``: their (N, C) embeddings) at the loss resolution."""
+        device = image.tokens.device
         index = torch.as_tensor([t.sample for t in targets], device=device)
         prompts = [t.prompts for t in targets]
         boxes = stack_boxes(prompts, device) if use_box else None
         points = stack_points(prompts, device) if use_points else None
-        low_res = model.decode(model.image_tokens(embedding).select(index), text if use_text else None, boxes, points)
+        low_res = model.decode(image.select(index), text if use_text else None, boxes, points)
         return low_res if self.loss_resolution == "low" else model.upsample(low_res)
 
-    def _decode_loss(self, embedding, targets: Sequence[Target], use_text: bool, use_box: bool, use_points: bool,
-                     text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor],
+    def _decode_loss(self, image: ImageTokens, targets: Sequence[Target], use_text: bool, use_box: bool,
+                     use_points: bool, text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor],
                      truth: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (mean Dice + BCE of the targets' prompts, their logits)."""
         text = text_table[text_index] if use_text else None
-        logits = self._decode(self.model, embedding, targets, use_text, use_box, use_points, text)
+        logits = self._decode(self.model, image, targets, use_text, use_box, use_points, text)
         return dice_bce_loss(logits, truth).mean(), logits
 
-    def _teacher_embedding(self, images: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """The starting model's image embedding of the batch; a frozen encoder without adapters is the starting
+    def _teacher_image(self, images: torch.Tensor, embedding: torch.Tensor) -> ImageTokens:
+        """The starting model's decoder image tokens of the batch; a frozen encoder without adapters is the starting
         model's own, so its embedding is the student's."""
-        if self._encoder_frozen:
-            return embedding.detach()
+        teacher = self.distill.teacher
         with torch.no_grad():
-            return self.distill.teacher.image_encoder(images)
+            if not self._encoder_frozen:
+                embedding = teacher.image_encoder(images)
+            return teacher.image_tokens(embedding.detach())
 
-    def _distill_loss(self, teacher_embedding: torch.Tensor, targets: Sequence[Target], rows: List[int],
+    def _distill_loss(self, teacher_image: ImageTokens, targets: Sequence[Target], rows: List[int],
                       combination: str, logits: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of the student's ``logits`` rows toward the starting model's probabilities for the
         same prompts (module docstring, 3a)."""
@@ -222,10 +225,10 @@ class TrainStep(nn.Module):
         kept = [targets[i] for i in rows]
         with torch.no_grad():
             text = teacher.encode_text([t.text for t in kept]) if use_text else None
-            soft = torch.sigmoid(self._decode(teacher, teacher_embedding, kept, use_text, use_box, use_points, text))
+            soft = torch.sigmoid(self._decode(teacher, teacher_image, kept, use_text, use_box, use_points, text))
         return F.binary_cross_entropy_with_logits(logits[rows], soft)
 
-    def _corrective_loss(self, embedding, targets: Sequence[Target], start: str, rounds: int,
+    def _corrective_loss(self, image: ImageTokens, targets: Sequence[Target], start: str, rounds: int,
                          text_table: torch.Tensor, text_index: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """Clicks on the model's own errors (see the module docstring, 3b): ``rounds`` gradient-free predictions, each
         adding one ``error_click`` per target (none once a target is exact), then the loss with every click."""
@@ -240,14 +243,14 @@ class TrainStep(nn.Module):
                                         labels=np.asarray([c[1] for c in row], np.int64)))
                     for t, row in zip(targets, clicks)]
 
-        device = embedding.device
+        device = image.tokens.device
         index = torch.as_tensor([t.sample for t in targets], device=device)
         text = text_table[text_index] if use_text else None
         boxes = stack_boxes([t.prompts for t in targets], device) if use_box else None
         for _ in range(int(rounds)):
             with torch.no_grad():
                 points = stack_points([t.prompts for t in clicked()], device) if any(clicks) else None
-                low_res = self.model.decode(self.model.image_tokens(embedding).select(index), text, boxes, points)
+                low_res = self.model.decode(image.select(index), text, boxes, points)
                 predicted = (self.model.upsample(low_res)[:, 0] > 0).cpu().numpy()
             added = False
             for row, (target, mask) in enumerate(zip(targets, predicted)):
@@ -257,7 +260,7 @@ class TrainStep(nn.Module):
                     added = True
             if not added:
                 break
-        return self._decode_loss(embedding, clicked(), use_text, use_box, any(clicks), text_table, text_index,
+        return self._decode_loss(image, clicked(), use_text, use_box, any(clicks), text_table, text_index,
                                  truth)[0]
 
     def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
@@ -273,11 +276,12 @@ class TrainStep(nn.Module):
         model = self.model
         images = batch.images.to(model.device)
         embedding = self.image_embeddings(batch, images)
+        image = model.image_tokens(embedding)  # the decoder's prompt-independent part, shared by every decode below
         parts: Dict[str, float] = {}
         losses = []
         distilled = [] if self.distill is None else [i for i, t in enumerate(batch.targets)
                                                       if t.text in self.distill.names]
-        teacher_embedding = self._teacher_embedding(images, embedding) if distilled else None
+        teacher_image = self._teacher_image(images, embedding) if distilled else None
         if batch.targets:
             truth = self._truth([t.mask for t in batch.targets], images.device)
             names = list(dict.fromkeys(t.text for t in batch.targets))
@@ -285,17 +289,17 @@ class TrainStep(nn.Module):
             text_index = torch.as_tensor([names.index(t.text) for t in batch.targets], device=images.device)
             for combination in batch.combinations or self.combinations:
                 use_text, use_box, use_points = combination_parts(combination)
-                loss, logits = self._decode_loss(embedding, batch.targets, use_text, use_box, use_points, table,
+                loss, logits = self._decode_loss(image, batch.targets, use_text, use_box, use_points, table,
                                                  text_index, truth)
                 losses.append(loss)
                 parts[combination] = float(loss.detach())
                 if distilled:
-                    loss = self._distill_loss(teacher_embedding, batch.targets, distilled, combination, logits)
+                    loss = self._distill_loss(teacher_image, batch.targets, distilled, combination, logits)
                     losses.append(self.distill.weight * loss)
                     parts[f"distill_{combination}"] = float(loss.detach())
             if batch.corrective is not None:
                 start, rounds = batch.corrective
-                loss = self._corrective_loss(embedding, batch.targets, start, rounds, table, text_index, truth)
+                loss = self._corrective_loss(image, batch.targets, start, rounds, table, text_index, truth)
                 losses.append(loss)
                 parts["corrective"] = float(loss.detach())
         if batch.pseudo and self.pseudo_weight > 0:
@@ -304,7 +308,7 @@ class TrainStep(nn.Module):
                 if not group:
                     continue
                 truth = self._truth([t.mask for t in group], images.device)
-                loss, _ = self._decode_loss(embedding, group, False, kind == "box", kind == "point", None, None,
+                loss, _ = self._decode_loss(image, group, False, kind == "box", kind == "point", None, None,
                                             truth)
                 losses.append(self.pseudo_weight * loss)
                 parts[f"pseudo_{kind}"] = float(loss.detach())

@@ -23,7 +23,7 @@ of the embedding, so a new click on a window already decoded skips it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -313,8 +313,7 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = HypernetworkMLP(dim, config.iou_head_hidden_dim, config.num_mask_tokens, 3)
         self.txt_align_upscaled_embedding = nn.Linear(dim, up2)
         self.upscaling_block = 256  # image tokens per block of the second upscaling, over the batch (_upscaled_masks)
-        self._upscaling_layout = None  # (parameter stamp, reordered parameters): see _upscaling_in_token_order
-        self._through_layers = None  # (parameter stamp, matrices and constants): see _upscaling_through_layers
+        self._kept: Dict[str, tuple] = {}  # name -> (parameter stamp, derived tensors): see _derived
 
     def image_tokens(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
                      dense_prompts: torch.Tensor) -> ImageTokens:
@@ -366,7 +365,7 @@ class MaskDecoder(nn.Module):
         W tokens_N + bias = S_N / sigma_N + W beta_N + bias.
         M_1 tokens_0 depends on the image alone (``ImageTokens.upscaled``), and M_k update_k is a product with the
         update's few (heads x T) factors: the first upscaling of every prompt set costs L x heads x T x 8 c1 per
-        layer instead of L x C x 8 c1. Cached like ``_upscaling_in_token_order`` when autograd is off."""
+        layer instead of L x C x 8 c1. Kept by ``_derived`` when autograd is off."""
         up_conv1 = self.output_upscaling[0]
         norms = [layer.norm4 for layer in self.transformer.layers]
         out_biases = [layer.cross_attn_image_to_token.out_proj.bias for layer in self.transformer.layers]
@@ -385,14 +384,8 @@ class MaskDecoder(nn.Module):
             out = norms[-1].bias @ kernel.T + up_conv1.bias.repeat(8)
             return matrices, constants + [out]
 
-        if torch.is_grad_enabled():
-            return layout()
         parameters = [up_conv1.weight, up_conv1.bias] + [p for n in norms for p in (n.weight, n.bias)] + out_biases
-        stamp = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in parameters)
-        if self._through_layers is None or self._through_layers[0] != stamp:
-            with torch.no_grad():
-                self._through_layers = (stamp, layout())
-        return self._through_layers[1]
+        return self._derived("through_layers", (), parameters, layout)
 
     def _first_upscaling(self, image: ImageTokens, steps: List[KeysStep]) -> torch.Tensor:
         """The first transposed convolution of the decoder's final image tokens, (B, L, 8 c1) in token order (columns
@@ -420,8 +413,7 @@ class MaskDecoder(nn.Module):
         child, channel) order, the second transposed-convolution kernel as an (8 c2, c1) matrix with its bias repeated
         per child.
 
-        The reordering copies about 4 M values (20-30 ms on CPU), so with autograd off it is kept until a parameter
-        changes (a new tensor, or an in-place update, which bumps the tensor's version counter).
+        The reordering copies about 4 M values (20-30 ms on CPU), so with autograd off it is kept (``_derived``).
         """
         up_conv1, norm, _, up_conv2, _ = self.output_upscaling
         gd, gh, gw = grid
@@ -434,14 +426,21 @@ class MaskDecoder(nn.Module):
             return (token_order(norm.weight), token_order(norm.bias),
                     up_conv2.weight.permute(2, 3, 4, 1, 0).reshape(8 * c2, c1), up_conv2.bias.repeat(8))
 
-        if torch.is_grad_enabled():  # training: gradients flow through the reordering
+        return self._derived("token_order", (grid,), (norm.weight, norm.bias, up_conv2.weight, up_conv2.bias),
+                             lambda: tuple(t.contiguous() for t in layout()))
+
+    def _derived(self, name: str, key: tuple, parameters, layout: Callable[[], Any]):
+        """``layout()``, tensors derived from ``parameters``: recomputed under autograd (training: gradients flow
+        through it), else kept under ``name`` until ``key`` or a parameter changes (a new tensor, or an in-place
+        update, which bumps the tensor's version counter)."""
+        if torch.is_grad_enabled():
             return layout()
-        parameters = (norm.weight, norm.bias, up_conv2.weight, up_conv2.bias)
-        stamp = (grid,) + tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in parameters)
-        if self._upscaling_layout is None or self._upscaling_layout[0] != stamp:
+        stamp = key + tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in parameters)
+        kept = self._kept.get(name)
+        if kept is None or kept[0] != stamp:
             with torch.no_grad():
-                self._upscaling_layout = (stamp, tuple(t.contiguous() for t in layout()))
-        return self._upscaling_layout[1]
+                kept = self._kept[name] = (stamp, layout())
+        return kept[1]
 
     def _upscaled_masks(self, first: torch.Tensor, weights: torch.Tensor, grid: Tuple[int, int, int]):
         """first (B, L, 8 c1): the first transposed convolution of the image tokens (``_first_upscaling``) in

@@ -48,7 +48,7 @@ def merge_adapters(model):
             target = name[: -len("_adapter")] + ".weight"
             state[target] = state[target] + module.delta_weight().detach().to(state[target].dtype)
     plain = SegVol(dataclasses.replace(model.config, lora_rank=0), model.tokenizer,
-                   vocabulary=getattr(model, "vocabulary", None) or ())
+                   vocabulary=model.vocabulary)
     plain.load_state_dict(state, strict=True)
     return plain.to(next(model.parameters()).device).train(model.training)
 

@@ -203,7 +203,7 @@ def with_adapters(model: SegVol, rank: int, alpha: float) -> SegVol:
     if model.config.lora_rank:
         return model
     adapted = SegVol(dataclasses.replace(model.config, lora_rank=int(rank), lora_alpha=float(alpha)), model.tokenizer,
-                     vocabulary=getattr(model, "vocabulary", None) or ())
+                     vocabulary=model.vocabulary)
     missing, unexpected = adapted.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(".lora_" not in key for key in missing):
         raise RuntimeError(f"adapters: unexpected {unexpected}, missing {missing}")

@@ -137,7 +137,7 @@ class Trainer:
         """Case stores and the vocabulary: every label name becomes a text prompt."""
         options, model = self.options, self.model
         vocabulary = Vocabulary.load(options.vocabulary)
-        vocabulary.extend(list(getattr(model, "vocabulary", []) or []))
+        vocabulary.extend(model.vocabulary)
 
         def resolve(name: str) -> str:
             return vocabulary.resolve(name, allow_free_text=True)
@@ -147,7 +147,7 @@ class Trainer:
         self.val_store = CaseStore(val_cases, size, resolve, options.reorient, options.cache_mb / 4,
                                    keep_original_label=True)
         trained = list(dict.fromkeys(list(self.train_store.names().values()) + list(self.val_store.names().values())))
-        self.names = list(dict.fromkeys(list(getattr(model, "vocabulary", []) or []) + trained))
+        self.names = list(dict.fromkeys(model.vocabulary + trained))
         if not len(self.train_store):
             raise ValueError("no training cases")
         self.prompt_config = PromptConfig(options.box_jitter, options.max_positive, options.max_negative,
@@ -464,7 +464,7 @@ def with_replay_labels(options: TrainOptions, cases: Sequence[Case]) -> List[Cas
     device = resolve_device(options.device)
     model = load_model(setup.init_path(options), device=str(device), tokenizer=setup.tokenizer_dir(options))
     vocabulary = Vocabulary.load(options.vocabulary)
-    vocabulary.extend(list(getattr(model, "vocabulary", []) or []))
+    vocabulary.extend(model.vocabulary)
     engine = SegVolEngine(model, mode="zoom_out_zoom_in", cache_mb=256, image_cache_mb=64)
     try:
         cases, _ = add_replay_labels(cases, engine, options.keep, options.output_dir,

@@ -11,7 +11,7 @@ import torch
 
 import segvol
 from segvol.engine import SegVolEngine
-from segvol.errors import BadPromptError, BadTextError
+from segvol.errors import BadPromptError, BadRequestError, BadTextError
 from segvol.prompts import Prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,6 +79,30 @@ def test_sessions_of_one_image_share_encodings_but_not_state(small_model):
     assert (first.token, "spleen") in engine.blends
     first.close()
     assert (first.token, "spleen") not in engine.blends and (second.token, "spleen") in engine.blends
+
+
+def test_label_values_are_written_by_the_engine_in_any_request_order(small_model):
+    array, affine, _ = synthetic_ct()
+    box, click = [20, 20, 10, 60, 60, 40], [40, 40, 25, 1]
+    texts = ["liver", "spleen"]
+    default = SegVolEngine(small_model).open(array, affine=affine).segment(texts=texts, box=box, points=[click])
+    assert default.labels == {"liver": 1, "spleen": 2} and set(np.unique(default.label)) > {0}
+    lookup = np.array([0, 7, 300])
+    session = SegVolEngine(small_model).open(array, affine=affine)
+    # the same session asked with other values each time (its last label is reused only for the same numbering)
+    for values, expected in [({"liver": 7, "spleen": 300}, lookup[default.label]),
+                             ({"liver": 1, "spleen": 1}, (default.label > 0).astype(np.uint8)),
+                             ({"liver": 7, "spleen": 300}, lookup[default.label])]:
+        result = session.segment(texts=texts, box=box, points=[click], values=values)
+        assert result.labels == values and np.array_equal(result.label, expected)
+        assert result.label.dtype == (np.uint16 if max(values.values()) > 255 else np.uint8)
+    preview = session.segment(texts=texts, box=box, points=[click], mode="zoom_out")
+    valued = session.segment(texts=texts, box=box, points=[click], mode="zoom_out", values={"liver": 7, "spleen": 300})
+    assert preview.label.any() and np.array_equal(valued.label, lookup[preview.label])
+    with pytest.raises(BadRequestError, match="no label value for 'spleen'"):
+        session.segment(texts=texts, box=box, values={"liver": 3})
+    with pytest.raises(BadRequestError, match="1..65535"):
+        session.segment(texts=texts, box=box, values={"liver": 3, "spleen": 0})
 
 
 def test_prompts_are_validated_once_on_construction():

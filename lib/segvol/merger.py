@@ -177,7 +177,7 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
     within = np.asarray([0, 0, 0, *np.subtract(shape, 1)]) if within is None else np.asarray(within)
     origin = within[:3]
     size = tuple(int(v) for v in within[3:] - within[:3] + 1)
-    label = np.zeros(size, dtype=np.uint8 if len(plans) < 256 else np.uint16)
+    label = np.zeros(size, dtype=label_dtype(plans))
     best = np.zeros(size, dtype=np.float32)  # zero pages cost no memory until a region is written
     probabilities = {} if return_probabilities else None
     first = True
@@ -225,13 +225,18 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
             wins = (probability > 0.5) & (probability > best_region)
         if label.dtype == np.uint8:
             torch.from_numpy(label)[region_slices].masked_fill_(wins, plan.value)
-        else:  # uint16 (256 categories or more): torch has few kernels for it
+        else:  # uint16 (a value past 255): torch has few kernels for it
             label[region_slices][wins.numpy()] = plan.value
         if plan is not plans[-1]:  # the best probability so far only matters to later categories
             best_region = torch.from_numpy(best)[region_slices]
             best_region.copy_(torch.where(wins, probability, best_region))
         first = False
     return label, probabilities
+
+
+def label_dtype(plans: List[CategoryPlan]) -> type:
+    """uint8 while every category's value fits it, else uint16."""
+    return np.uint8 if max((plan.value for plan in plans), default=0) <= 255 else np.uint16
 
 
 def _lerp_axis(values: torch.Tensor, axis: int, taps) -> torch.Tensor:
@@ -253,7 +258,7 @@ def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) 
     on 2 cores (51.6 s through the general path).
     """
     shape = zoom.native_shape
-    wide = len(plans) >= 256
+    wide = label_dtype(plans) != np.uint8
     label = torch.zeros(shape, dtype=torch.int32 if wide else torch.uint8)
     live = [plan for plan in plans if plan.support is not None]  # the others are <= 0 everywhere
     if live:

@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,8 +44,9 @@ class _LastLabel:
 
 @dataclass
 class SegmentationResult:
-    """``label``: the original array's shape (uint8, uint16 past 255 labels), 0 = background; ``labels``: name ->
-    value; ``probabilities``: name -> float32 map on the original grid (when asked); ``stats``: timings and counts."""
+    """``label``: the original array's shape (uint8, uint16 when a value passes 255), 0 = background; ``labels``:
+    name -> value; ``probabilities``: name -> float32 map on the original grid (when asked); ``stats``: timings and
+    counts."""
 
     label: np.ndarray
     affine: Optional[np.ndarray]
@@ -54,6 +55,19 @@ class SegmentationResult:
     stats: Dict[str, Any] = field(default_factory=dict)
     plan: Optional[ZoomInPlan] = None
     header: Any = None  # the input NIfTI header, for writing the label next to it
+
+
+def _label_values(categories: List[str], values: Optional[Mapping[str, int]]) -> List[int]:
+    """The label value of each category: ``values[name]`` (every one given, 1..65535), or 1..N in order."""
+    if values is None:
+        return list(range(1, len(categories) + 1))
+    missing = [name for name in categories if name not in values]
+    if missing:
+        raise BadRequestError(f"no label value for {', '.join(map(repr, missing))}")
+    out = [values[name] for name in categories]
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= 65535 for v in out):
+        raise BadRequestError(f"label values must be integers 1..65535, got {out}")
+    return [int(v) for v in out]
 
 
 @dataclass
@@ -136,18 +150,26 @@ class ImageSession:
         self.engine.blends.pop((self.token, _LAST_LABEL))
 
     def segment(self, prompts: Optional[Prompts] = None, *, texts=None, box=None, points=None,
-                mode: Optional[str] = None, return_probabilities: bool = False):
+                mode: Optional[str] = None, return_probabilities: bool = False,
+                values: Optional[Mapping[str, int]] = None):
         """Segment ``prompts`` (a ``segvol.prompts.Prompts``), or the ``texts``/``box``/``points`` keywords (see
-        ``SegVolEngine.segment``). -> ``SegmentationResult``."""
+        ``SegVolEngine.segment``). -> ``SegmentationResult``.
+
+        ``values``: the label value of each text (1..65535; default 1..N in text order). Texts may share a value:
+        their union then carries it (all 1: one class-agnostic object). The label is written with them directly, so
+        a server's own numbering costs no extra pass over the volume."""
         mode = Mode.parse(mode or self.engine.mode)
         if prompts is None:
             prompts = Prompts(texts=texts, points=points, box=box)
         elif texts is not None or box is not None or points is not None:
             raise BadRequestError("give either a Prompts object or texts/box/points, not both")
+        categories = list(prompts.texts) or [OBJECT_LABEL]
+        label_values = _label_values(categories, values)
         with self.engine._lock, torch.inference_mode():
-            return self._segment(prompts, mode, return_probabilities)
+            return self._segment(prompts, categories, label_values, mode, return_probabilities)
 
-    def _segment(self, prompts: Prompts, mode: Mode, return_probabilities: bool):
+    def _segment(self, prompts: Prompts, categories: List[str], values: List[int], mode: Mode,
+                 return_probabilities: bool):
         prepared = self.prepared
         counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoded_prompts": 0, "decoder_cache_hits": 0,
                     "embedding_cache_hits": 0, "image_tokens_cache_hits": 0}
@@ -161,7 +183,7 @@ class ImageSession:
                                      "intensity): nothing there to segment")
             raise BadRequestError("nothing to segment: give at least one text, a box or a point")
         with_text = bool(prompts.texts)
-        plans = self._zoom_out(list(prompts.texts) or [OBJECT_LABEL], with_text, native, clock, counters,
+        plans = self._zoom_out(categories, values, with_text, native, clock, counters,
                                with_foreground=mode is Mode.ZOOM_OUT_ZOOM_IN)
         zoom_in = ZoomInPlan()
         window_logits: Outputs = {}
@@ -217,8 +239,8 @@ class ImageSession:
     # ---------------------------------------------------------------------------------------------------------------
     # zoom-out
     # ---------------------------------------------------------------------------------------------------------------
-    def _zoom_out(self, categories: List[str], with_text: bool, prompts: NativePrompts, clock: _Clock,
-                  counters: Dict[str, int], with_foreground: bool = True) -> List[CategoryPlan]:
+    def _zoom_out(self, categories: List[str], values: List[int], with_text: bool, prompts: NativePrompts,
+                  clock: _Clock, counters: Dict[str, int], with_foreground: bool = True) -> List[CategoryPlan]:
         """Encode the zoom-out view (once per session), decode every category, and find each one's support (and
         its native foreground, which only the zoom-in planning needs)."""
         with clock("zoom_out_encode"):
@@ -228,9 +250,9 @@ class ImageSession:
             else:
                 counters["embedding_cache_hits"] += 1
         with clock("zoom_out_decode"):
-            return self._zoom_out_decode(categories, with_text, prompts, counters, with_foreground)
+            return self._zoom_out_decode(categories, values, with_text, prompts, counters, with_foreground)
 
-    def _zoom_out_decode(self, categories: List[str], with_text: bool, prompts: NativePrompts,
+    def _zoom_out_decode(self, categories: List[str], values: List[int], with_text: bool, prompts: NativePrompts,
                          counters: Dict[str, int], with_foreground: bool) -> List[CategoryPlan]:
         engine, frames = self.engine, self.prepared.frames
         count, step, device = len(categories), engine.decode_batch, engine.model.device
@@ -253,8 +275,8 @@ class ImageSession:
             for i in range(0, count, step)])
         logits = engine.model.upsample(low_res)[:, 0]  # (B, Z0, Z1, Z2)
         plans = []
-        for index, name in enumerate(categories):
-            plan = CategoryPlan(name=name, value=index + 1, zoom_logits=logits[index])
+        for index, (name, value) in enumerate(zip(categories, values)):
+            plan = CategoryPlan(name=name, value=value, zoom_logits=logits[index])
             zoom_box = bounding_box((plan.zoom_logits > 0).cpu().numpy())
             if zoom_box is not None:
                 plan.support = frames.zoom.native_support(zoom_box)

@@ -89,22 +89,18 @@ class SegVolInferTask(InferTask):
         image = request["image"]
         if not isinstance(image, str):
             raise BadRequestError("this task needs an image file or datastore id")
-        values = {} if self.class_agnostic() or not prompts.texts else self.label_values(asked)
+        agnostic = self.class_agnostic() or not prompts.texts
+        # the engine writes the label with this face's values directly (class-agnostic: every text is value 1)
+        values = {text: 1 for text in prompts.texts} if agnostic else self.label_values(asked)
 
         with self.service.session(image, request.get("client_id")) as session:
-            result = session.segment(prompts, mode=mode)
+            result = session.segment(prompts, mode=mode, values=values or None)
 
-        vocabulary = self.service.vocabulary
-        if not values:
-            labels = (result.label > 0).astype(np.uint8)
+        labels = result.label
+        if agnostic:
             names = {self.object_name(asked): 1}
         else:
-            # Engine values 1..N follow prompts.texts; each becomes the value this face promised for its name.
-            lookup = np.zeros(max(result.labels.values(), default=0) + 1, dtype=np.uint8)
-            for text, engine_value in result.labels.items():
-                lookup[engine_value] = values[text]
-            labels = lookup[result.label]
-            names = {vocabulary.served_name(text): values[text]
+            names = {self.service.vocabulary.served_name(text): values[text]
                      for text in sorted(values, key=lambda t: values[t])}  # ascending: Slicer reads keys in order
 
         tick = time.perf_counter()

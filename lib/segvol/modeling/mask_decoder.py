@@ -352,7 +352,7 @@ class MaskDecoder(nn.Module):
         weights = self.output_hypernetworks_mlps[0](mask_tokens_out[:, 0])
         if text_embedding is not None:
             weights = weights + self.txt_align_upscaled_embedding(text_embedding)
-        return self._upscaled_masks(self._first_upscaling(image, steps), weights, image.grid)
+        return self._upscaled_masks(*self._first_upscaling(image, steps), weights, image.grid)
 
     def _upscaling_through_layers(self):
         """The first transposed convolution (as a (8 c1, C) matrix W) carried back through every decoder layer's
@@ -387,10 +387,11 @@ class MaskDecoder(nn.Module):
         parameters = [up_conv1.weight, up_conv1.bias] + [p for n in norms for p in (n.weight, n.bias)] + out_biases
         return self._derived("through_layers", (), parameters, layout)
 
-    def _first_upscaling(self, image: ImageTokens, steps: List[KeysStep]) -> torch.Tensor:
-        """The first transposed convolution of the decoder's final image tokens, (B, L, 8 c1) in token order (columns
-        (child, channel)), from ``image.upscaled`` and each layer's factored update (``_upscaling_through_layers``).
-        Equal to ``F.linear(tokens_N, kernel1, bias1)`` up to float summation order."""
+    def _first_upscaling(self, image: ImageTokens, steps: List[KeysStep]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The first transposed convolution of the decoder's final image tokens in token order (columns (child,
+        channel)), from ``image.upscaled`` and each layer's factored update (``_upscaling_through_layers``), as
+        (B, L, 8 c1) values and their per-token factor (B, L, 1): their product equals ``F.linear(tokens_N, kernel1,
+        bias1)`` up to float summation order (``_upscaled_masks`` applies the factor where it normalises)."""
         matrices, constants = self._upscaling_through_layers()
         # S_N / sigma_N + c_out = (M_1 tokens_0 + sum_k (prod_{j<k} sigma_j)(M_k update_k + c_k)
         #                          + (prod_{j<=N} sigma_j) c_out) / prod_{j<=N} sigma_j:
@@ -405,7 +406,7 @@ class MaskDecoder(nn.Module):
         weights.append(scale)
         values.append(constants[-1].expand(b, 1, -1))
         total = torch.baddbmm(image.upscaled, torch.cat(weights, dim=2), torch.cat(values, dim=1))
-        return total * (1.0 / scale)
+        return total, 1.0 / scale
 
     def _upscaling_in_token_order(self, grid: Tuple[int, int, int]):
         """``output_upscaling``'s parameters after the first transposed convolution (``_upscaling_through_layers`` has
@@ -442,17 +443,21 @@ class MaskDecoder(nn.Module):
                 kept = self._kept[name] = (stamp, layout())
         return kept[1]
 
-    def _upscaled_masks(self, first: torch.Tensor, weights: torch.Tensor, grid: Tuple[int, int, int]):
-        """first (B, L, 8 c1): the first transposed convolution of the image tokens (``_first_upscaling``) in
-        (gd, gh, gw) token order, columns (child, channel); weights (B, up2) -> masks (B, 1, 4gd, 4gh, 4gw).
+    def _upscaled_masks(self, first: torch.Tensor, token_scale: Optional[torch.Tensor], weights: torch.Tensor,
+                        grid: Tuple[int, int, int]):
+        """first (B, L, 8 c1) times token_scale (B, L, 1; None: ones): the first transposed convolution of the image
+        tokens (``_first_upscaling``) in (gd, gh, gw) token order, columns (child, channel); weights (B, up2) -> masks
+        (B, 1, 4gd, 4gh, 4gw).
 
         ``output_upscaling`` applied as matrix products: a transposed convolution with kernel 2 and stride 2 is one
         linear map per input voxel to its 2x2x2 children, so the tokens are upscaled in place (no layout change
         between the steps; the joint LayerNorm is order-free once its affine parameters follow the same order) and
-        the children are put in spatial order only once, on the final one-channel masks. After the LayerNorm, which
-        needs every value, the tokens go on in blocks of ``upscaling_block`` tokens of the whole batch (the second
-        upscaling's 12 M activations per prompt set officially never exist at once: the blocks stay in the CPU cache
-        and no large buffer is allocated; 68-77 -> 47-49 ms per prompt set for the official upscaling on 2 cores).
+        the children are put in spatial order only once, on the final one-channel masks. The LayerNorm over all of
+        (c1, 2gd, 2gh, 2gw) needs only the mean and variance: they come from per-token sums combined in float64
+        (parallel reductions; a one-row ``layer_norm`` runs on one core), and the normalisation and ``token_scale`` are applied
+        block by block with the affine step, so the normalised tokens are never written whole. The tokens go on in
+        blocks of ``upscaling_block`` tokens of the whole batch (the second upscaling's 12 M activations per prompt
+        set officially never exist at once: the blocks stay in the CPU cache and no large buffer is allocated).
         Same result as the convolutions up to float summation order (< 1e-6).
         """
         b, length, _ = first.shape
@@ -460,16 +465,26 @@ class MaskDecoder(nn.Module):
         scale, shift, kernel2, bias2 = self._upscaling_in_token_order(grid)
         c1, c2 = first.shape[2] // 8, kernel2.shape[0] // 8
         _, norm, gelu1, _, gelu2 = self.output_upscaling
-        # LayerNorm over all of (c1, 2gd, 2gh, 2gw)
-        x = first.reshape(b, -1)
-        x = F.layer_norm(x, (length * 8 * c1,), eps=norm.eps).reshape(b, length * 8, c1)
+        count = length * 8 * c1
+        factor = first.new_ones(b, length) if token_scale is None else token_scale.reshape(b, length)
+        factor64 = factor.double()
+        # per-token sums in the tokens' precision (a float64 reduction would first copy them), combined in float64
+        mean = (first.sum(-1).double() * factor64).sum(-1) / count  # (B,)
+        squares = torch.linalg.vector_norm(first, dim=-1).double().square() * factor64.square()
+        rstd = torch.rsqrt((squares.sum(-1) / count - mean.square()).clamp_min(0.0) + norm.eps)
+        # normalised value = first * (factor * rstd) - mean * rstd, per token
+        token_factor = (factor64 * rstd[:, None]).to(first.dtype).reshape(b, length, 1, 1)
+        offset = (-mean * rstd).to(first.dtype).reshape(b, 1, 1, 1)
+        first = first.reshape(b, length, 8, c1)
         weights = weights.unsqueeze(-1)
-        blocks, step = [], 8 * max(1, self.upscaling_block // b)
-        for first in range(0, length * 8, step):
-            last = min(first + step, length * 8)
-            y = gelu1(torch.addcmul(shift[first:last], x[:, first:last], scale[first:last]))
+        blocks, step = [], max(1, self.upscaling_block // b)
+        for start in range(0, length, step):
+            stop = min(start + step, length)
+            rows = slice(8 * start, 8 * stop)
+            x = torch.addcmul(offset, first[:, start:stop], token_factor[:, start:stop])  # normalised (B, n, 8, c1)
+            y = gelu1(torch.addcmul(shift[rows], x.reshape(b, 8 * (stop - start), c1), scale[rows]))
             y = gelu2(F.linear(y, kernel2, bias2))  # (B, 8n, 8*c2): (child2, channel)
-            blocks.append(torch.bmm(y.reshape(b, (last - first) * 8, c2), weights))  # (B, 64n, 1)
+            blocks.append(torch.bmm(y.reshape(b, (stop - start) * 64, c2), weights))  # (B, 64n, 1)
         masks = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
         # (token d, h, w; child1 a, b, c; child2 a', b', c') -> voxel (4d + 2a + a', 4h + 2b + b', 4w + 2c + c')
         masks = masks.reshape(b, gd, gh, gw, 2, 2, 2, 2, 2, 2).permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)

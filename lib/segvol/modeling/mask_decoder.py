@@ -459,10 +459,11 @@ class MaskDecoder(nn.Module):
         between the steps; the joint LayerNorm is order-free once its affine parameters follow the same order) and
         the children are put in spatial order only once, on the final one-channel masks. The LayerNorm over all of
         (c1, 2gd, 2gh, 2gw) needs only the mean and variance: they come from per-token sums combined in float64
-        (parallel reductions; a one-row ``layer_norm`` runs on one core), and the normalisation and ``token_scale`` are applied
-        block by block with the affine step, so the normalised tokens are never written whole. The tokens go on in
-        blocks of ``upscaling_block`` tokens of the whole batch (the second upscaling's 12 M activations per prompt
-        set officially never exist at once: the blocks stay in the CPU cache and no large buffer is allocated).
+        (parallel reductions; a one-row ``layer_norm`` runs on one core), and the normalisation and ``token_scale``
+        are applied block by block with the affine step, so the normalised tokens are never written whole. The
+        tokens go on in blocks of ``upscaling_block`` tokens of the whole batch (the second upscaling's 12 M
+        activations per prompt set officially never exist at once: the blocks stay in the CPU cache and no large
+        buffer is allocated).
         Same result as the convolutions up to float summation order (< 1e-6).
         """
         b, length, _ = first.shape

@@ -120,8 +120,13 @@ class LowRankUpdate:
     values: torch.Tensor
     bias: torch.Tensor
 
-    def dense(self) -> torch.Tensor:
-        return torch.baddbmm(self.bias.expand(self.weights.shape[0], 1, -1), self.weights, self.values)
+    def added_to(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B or 1, L, C) plus this update, as a new tensor: one pass to add the bias, the product accumulated
+        into it in place (not the update made whole, then added)."""
+        out = tokens + self.bias
+        if out.shape[0] != self.weights.shape[0]:  # one image's tokens for every prompt set
+            out = out.expand(self.weights.shape[0], -1, -1).contiguous()
+        return out.baddbmm_(self.weights, self.values)
 
 
 @dataclass
@@ -226,7 +231,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         update = to_tokens.to_few_keys(k, queries + query_pe, queries, q_projected=first is not None)
-        keys = keys + update.dense()
+        keys = update.added_to(keys)
         norm = self.norm4
         if not torch.is_grad_enabled():  # one fused pass gives the normalised tokens and their per-token scale
             keys, _, rstd = torch.native_layer_norm(keys, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

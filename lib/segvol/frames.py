@@ -344,10 +344,26 @@ class Zoom:
 
     def _in_plane(self, logits, box: np.ndarray):
         """The in-plane steps of ``upsample_region`` for the inclusive ``box``: (every zoom slice interpolated onto the
-        box's rows and columns (Z0, h * w), the box's shape (d, h, w)); the depth step is left to the caller."""
-        h, w = (self.interpolation_matrix(a, box[a], box[a + 3], logits.device).to(logits.dtype) for a in (1, 2))
-        planes = h @ (logits @ w.T)  # (Z0, h, w), batched over Z0
-        return planes.reshape(planes.shape[0], -1), (int(box[3] - box[0] + 1), h.shape[0], w.shape[0])
+        box's rows and columns (Z0, h * w), the box's shape (d, h, w)); the depth step is left to the caller.
+
+        Columns are one matrix product (a gather along the last axis is slow), rows are row copies blended by their
+        two taps (``lerp_axis``; as a product with the row matrix it cost 2/3 of a click's zoom-out foreground)."""
+        w = self.interpolation_matrix(2, box[2], box[5], logits.device).to(logits.dtype)
+        rows = self.interpolation_taps(1, box[1], box[4], logits.device)
+        planes = lerp_axis(logits @ w.T, 1, rows)  # (Z0, h, w)
+        return planes.reshape(planes.shape[0], -1), (int(box[3] - box[0] + 1), planes.shape[1], planes.shape[2])
+
+
+def lerp_axis(values, axis: int, taps):
+    """``values`` interpolated along ``axis`` by ``interpolation_taps``: each output index blends the two input
+    indices of its taps (index copies and one lerp, no product over the zero weights of a matrix)."""
+    import torch
+
+    first, second, weight = taps
+    shape = [1] * values.dim()
+    shape[axis] = -1
+    weight = weight.to(device=values.device, dtype=values.dtype)
+    return torch.lerp(values.index_select(axis, first), values.index_select(axis, second), weight.view(shape))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .caches import tensor_bytes
-from .frames import Window, bounding_box
+from .frames import Window, bounding_box, lerp_axis
 from .windows import CategoryPlan, gaussian_weight, union_box
 
 Start = Tuple[int, int, int]
@@ -239,13 +239,6 @@ def label_dtype(plans: List[CategoryPlan]) -> type:
     return np.uint8 if max((plan.value for plan in plans), default=0) <= 255 else np.uint16
 
 
-def _lerp_axis(values: torch.Tensor, axis: int, taps) -> torch.Tensor:
-    first, second, weight = taps
-    shape = [1] * values.dim()
-    shape[axis] = -1
-    return torch.lerp(values.index_select(axis, first), values.index_select(axis, second), weight.view(shape))
-
-
 def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) -> np.ndarray:
     """The label map ``merge_categories`` gives when no window ran: per native voxel the category with the highest
     trilinear zoom-out logit, when that is above 0 (sigmoid is monotonic; ties go to the earlier category).
@@ -277,7 +270,7 @@ def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) 
             if z not in planes:
                 chosen = near[z]
                 # columns as one matrix product (a gather along the last axis is slow), rows as row copies
-                values_z = _lerp_axis(logits[chosen, z] @ column_matrix, 1, row_taps)  # (c, H, W)
+                values_z = lerp_axis(logits[chosen, z] @ column_matrix, 1, row_taps)  # (c, H, W)
                 planes[z] = ([int(c) for c in chosen], values_z)
             return planes[z]
 

@@ -1,6 +1,6 @@
 """What every SegVol infer task shares: turn the request into a ``PromptRequest``, run its prompts in the service's
-session for the request's image (and ``client_id``), renumber the labels the way the face promised, and write the
-label file."""
+session for the request's image (and ``client_id``) with the label values the face promised, and write the label
+file."""
 from __future__ import annotations
 
 import logging

@@ -16,6 +16,7 @@ import torch
 
 from .caches import tensor_bytes
 from .frames import Window, bounding_box, lerp_axis
+from .io import label_dtype
 from .windows import CategoryPlan, gaussian_weight, union_box
 
 Start = Tuple[int, int, int]
@@ -177,7 +178,7 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
     within = np.asarray([0, 0, 0, *np.subtract(shape, 1)]) if within is None else np.asarray(within)
     origin = within[:3]
     size = tuple(int(v) for v in within[3:] - within[:3] + 1)
-    label = np.zeros(size, dtype=label_dtype(plans))
+    label = np.zeros(size, dtype=_values_dtype(plans))
     best = np.zeros(size, dtype=np.float32)  # zero pages cost no memory until a region is written
     probabilities = {} if return_probabilities else None
     first = True
@@ -234,9 +235,9 @@ def merge_categories(frames, plans: List[CategoryPlan], states: Dict[str, Option
     return label, probabilities
 
 
-def label_dtype(plans: List[CategoryPlan]) -> type:
-    """uint8 while every category's value fits it, else uint16."""
-    return np.uint8 if max((plan.value for plan in plans), default=0) <= 255 else np.uint16
+def _values_dtype(plans: List[CategoryPlan]) -> np.dtype:
+    """The label dtype the categories' values need (``segvol.io.label_dtype``: uint8, else uint16 up to 65535)."""
+    return label_dtype(np.asarray([plan.value for plan in plans], dtype=np.int64))
 
 
 def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) -> np.ndarray:
@@ -251,7 +252,7 @@ def zoom_out_label(zoom, plans: List[CategoryPlan], block_bytes: int = 2 ** 22) 
     on 2 cores (51.6 s through the general path).
     """
     shape = zoom.native_shape
-    wide = label_dtype(plans) != np.uint8
+    wide = _values_dtype(plans) != np.uint8
     label = torch.zeros(shape, dtype=torch.int32 if wide else torch.uint8)
     live = [plan for plan in plans if plan.support is not None]  # the others are <= 0 everywhere
     if live:

@@ -126,12 +126,13 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
     tokens = torch.randn(2, math.prod(grid), config.hidden_size)
     weights = torch.randn(2, config.upscaled_channels[1])
     conv1 = decoder.output_upscaling[0]
+    ones = torch.ones(2, math.prod(grid), 1)  # the per-token factor _first_upscaling gives with its values
 
     def first_upscaling(tokens):  # the first transposed convolution as (child, channel) columns per token
         return F.linear(tokens, conv1.weight.permute(2, 3, 4, 1, 0).reshape(-1, conv1.in_channels),
                         conv1.bias.repeat(8))
 
-    masks = decoder._upscaled_masks(first_upscaling(tokens), None, weights, grid)
+    masks = decoder._upscaled_masks(first_upscaling(tokens), ones, weights, grid)
     upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
     expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
     assert masks.shape == (2, 1, *config.low_res_size)
@@ -143,13 +144,13 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
     # Without autograd the reordered LayerNorm parameters are cached; an in-place update (an optimizer step, a
     # load_state_dict) must be seen on the next call.
     with torch.no_grad():
-        masks = decoder._upscaled_masks(first_upscaling(tokens), None, weights, grid)
+        masks = decoder._upscaled_masks(first_upscaling(tokens), ones, weights, grid)
         assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
         decoder.output_upscaling[1].weight.mul_(-2.0)
         decoder.output_upscaling[1].bias.add_(1.0)
         upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
         expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
-        masks = decoder._upscaled_masks(first_upscaling(tokens), None, weights, grid)
+        masks = decoder._upscaled_masks(first_upscaling(tokens), ones, weights, grid)
         assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -121,12 +121,9 @@ class LowRankUpdate:
     bias: torch.Tensor
 
     def added_to(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B or 1, L, C) plus this update, as a new tensor: one pass to add the bias, the product accumulated
-        into it in place (not the update made whole, then added)."""
-        out = tokens + self.bias
-        if out.shape[0] != self.weights.shape[0]:  # one image's tokens for every prompt set
-            out = out.expand(self.weights.shape[0], -1, -1).contiguous()
-        return out.baddbmm_(self.weights, self.values)
+        """tokens (B, L, C; an expanded view of one image's is fine) plus this update, as a new tensor: one pass to add
+        the bias, the product accumulated into it in place (not the update made whole, then added)."""
+        return (tokens + self.bias).baddbmm_(self.weights, self.values)
 
 
 @dataclass
@@ -453,9 +450,9 @@ class MaskDecoder(nn.Module):
                 kept = self._kept[name] = (stamp, layout())
         return kept[1]
 
-    def _upscaled_masks(self, first: torch.Tensor, token_scale: Optional[torch.Tensor], weights: torch.Tensor,
+    def _upscaled_masks(self, first: torch.Tensor, token_scale: torch.Tensor, weights: torch.Tensor,
                         grid: Tuple[int, int, int]):
-        """first (B, L, 8 c1) times token_scale (B, L, 1; None: ones): the first transposed convolution of the image
+        """first (B, L, 8 c1) times token_scale (B, L, 1): the first transposed convolution of the image
         tokens (``_first_upscaling``) in (gd, gh, gw) token order, columns (child, channel); weights (B, up2) -> masks
         (B, 1, 4gd, 4gh, 4gw).
 
@@ -477,8 +474,7 @@ class MaskDecoder(nn.Module):
         c1, c2 = first.shape[2] // 8, kernel2.shape[0] // 8
         _, norm, gelu1, _, gelu2 = self.output_upscaling
         count = length * 8 * c1
-        factor = first.new_ones(b, length) if token_scale is None else token_scale.reshape(b, length)
-        factor64 = factor.double()
+        factor64 = token_scale.reshape(b, length).double()
         # per-token sums in the tokens' precision (a float64 reduction would first copy them), combined in float64
         mean = (first.sum(-1).double() * factor64).sum(-1) / count  # (B,)
         squares = torch.linalg.vector_norm(first, dim=-1).double().square() * factor64.square()

@@ -37,6 +37,7 @@ plot ``<out>/learning_curve.png`` (training loss and per-organ validation Dice p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of steps that also train on clicks at the model's own errors (the robot's rule; "
                              "0.5: clicks raise the robot's Dice, 0: they lower it, see docs/robot.md)")
     parser.add_argument("--corrective-rounds", type=int, default=3, help="simulated click rounds of that term (1..N)")
+    parser.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="give the network the previous-prediction prompt (SegVolConfig.mask_prompt: each click "
+                             "corrects the answer before it; default: the configuration's own setting)")
     parser.add_argument("--robot-clicks", type=int, default=5,
                         help="corrective clicks of the robot annotator on the validation cases (0: no robot)")
     parser.add_argument("--robot-noc", action="store_true", help="robot: click on to 20 interactions (NoC@t)")
@@ -249,6 +253,8 @@ def main(argv=None) -> int:
     if overlap:
         log.warning("%d case(s) are in both the training and the validation set", len(overlap))
     config = SegVolConfig(**EVAL_CONFIGS[args.config]) if args.config in EVAL_CONFIGS else resolve_config(args.config)
+    if args.mask_prompt is not None:
+        config = dataclasses.replace(config, mask_prompt=args.mask_prompt)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     ignore = os.path.join(out, ".gitignore")

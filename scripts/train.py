@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "frozen, image embeddings of fixed views cached), lora (decoder + low-rank adapters on "
                             "the image encoder's attention, merged into the published checkpoint)")
     model.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    model.add_argument("--mask-prompt", action="store_true",
+                       help="give the network the previous-prediction prompt (SAM's mask input, in 3D) if it lacks "
+                            "it, so a click corrects the answer before it (train with --corrective-prob > 0)")
     model.add_argument("--views-per-case", type=int, default=None,
                        help="fixed views per case (0: a new random view each time; default 8 in the decoder mode)")
     model.add_argument("--checkpointing", action="store_true",
@@ -151,8 +154,8 @@ def main(argv=None) -> int:
         pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,
         max_negative=args.max_negative, boundary_fraction=args.boundary_fraction, combinations=args.combinations,
         max_categories=args.max_categories, corrective_prob=args.corrective_prob,
-        corrective_rounds=args.corrective_rounds, pseudo_weight=args.pseudo_weight, val_every=args.val_every,
-        loss_resolution=args.loss_resolution,
+        corrective_rounds=args.corrective_rounds, mask_prompt=args.mask_prompt, pseudo_weight=args.pseudo_weight,
+        val_every=args.val_every, loss_resolution=args.loss_resolution,
         val_prompt=args.val_prompt, val_mode=args.val_mode,
         time_budget_s=args.minutes * 60 if args.minutes > 0 else None,
         resume={"auto": "auto", "yes": True, "no": False}[args.resume], publish_path=args.publish,

@@ -67,7 +67,8 @@ class OracleModel(nn.Module):
         """The embedding itself stands for every part (``decode`` reads ``tokens``)."""
         return ImageTokens(embedding, embedding, embedding, embedding, embedding, tuple(embedding.shape[2:]))
 
-    def decode(self, image_embedding, text_embedding=None, boxes=None, points=None) -> torch.Tensor:
+    def decode(self, image_embedding, text_embedding=None, boxes=None, points=None, previous=None) -> torch.Tensor:
+        assert previous is None, "the oracle's configuration takes no previous-prediction prompt"
         if isinstance(image_embedding, ImageTokens):
             image_embedding = image_embedding.tokens
         sizes = [t.shape[0] for t in (text_embedding, boxes) if t is not None]

@@ -229,3 +229,26 @@ def test_train_benchmark_reports_each_mode(tmp_path, tokenizer_dir, capsys):
         assert row["steps"] == 3 and row["seconds_per_step"] > 0 and row["peak_rss_mb"] > 100
     assert rows["full"]["trainable_parameters"] > rows["lora+ckpt"]["trainable_parameters"] > \
         rows["decoder"]["trainable_parameters"] > 0
+
+
+def test_a_checkpoint_without_the_previous_prediction_prompt_gains_it_for_fine_tuning(tmp_path, data, tokenizer_dir,
+                                                                                       start):
+    """``mask_prompt``: the starting network gets the module at zero (the same answers), corrective clicks train it,
+    and the published checkpoint carries it (its configuration says so and it loads strictly)."""
+    from segvol.training.setup import with_mask_prompt
+
+    base = segvol.load_model(str(start), tokenizer=str(tokenizer_dir)).eval()
+    assert not base.config.mask_prompt
+    extended = with_mask_prompt(base).eval()
+    assert extended.config.mask_prompt and with_mask_prompt(extended) is extended
+    embedding = base.encode_image(torch.rand(1, 1, *TINY.image_size))
+    boxes = torch.tensor([[1.0, 2, 2, 8, 12, 12]])
+    with torch.no_grad():
+        previous = torch.randn(1, 1, *TINY.low_res_size)
+        assert torch.equal(extended.decode(embedding, None, boxes, None, previous), base.decode(embedding, None, boxes))
+
+    run_training(options(tmp_path, tokenizer_dir, start, mode="decoder", mask_prompt=True, corrective_prob=1.0,
+                         epochs=2), load_dataset(str(data / "new")))
+    published = segvol.load_model(str(tmp_path / "published.pt"), tokenizer=str(tokenizer_dir))
+    assert published.config.mask_prompt
+    assert float(published.prompt_encoder.mask_embedding.layers[-1].weight.abs().sum()) > 0

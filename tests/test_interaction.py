@@ -279,3 +279,42 @@ def test_corrective_click_term_uses_clicks_on_the_models_errors(monkeypatch, tok
     encoder = model.prompt_encoder  # the clicks reach the point prompts
     for kind in {encoder.POSITIVE if c.positive else encoder.NEGATIVE for c, _, _ in seen}:
         assert float(encoder.point_embeddings[kind].weight.grad.abs().sum()) > 0
+
+
+def test_corrective_rounds_feed_each_prediction_to_a_mask_prompt_network(monkeypatch, tokenizer_dir):
+    """With the previous-prediction prompt (``mask_prompt``), every corrective round after the first and the decode
+    the loss is taken on get the low-res logits of the prediction the newest click was placed on (what a session
+    gives the network), and the loss trains the module that reads them."""
+    import dataclasses
+
+    from segvol.modeling.segvol import SegVol
+    from segvol.modeling.text_encoder import load_tokenizer
+    from segvol.training import PromptConfig, step
+    from segvol.training.data import View
+
+    torch.manual_seed(0)
+    model = SegVol(dataclasses.replace(TINY, mask_prompt=True), load_tokenizer(str(tokenizer_dir)))
+    label = torch.zeros(TINY.image_size, dtype=torch.int32)
+    label[4:10, 8:20, 8:20] = 1
+    view = View(image=torch.rand(1, *TINY.image_size), label=label, texts={1: "liver"})
+    batch = step.build_batch([view], [np.random.default_rng(0)], PromptConfig(), 8, 0, corrective_prob=1.0)
+    batch.corrective = ("box+text", 3)
+    calls = []
+    real_decode = model.decode
+
+    def recording_decode(*args, **kwargs):
+        out = real_decode(*args, **kwargs)
+        calls.append((args[4] if len(args) > 4 else kwargs.get("previous"), out))
+        return out
+
+    monkeypatch.setattr(model, "decode", recording_decode)
+    module = step.TrainStep(model, freeze=(), combinations=(), pseudo_weight=0.0, loss_resolution="low")
+    loss, parts = module(batch)
+    assert len(calls) == 4  # three gradient-free rounds, then the decode with every click
+    assert calls[0][0] is None
+    for (previous, _), (_, earlier) in zip(calls[1:], calls[:-1]):
+        assert previous is earlier
+    assert not calls[2][1].requires_grad and calls[3][1].requires_grad
+    loss.backward()
+    last = model.prompt_encoder.mask_embedding.layers[-1]
+    assert float(last.weight.grad.abs().sum()) > 0

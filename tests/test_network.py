@@ -1,6 +1,7 @@
 """Unit tests of the network's load-bearing quirks, on the small configuration (seconds on CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -372,3 +373,69 @@ def test_mismatched_prompt_batches_are_rejected(small_model):
         small_model.decode(embedding[:1], texts, boxes=torch.zeros(2, 6))
     with pytest.raises(ValueError, match="points must be"):
         small_model.decode(embedding[:1], points=(torch.zeros(1, 2, 3), torch.zeros(1, 3)))
+
+
+def test_previous_prediction_prompt_adds_its_dense_embedding_to_the_image_tokens(tokenizer_dir):
+    """``mask_prompt`` networks: a previous prediction's low-res logits and the click maps, through
+    ``MaskEmbedding``, add to the no-mask dense embedding of every image token. Starting at zero, the module changes nothing (a network given it
+    answers as before until trained); trained, decoding kept image tokens with it equals decoding the embedding with
+    that dense prompt added (to 1e-5), it takes gradients, and a shape or a network without it is refused."""
+    torch.manual_seed(4)
+    config = dataclasses.replace(SMALL, mask_prompt=True)
+    model = segvol.SegVol(config, load_tokenizer(str(tokenizer_dir))).eval()
+    embedding = model.encode_image(torch.rand(1, 1, *config.image_size)).detach()
+    text = model.encode_text(["liver", "spleen"])
+    boxes = torch.tensor([[2.0, 4, 4, 20, 30, 30], [0, 0, 0, 31, 63, 63]])
+    points = (torch.tensor([[[5.0, 10, 12]]] * 2), torch.tensor([[1.0]] * 2))
+    previous = torch.randn(2, 1, *config.low_res_size) * 10
+    with torch.no_grad():
+        plain = model.decode(embedding, text, boxes, points)
+        assert torch.equal(model.decode(embedding, text, boxes, points, previous), plain)  # zero-initialised
+        for parameter in model.prompt_encoder.mask_embedding.layers[-1].parameters():
+            parameter.normal_(std=0.5)
+        tokens = model.image_tokens(embedding)
+        refined = model.decode(tokens, text, boxes, points, previous)
+        assert (refined - plain).abs().max() > 1e-2
+        dense = model.prompt_encoder.previous_mask_embedding(previous, points)
+        assert dense.shape == (2, config.hidden_size, *config.grid_size)
+        sparse, no_mask = model.prompt_encoder(points, boxes.reshape(2, 1, 6), text, 2)
+        expected = model.mask_decoder(embedding.expand(2, -1, -1, -1, -1) + dense, model.prompt_encoder
+                                      .dense_positional_encoding(), sparse, no_mask, text)
+        assert torch.allclose(refined, expected, atol=1e-5)
+        assert torch.allclose(model.decode(embedding, text, boxes, points, previous), refined, atol=1e-5)
+    model.decode(embedding, text[:1], boxes[:1], None, previous[:1]).sum().backward()
+    grads = [p.grad for p in model.prompt_encoder.mask_embedding.parameters()]
+    assert all(g is not None for g in grads) and grads[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="previous logits must be"):
+        model.decode(embedding, text[:1], boxes[:1], None, torch.zeros(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="previous predictions for 2 prompt sets"):
+        model.decode(embedding, text, boxes, None, previous[:1])
+    plain_model = segvol.SegVol(SMALL, load_tokenizer(str(tokenizer_dir))).eval()
+    assert plain_model.prompt_encoder.mask_embedding is None
+    assert not any("mask_embedding" in key for key in plain_model.state_dict())  # the official key set is unchanged
+    with pytest.raises(ValueError, match="mask_prompt off"):
+        plain_model.decode(embedding, text[:1], boxes[:1], None, previous[:1])
+
+
+def test_click_maps_put_a_blob_at_each_click_on_the_low_resolution_grid():
+    """Positive clicks draw in channel 0, negative ones in channel 1, padding draws nothing; a click is located on
+    the low-resolution grid as the decoder's upsampling places it (window voxel 4k + 1.5 -> low-res voxel k for a 4x
+    in-plane ratio), and the maps match a brute-force Gaussian."""
+    from segvol.modeling.prompt_encoder import click_maps
+
+    low, size = (8, 16, 16), (8, 64, 64)
+    coords = torch.tensor([[[2.0, 9.5, 33.5], [5.0, 40.0, 10.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1, 0, -1]])
+    maps = click_maps((coords, labels), 1, low, size, torch.zeros(1))
+    assert maps.shape == (1, 2, *low)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in low], indexing="ij"), -1)
+
+    def blob(point):
+        centre = (torch.tensor(point) + 0.5) * torch.tensor([1.0, 0.25, 0.25]) - 0.5
+        return torch.exp(-0.5 * ((grid - centre) ** 2).sum(-1))
+
+    assert torch.allclose(maps[0, 0], blob([2.0, 9.5, 33.5]), atol=1e-6)
+    assert torch.allclose(maps[0, 1], blob([5.0, 40.0, 10.0]), atol=1e-6)
+    assert float(maps[0, 0, 2, 2, 8]) == 1.0  # (2, 9.5, 33.5) is the centre of low-resolution voxel (2, 2, 8)
+    assert float(maps[0, 0, 2, 2, 9]) == pytest.approx(math.exp(-0.5), abs=1e-6)
+    assert torch.equal(click_maps(None, 2, low, size, torch.zeros(1)), torch.zeros(2, 2, *low))

@@ -153,3 +153,49 @@ def test_the_service_keeps_a_bounded_set_of_sessions_per_image_and_client(tokeni
     assert len(service._sessions) == 2 and seen(array) is first
     segvol.save_checkpoint(str(weights / "segvol_label.pt"), segvol.SegVol(segvol.SMALL), vocabulary=[])
     assert seen(array) is not first and len(service._sessions) == 1  # another checkpoint: no session survives
+
+
+def test_clicks_refine_the_previous_answer_of_a_mask_prompt_network(tokenizer_dir):
+    """A network with the previous-prediction prompt (``mask_prompt``): a click added to the same prompts is decoded
+    with the logits the session's last request gave (zoom-out, and each window the click is in; the other windows keep
+    their answer), unlike a fresh session given every prompt at once; the same request again repeats its answer from
+    the caches; a changed box starts afresh."""
+    import dataclasses
+
+    torch.manual_seed(5)
+    config = dataclasses.replace(segvol.SMALL, mask_prompt=True)
+    model = segvol.SegVol(config, segvol.modeling.text_encoder.load_tokenizer(str(tokenizer_dir))).eval()
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.mask_embedding.layers[-1].parameters():
+            parameter.normal_(std=0.5)  # a trained module: the previous answer changes the next one
+    array, affine, _ = synthetic_ct()
+    box, positive, negative = [20, 20, 10, 60, 60, 40], [40, 40, 25, 1], [30, 35, 20, 0]
+    session = SegVolEngine(model).open(array, affine=affine)
+
+    def holding(result, point):
+        native = session.prepared.frames.original_to_native_points([point[:3]])
+        return sum(result.plan.windows[i].contains(native).any() for i in result.plan.used)
+
+    first = session.segment(texts=["liver"], box=box)
+    assert first.stats["refined_prompts"] == 0
+    clicked = session.segment(texts=["liver"], box=box, points=[positive], return_probabilities=True)
+    assert clicked.stats["decoded_prompts"] == clicked.stats["refined_prompts"] == 1 + holding(clicked, positive)
+    fresh = SegVolEngine(model).open(array, affine=affine).segment(texts=["liver"], box=box, points=[positive],
+                                                                    return_probabilities=True)
+    assert fresh.stats["refined_prompts"] == 0
+    assert not np.allclose(clicked.probabilities["liver"], fresh.probabilities["liver"], atol=1e-3)
+
+    again = session.segment(texts=["liver"], box=box, points=[positive])
+    assert np.array_equal(again.label, clicked.label)
+    assert again.stats["decoded_prompts"] == again.stats["refined_prompts"] == 1  # the zoom-out; windows from cache
+    assert again.stats["decoder_cache_hits"] == holding(clicked, positive)
+
+    second = session.segment(texts=["liver"], box=box, points=[positive, negative])
+    assert second.stats["decoded_prompts"] == second.stats["refined_prompts"] == 1 + holding(second, negative)
+
+    moved = [22, 20, 10, 60, 60, 40]
+    restarted = session.segment(texts=["liver"], box=moved, points=[positive, negative])
+    assert restarted.stats["refined_prompts"] == 0
+    alone = SegVolEngine(model).open(array, affine=affine).segment(texts=["liver"], box=moved,
+                                                                    points=[positive, negative])
+    assert np.array_equal(restarted.label, alone.label)

@@ -29,6 +29,10 @@ class SegVolConfig:
     # grid (normalised by (H, D, W)); its weights depend on it, so it stays the default. A network trained from
     # scratch learns boxes and points much faster with positions encoded the way the image grid is (False).
     prompt_axis_swap: bool = True
+    # The previous-prediction prompt (SAM's mask input, in 3D): a decode may also take the low-resolution logits its
+    # prompts gave one interaction earlier, so a click corrects that answer instead of starting over. The official
+    # network has none (False); networks trained with corrective clicks may (``PromptEncoder.mask_embedding``).
+    mask_prompt: bool = False
 
     # Mask decoder (two-way transformer; its token dimension is the encoder's hidden size).
     decoder_depth: int = 2

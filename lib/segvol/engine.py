@@ -241,11 +241,15 @@ class SegVolEngine:
         self.image_tokens_cache.put(key, tokens, tokens.nbytes)
         return tokens
 
-    def decode(self, embedding, text_embedding, boxes, points, counters: Dict[str, int]) -> torch.Tensor:
+    def decode(self, embedding, text_embedding, boxes, points, counters: Dict[str, int],
+               previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``SegVol.decode``; ``previous``: the low-res logits one interaction earlier (mask_prompt networks)."""
         # float32 decoder: in bf16/fp16 its masks lose Dice (0.971 measured) for a few hundredths of a second
-        low_res = self.model.decode(embedding, text_embedding, boxes, points).float()
+        low_res = self.model.decode(embedding, text_embedding, boxes, points, previous=previous).float()
         counters["decoder_calls"] += 1
         counters["decoded_prompts"] += low_res.shape[0]
+        if previous is not None:
+            counters["refined_prompts"] += low_res.shape[0]
         return low_res
 
     def remember_decode(self, key: Hashable, logits: torch.Tensor) -> None:

@@ -43,6 +43,38 @@ class _LastLabel:
 
 
 @dataclass
+class _Interaction:
+    """What one category's last request gave, for the next request that adds clicks to the same prompts (networks
+    with the previous-prediction prompt, ``SegVolConfig.mask_prompt``): its prompts, the interaction it was computed
+    from (``fed``: an identical request is computed from it again, so it repeats its answer), the zoom-out
+    low-resolution logits and, per zoom-in window start, (key without the previous prediction, decoder-cache key,
+    low-resolution logits)."""
+
+    prompts: Tuple[Any, ...]
+    fed: Optional["_Interaction"]
+    zoom_out: torch.Tensor
+    windows: Dict[Tuple[int, ...], Tuple[Hashable, Hashable, torch.Tensor]] = field(default_factory=dict)
+
+    def followed_by(self, prompts: Tuple[Any, ...]) -> Optional["_Interaction"]:
+        """The interaction a request with ``prompts`` refines: this one when they add points to its prompts (same text
+        use, same box, its points first), the one this came from when they are the same; else None (a fresh start)."""
+        if prompts == self.prompts:
+            return self.fed
+        (text, box, points, labels), (text0, box0, points0, labels0) = prompts, self.prompts
+        n = len(labels0)
+        if text != text0 or box != box0 or len(labels) <= n:
+            return None
+        return self if points[:n] == points0 and labels[:n] == labels0 else None
+
+
+def _interaction_prompts(with_text: bool, prompts: NativePrompts) -> Tuple[Any, ...]:
+    """A request's spatial prompts as comparable tuples: (text used, box, points, labels)."""
+    box = None if prompts.box is None else tuple(float(v) for v in prompts.box)
+    return (with_text, box, tuple(tuple(float(v) for v in p) for p in prompts.points),
+            tuple(int(v) for v in prompts.labels))
+
+
+@dataclass
 class SegmentationResult:
     """``label``: the original array's shape (uint8, uint16 when a value passes 255), 0 = background; ``labels``:
     name -> value; ``probabilities``: name -> float32 map on the original grid (when asked); ``stats``: timings and
@@ -81,11 +113,13 @@ class DecodeRequest:
     points: Optional[Tuple[np.ndarray, np.ndarray]]
     key: Hashable
     image: Optional[ImageTokens] = None
+    previous: Optional[torch.Tensor] = None  # the window's low-res logits one interaction earlier (mask_prompt)
 
     @property
-    def structure(self) -> Tuple[bool, int]:
-        """(has a box, number of points): requests of one structure are decoded in one batch."""
-        return self.box is not None, 0 if self.points is None else len(self.points[1])
+    def structure(self) -> Tuple[bool, int, bool]:
+        """(has a box, number of points, has a previous prediction): requests of one structure are decoded in one
+        batch."""
+        return self.box is not None, 0 if self.points is None else len(self.points[1]), self.previous is not None
 
 
 class _Clock:
@@ -125,6 +159,8 @@ class ImageSession:
         self._blend_names: set = set()
         self.keep_blends = keep_blends and engine.reuse_windows  # blending states kept for the next request
         self._requests = 0  # requests begun: stamps the blending states and the last label
+        # per category, the last request's answer a click refines (networks with the previous-prediction prompt)
+        self._interactions: Dict[str, _Interaction] = {}
 
     def set_source(self, affine: np.ndarray, header: Any, source: Any) -> None:
         """The geometry results are written with from now on: the same voxels (one prepared image, one session) may
@@ -148,6 +184,7 @@ class ImageSession:
             self.engine.blends.pop((self.token, name))
         self._blend_names.clear()
         self.engine.blends.pop((self.token, _LAST_LABEL))
+        self._interactions.clear()
 
     def segment(self, prompts: Optional[Prompts] = None, *, texts=None, box=None, points=None,
                 mode: Optional[str] = None, return_probabilities: bool = False,
@@ -171,8 +208,8 @@ class ImageSession:
     def _segment(self, prompts: Prompts, categories: List[str], values: List[int], mode: Mode,
                  return_probabilities: bool):
         prepared = self.prepared
-        counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoded_prompts": 0, "decoder_cache_hits": 0,
-                    "embedding_cache_hits": 0, "image_tokens_cache_hits": 0}
+        counters = {"encoder_forwards": 0, "decoder_calls": 0, "decoded_prompts": 0, "refined_prompts": 0,
+                    "decoder_cache_hits": 0, "embedding_cache_hits": 0, "image_tokens_cache_hits": 0}
         seconds: Dict[str, float] = {"preprocess": self._preprocess_seconds}
         self._preprocess_seconds = 0.0
         clock = _Clock(seconds)
@@ -183,14 +220,16 @@ class ImageSession:
                                      "intensity): nothing there to segment")
             raise BadRequestError("nothing to segment: give at least one text, a box or a point")
         with_text = bool(prompts.texts)
+        refined = self._refined(categories, with_text, native)
         plans = self._zoom_out(categories, values, with_text, native, clock, counters,
-                               with_foreground=mode is Mode.ZOOM_OUT_ZOOM_IN)
+                               with_foreground=mode is Mode.ZOOM_OUT_ZOOM_IN, refined=refined)
         zoom_in = ZoomInPlan()
         window_logits: Outputs = {}
         if mode is Mode.ZOOM_OUT_ZOOM_IN:
             with clock("plan"):
                 zoom_in = self._plan(plans, native)
-            window_logits = self._zoom_in(plans, native, zoom_in, with_text, seconds, counters)
+            window_logits = self._zoom_in(plans, native, zoom_in, with_text, seconds, counters, refined)
+        self._remember_interactions(plans, zoom_in, window_logits, with_text, native, refined)
         self._requests += 1
         with clock("blend"):
             mergers = {plan.name: self._blend(plan, zoom_in, window_logits) for plan in plans}
@@ -237,10 +276,40 @@ class ImageSession:
                                   probabilities=probabilities, stats=stats, plan=zoom_in, header=self.header)
 
     # ---------------------------------------------------------------------------------------------------------------
+    # interactions (networks with the previous-prediction prompt)
+    # ---------------------------------------------------------------------------------------------------------------
+    def _refined(self, categories: List[str], with_text: bool,
+                 prompts: NativePrompts) -> Dict[str, Optional[_Interaction]]:
+        """Per category, the earlier answer this request refines (``_Interaction.followed_by``), or None."""
+        if not self.engine.model.config.mask_prompt:
+            return {}
+        key = _interaction_prompts(with_text, prompts)
+        return {name: self._interactions[name].followed_by(key) if name in self._interactions else None
+                for name in categories}
+
+    def _remember_interactions(self, plans: List[CategoryPlan], zoom_in: ZoomInPlan, outputs: Outputs,
+                               with_text: bool, prompts: NativePrompts,
+                               refined: Dict[str, Optional[_Interaction]]) -> None:
+        if not self.engine.model.config.mask_prompt:
+            return
+        key = _interaction_prompts(with_text, prompts)
+        for plan in plans:
+            fed = refined.get(plan.name)
+            if fed is not None and fed.fed is not None:  # only one step back is ever needed
+                fed = _Interaction(fed.prompts, None, fed.zoom_out, fed.windows)
+            windows = {}
+            for index in plan.windows:
+                start = zoom_in.windows[index].start
+                cache_key, logits = outputs[(index, plan.name)]
+                windows[start] = (_base_key(cache_key), cache_key, logits)
+            self._interactions[plan.name] = _Interaction(key, fed, plan.zoom_low_res, windows)
+
+    # ---------------------------------------------------------------------------------------------------------------
     # zoom-out
     # ---------------------------------------------------------------------------------------------------------------
     def _zoom_out(self, categories: List[str], values: List[int], with_text: bool, prompts: NativePrompts,
-                  clock: _Clock, counters: Dict[str, int], with_foreground: bool = True) -> List[CategoryPlan]:
+                  clock: _Clock, counters: Dict[str, int], with_foreground: bool = True,
+                  refined: Optional[Dict[str, Optional[_Interaction]]] = None) -> List[CategoryPlan]:
         """Encode the zoom-out view (once per session), decode every category, and find each one's support (and
         its native foreground, which only the zoom-in planning needs)."""
         with clock("zoom_out_encode"):
@@ -250,10 +319,12 @@ class ImageSession:
             else:
                 counters["embedding_cache_hits"] += 1
         with clock("zoom_out_decode"):
-            return self._zoom_out_decode(categories, values, with_text, prompts, counters, with_foreground)
+            return self._zoom_out_decode(categories, values, with_text, prompts, counters, with_foreground,
+                                         refined or {})
 
     def _zoom_out_decode(self, categories: List[str], values: List[int], with_text: bool, prompts: NativePrompts,
-                         counters: Dict[str, int], with_foreground: bool) -> List[CategoryPlan]:
+                         counters: Dict[str, int], with_foreground: bool,
+                         refined: Dict[str, Optional[_Interaction]]) -> List[CategoryPlan]:
         engine, frames = self.engine, self.prepared.frames
         count, step, device = len(categories), engine.decode_batch, engine.model.device
         text = engine.model.encode_text(categories) if with_text else None
@@ -267,16 +338,26 @@ class ImageSession:
             labels = torch.as_tensor(prompts.labels, dtype=torch.float32, device=device)
             point_prompt = (coords[None].expand(count, -1, -1), labels[None].expand(count, -1))
         image = engine.image_tokens(self.prepared, "zoom_out", self.zoom_out_embedding, counters)
-        low_res = torch.cat([
-            engine.decode(image, None if text is None else text[i:i + step],
-                          None if boxes is None else boxes[i:i + step],
-                          None if point_prompt is None else (point_prompt[0][i:i + step], point_prompt[1][i:i + step]),
-                          counters)
-            for i in range(0, count, step)])
-        logits = engine.model.upsample(low_res)[:, 0]  # (B, Z0, Z1, Z2)
+        previous = [refined.get(name) for name in categories]
+        low_res: List[Optional[torch.Tensor]] = [None] * count
+        # categories refining an earlier answer decode apart from fresh ones (a batch has a previous mask or none)
+        for group in ([i for i in range(count) if previous[i] is None],
+                      [i for i in range(count) if previous[i] is not None]):
+            for first in range(0, len(group), step):
+                rows = group[first:first + step]
+                index = torch.as_tensor(rows, device=device)
+                out = engine.decode(
+                    image, None if text is None else text[index], None if boxes is None else boxes[index],
+                    None if point_prompt is None else (point_prompt[0][index], point_prompt[1][index]), counters,
+                    previous=None if previous[rows[0]] is None else torch.cat([previous[i].zoom_out for i in rows]))
+                for row, logits in zip(rows, out):
+                    low_res[row] = logits[None]
+        zoom_low_res = torch.cat(low_res)
+        logits = engine.model.upsample(zoom_low_res)[:, 0]  # (B, Z0, Z1, Z2)
         plans = []
         for index, (name, value) in enumerate(zip(categories, values)):
-            plan = CategoryPlan(name=name, value=value, zoom_logits=logits[index])
+            plan = CategoryPlan(name=name, value=value, zoom_logits=logits[index],
+                                zoom_low_res=zoom_low_res[index:index + 1])
             zoom_box = bounding_box((plan.zoom_logits > 0).cpu().numpy())
             if zoom_box is not None:
                 plan.support = frames.zoom.native_support(zoom_box)
@@ -302,8 +383,13 @@ class ImageSession:
         return plan
 
     def _zoom_in(self, plans: List[CategoryPlan], prompts: NativePrompts, zoom_in: ZoomInPlan, with_text: bool,
-                 seconds: Dict[str, float], counters: Dict[str, int]) -> Outputs:
+                 seconds: Dict[str, float], counters: Dict[str, int],
+                 refined: Optional[Dict[str, Optional[_Interaction]]] = None) -> Outputs:
         """Run every used window once: encode (or reuse), decode each category needing it. -> low-res logits.
+
+        A category refining an earlier answer (``refined``) keeps that answer's logits in each window whose prompts
+        did not change, and decodes the others with them as the previous-prediction prompt (their cache key then
+        names the previous key too).
 
         Windows go in blocks of ``window_block``: encode the block's windows, then decode all their requests
         together, batched across windows and categories (a batch of prompt sets costs about half per set on CPU).
@@ -330,12 +416,20 @@ class ImageSession:
                     key = (engine.model_tag, prepared.key, window.start, plan.name if with_text else None,
                            None if box is None else tuple(int(v) for v in box),
                            None if points is None else (points[0].round(4).tobytes(), points[1].tobytes()))
+                    earlier = (refined or {}).get(plan.name)
+                    before = None if earlier is None else earlier.windows.get(window.start)
+                    if before is not None and before[0] == key:  # this window's prompts did not change
+                        out[(index, plan.name)] = before[1:]
+                        continue
+                    previous = None
+                    if before is not None:
+                        key, previous = key + (before[1],), before[2]
                     cached = engine.decodes.get(key)
                     if cached is not None:
                         counters["decoder_cache_hits"] += 1
                         out[(index, plan.name)] = (key, cached)
                     elif box is not None or points is not None or with_text:
-                        pending.append(DecodeRequest(index, plan, box, points, key))
+                        pending.append(DecodeRequest(index, plan, box, points, key, previous=previous))
                 work.append((step, window, needing, pending))
             fresh: Dict[Tuple[int, ...], torch.Tensor] = {}
             if engine.encode_batch > 1:  # GPU: the block's windows to decode in batched encoder forwards
@@ -375,7 +469,7 @@ class ImageSession:
         groups: Dict[Tuple[bool, int], List[DecodeRequest]] = {}
         for request in requests:
             groups.setdefault(request.structure, []).append(request)
-        for (has_box, point_count), group in groups.items():
+        for (has_box, point_count, has_previous), group in groups.items():
             for start in range(0, len(group), engine.decode_batch):
                 chunk = group[start:start + engine.decode_batch]
                 image = ImageTokens.cat([r.image for r in chunk])
@@ -390,7 +484,8 @@ class ImageSession:
                     labels = torch.as_tensor(np.stack([r.points[1] for r in chunk]), dtype=torch.float32,
                                              device=device)
                     point_prompt = (coords, labels)
-                low_res = engine.decode(image, text, boxes, point_prompt, counters)
+                previous = torch.cat([r.previous for r in chunk]) if has_previous else None
+                low_res = engine.decode(image, text, boxes, point_prompt, counters, previous=previous)
                 for request, logits in zip(chunk, low_res):
                     logits = logits[None].clone()  # its own storage: the cache must not pin the whole batch
                     engine.remember_decode(request.key, logits)
@@ -442,3 +537,11 @@ class ImageSession:
                 relabel = union_box([relabel, merger.changed_box])
             relabel = union_box([relabel, zoom_out_boxes[plan.name], last.zoom_out_boxes[plan.name]])
         return last, relabel
+
+
+def _base_key(key: Hashable) -> Hashable:
+    """A window's decoder-cache key without the previous prediction's key a refining decode appends to it."""
+    return key[:_WINDOW_KEY_LENGTH]
+
+
+_WINDOW_KEY_LENGTH = 6  # (model, image, window start, text, box, points)

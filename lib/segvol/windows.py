@@ -178,6 +178,7 @@ class CategoryPlan:
     name: str
     value: int
     zoom_logits: torch.Tensor  # (Z0, Z1, Z2) on the model device
+    zoom_low_res: Optional[torch.Tensor] = None  # (1, 1, *low_res_size): the decoder's zoom-out logits
     support: Optional[np.ndarray] = None  # native box where zoom-out logits can be > 0
     foreground: Optional[PackedMask] = None  # over ``support``
     foreground_box: Optional[np.ndarray] = None  # tight native box of the zoom-out foreground

@@ -327,10 +327,18 @@ class MaskDecoder(nn.Module):
         """image_embedding (B, C, g...), image_pe (1, C, g...), dense (1, C, g...): the no-mask embedding (SegVol takes
         no mask prompt, so it is the same for every prompt) -> what the decoder computes before any prompt."""
         # token-major copies once: every projection of the image tokens would otherwise copy them first
-        tokens = _token_major(image_embedding + dense_prompts)
+        return self._image_tokens(_token_major(image_embedding + dense_prompts), image_pe,
+                                  tuple(image_embedding.shape[2:]))
+
+    def with_previous_mask(self, image: ImageTokens, image_pe: torch.Tensor, mask_dense: torch.Tensor) -> ImageTokens:
+        """``image`` (1 or B images) with a previous prediction's dense prompt (B, C, g...) added to its tokens
+        (``PromptEncoder.previous_mask_embedding``): every prompt set gets its own tokens and first projections."""
+        tokens = image.tokens + _token_major(mask_dense)
+        return self._image_tokens(tokens, image_pe, image.grid)
+
+    def _image_tokens(self, tokens: torch.Tensor, image_pe: torch.Tensor, grid: Tuple[int, int, int]) -> ImageTokens:
         through_layers, _ = self._upscaling_through_layers()
         upscaled = tokens @ through_layers[0].T
-        grid = tuple(image_embedding.shape[2:])
         return ImageTokens(tokens, *self.transformer.first_projections(tokens, image_pe), upscaled, grid)
 
     def forward(
@@ -340,14 +348,18 @@ class MaskDecoder(nn.Module):
         sparse_prompts: torch.Tensor,
         dense_prompts: torch.Tensor,
         text_embedding: Optional[torch.Tensor] = None,
+        mask_dense: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """image: an embedding (B or 1, C, g...) or its ``ImageTokens``; image_pe (1, C, g...); sparse (B, n, C); dense
-        (B or 1, C, g...) (SegVol's no-mask embedding); text (B, C). An image of batch 1 serves every prompt set."""
+        (B or 1, C, g...) (SegVol's no-mask embedding); text (B, C); mask_dense (B, C, g...): a previous prediction's
+        dense prompt, added to the no-mask one (``with_previous_mask``). An image of batch 1 serves every prompt set."""
         b = sparse_prompts.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompts], dim=1)
         if not isinstance(image, ImageTokens):
             image = self.image_tokens(image, image_pe, dense_prompts[:image.shape[0]])
+        if mask_dense is not None:
+            image = self.with_previous_mask(image, image_pe, mask_dense)
         if image.batch != b:
             image = image.expand(b)
 

@@ -9,7 +9,8 @@ Two quirks of the official model are load-bearing and reproduced on purpose:
 * ``pe_layer.positional_encoding_gaussian_matrix`` is a *persistent* buffer: it must come from the checkpoint.
 
 ``mask_downscaling`` is SAM's 2D mask-prompt stack; the official model never calls it, but its tensors are part of
-the checkpoint, so it is kept (unused) for a strict load.
+the checkpoint, so it is kept (unused) for a strict load. Networks configured with ``mask_prompt`` have a 3D one
+(``MaskEmbedding``) that turns the previous interaction's logits into a dense prompt.
 """
 from __future__ import annotations
 
@@ -34,6 +35,69 @@ class LayerNorm2d(nn.Module):
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class LayerNorm3d(nn.Module):
+    """LayerNorm over the channels of (B, C, D, H, W) at every voxel."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class MaskEmbedding(nn.Module):
+    """The previous prediction and the clicks, as maps on the decoder's low-resolution grid -> a dense prompt
+    (B, C, gd, gh, gw) added to the no-mask embedding (SAM's mask input in 3D, with nnInteractive's click maps: two
+    stride-2 convolutions, then a 1x1x1 one).
+
+    Input channels (B, 3, 4gd, 4gh, 4gw): the previous prediction's probabilities, and a Gaussian blob (sigma one
+    low-resolution voxel) at every positive and at every negative click (``click_maps``). A click token alone barely
+    moves the voxels it lies on; the blob puts the click on the image tokens it belongs to. The last convolution
+    starts at zero, so a network given this module answers exactly as it did without it until it is trained with
+    previous predictions (``training.step``'s corrective clicks)."""
+
+    CHANNELS = 3
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv3d(self.CHANNELS, 16, kernel_size=2, stride=2),
+            LayerNorm3d(16),
+            nn.GELU(),
+            nn.Conv3d(16, 32, kernel_size=2, stride=2),
+            LayerNorm3d(32),
+            nn.GELU(),
+            nn.Conv3d(32, dim, kernel_size=1),
+        )
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.layers(maps)
+
+
+def click_maps(points: Optional[Tuple[torch.Tensor, torch.Tensor]], batch: int, low_res: Tuple[int, int, int],
+               image_size: Tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """Points ``(coords (B, N, 3) in (d, h, w) window voxels, labels (B, N))`` -> (B, 2, *low_res): per voxel of the
+    low-resolution grid, the largest ``exp(-r^2 / 2)`` (r: distance in low-resolution voxels) over the positive
+    clicks (channel 0) and over the negative ones (channel 1); padding points (label -1) draw nothing."""
+    maps = like.new_zeros(batch, 2, *low_res)
+    if points is None or points[0].shape[1] == 0:
+        return maps
+    coords, labels = points[0].to(like), points[1].to(like)
+    scale = like.new_tensor([l / s for l, s in zip(low_res, image_size)])
+    centres = (coords + 0.5) * scale - 0.5  # (B, N, 3) in low-resolution voxels
+    axes = [torch.arange(n, device=like.device, dtype=like.dtype) for n in low_res]
+    # separable Gaussian: exp(-(dd^2 + dh^2 + dw^2) / 2) = product of one factor per axis
+    factors = [torch.exp(-0.5 * (axis[None, None, :] - centres[..., k:k + 1]) ** 2) for k, axis in enumerate(axes)]
+    blobs = factors[0][..., :, None, None] * factors[1][..., None, :, None] * factors[2][..., None, None, :]
+    for channel, value in enumerate((1, 0)):
+        chosen = (labels == value).to(like)[..., None, None, None]
+        maps[:, channel] = (blobs * chosen).amax(dim=1)
+    return maps
 
 
 class RandomFourierPositionEncoding(nn.Module):
@@ -102,6 +166,7 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(16, dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, dim)
+        self.mask_embedding = MaskEmbedding(dim) if config.mask_prompt else None
 
     def dense_positional_encoding(self) -> torch.Tensor:
         """(1, C, gd, gh, gw) encoding of the image-token grid."""
@@ -146,5 +211,20 @@ class PromptEncoder(nn.Module):
         return sparse, self.dense_embedding().expand(batch_size, -1, -1, -1, -1)
 
     def dense_embedding(self) -> torch.Tensor:
-        """(1, C, gd, gh, gw): the no-mask embedding on every image token (SegVol takes no mask prompt)."""
+        """(1, C, gd, gh, gw): the no-mask embedding on every image token (the official SegVol takes no mask prompt)."""
         return self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(1, -1, *self.image_embedding_size)
+
+    def previous_mask_embedding(self, logits: torch.Tensor,
+                                points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """The previous prediction's low-resolution logits (B, 1, 4gd, 4gh, 4gw) and the points (window voxels, as
+        ``forward`` takes them) -> what they add to the dense embedding (B, C, gd, gh, gw); only for networks
+        configured with ``mask_prompt``."""
+        if self.mask_embedding is None:
+            raise ValueError("this network takes no previous-prediction prompt (its configuration has mask_prompt off)")
+        expected = tuple(4 * g for g in self.image_embedding_size)
+        if logits.dim() != 5 or logits.shape[1] != 1 or tuple(logits.shape[2:]) != expected:
+            raise ValueError(f"previous logits must be (B, 1, {', '.join(map(str, expected))}), got "
+                             f"{tuple(logits.shape)}")
+        probabilities = torch.sigmoid(logits.to(self.no_mask_embed.weight))
+        clicks = click_maps(points, logits.shape[0], expected, self.input_image_size, probabilities)
+        return self.mask_embedding(torch.cat([probabilities, clicks], dim=1))

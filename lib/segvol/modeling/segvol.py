@@ -69,14 +69,22 @@ class SegVol(nn.Module):
         text_embedding: Optional[torch.Tensor] = None,
         boxes: Optional[torch.Tensor] = None,
         points: Optional[Points] = None,
+        previous: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Prompts against an image embedding -> low-resolution logits (B, 1, 4gd, 4gh, 4gw); (B,1,32,64,64) officially.
 
         ``image_embedding`` (1 or B, C, g...), or its ``image_tokens``; ``text_embedding`` (B, C); ``boxes`` (B, 6) or
         (B, 1, 6); ``points`` = (coords (B, N, 3), labels (B, N)). B is the number of prompt sets; one image embedding
-        is shared by all of them.
+        is shared by all of them. ``previous`` (B, 1, 4gd, 4gh, 4gw): the low-resolution logits the same prompts gave
+        one interaction earlier (networks configured with ``mask_prompt`` only): with the points drawn as maps on the same
+        grid, it is a dense prompt, so new clicks correct that answer where they lie.
         """
         batch = _prompt_batch_size(image_embedding, text_embedding, boxes, points)
+        mask_dense = None
+        if previous is not None:
+            if previous.shape[0] != batch:
+                raise ValueError(f"{previous.shape[0]} previous predictions for {batch} prompt sets")
+            mask_dense = self.prompt_encoder.previous_mask_embedding(previous.to(self.device), points)
         if boxes is not None:
             boxes = boxes.to(self.device).reshape(batch, 1, 6)
         if points is not None:
@@ -85,7 +93,7 @@ class SegVol(nn.Module):
             text_embedding = text_embedding.to(self.device)
         sparse, dense = self.prompt_encoder(points, boxes, text_embedding, batch)
         image_pe = self.prompt_encoder.dense_positional_encoding()
-        return self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding)
+        return self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding, mask_dense)
 
     def upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits (B, C, d, h, w) -> logits on the input window, trilinear with align_corners=False.

@@ -210,7 +210,22 @@ def with_adapters(model: SegVol, rank: int, alpha: float) -> SegVol:
     return adapted.to(next(model.parameters()).device)
 
 
+def with_mask_prompt(model: SegVol) -> SegVol:
+    """A copy of ``model`` with the previous-prediction prompt (``SegVolConfig.mask_prompt``; its last layer starts at
+    zero, so the copy computes exactly what ``model`` does); a model that has it is returned as is."""
+    import dataclasses
+
+    if model.config.mask_prompt:
+        return model
+    extended = SegVol(dataclasses.replace(model.config, mask_prompt=True), model.tokenizer,
+                      vocabulary=model.vocabulary)
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("prompt_encoder.mask_embedding.") for key in missing):
+        raise RuntimeError(f"previous-prediction prompt: unexpected {unexpected}, missing {missing}")
+    return extended.to(next(model.parameters()).device)
+
+
 __all__ = ["close_progress", "freeze_parameters", "init_path", "init_text_tower_like_clip", "parameter_groups",
            "patch_embedding_lr_scale", "progress_bar", "read_last", "remove_stale_temp_files", "resolve_config",
-           "set_modes", "stop_on_signals", "tokenizer_dir", "with_adapters"]
+           "set_modes", "stop_on_signals", "tokenizer_dir", "with_adapters", "with_mask_prompt"]
 

@@ -188,23 +188,26 @@ class TrainStep(nn.Module):
         return encoder.dim_align(pooled)
 
     def _decode(self, model: SegVol, image: ImageTokens, targets: Sequence[Target], use_text: bool, use_box: bool,
-                use_points: bool, text: Optional[torch.Tensor]) -> torch.Tensor:
+                use_points: bool, text: Optional[torch.Tensor], previous: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """Logits (N, 1, ...) of the targets' prompts on the batch's decoder image tokens (``model.image_tokens``,
-        made once per step) (``text``: their (N, C) embeddings) at the loss resolution."""
+        made once per step) (``text``: their (N, C) embeddings; ``previous``: the low-resolution logits of the
+        interaction before, for networks with the previous-prediction prompt) at the loss resolution."""
         device = image.tokens.device
         index = torch.as_tensor([t.sample for t in targets], device=device)
         prompts = [t.prompts for t in targets]
         boxes = stack_boxes(prompts, device) if use_box else None
         points = stack_points(prompts, device) if use_points else None
-        low_res = model.decode(image.select(index), text if use_text else None, boxes, points)
+        low_res = model.decode(image.select(index), text if use_text else None, boxes, points, previous)
         return low_res if self.loss_resolution == "low" else model.upsample(low_res)
 
     def _decode_loss(self, image: ImageTokens, targets: Sequence[Target], use_text: bool, use_box: bool,
                      use_points: bool, text_table: Optional[torch.Tensor], text_index: Optional[torch.Tensor],
-                     truth: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                     truth: torch.Tensor, previous: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (mean Dice + BCE of the targets' prompts, their logits)."""
         text = text_table[text_index] if use_text else None
-        logits = self._decode(self.model, image, targets, use_text, use_box, use_points, text)
+        logits = self._decode(self.model, image, targets, use_text, use_box, use_points, text, previous)
         return dice_bce_loss(logits, truth).mean(), logits
 
     def _teacher_image(self, images: torch.Tensor, embedding: torch.Tensor) -> ImageTokens:
@@ -231,7 +234,10 @@ class TrainStep(nn.Module):
     def _corrective_loss(self, image: ImageTokens, targets: Sequence[Target], start: str, rounds: int,
                          text_table: torch.Tensor, text_index: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """Clicks on the model's own errors (see the module docstring, 3b): ``rounds`` gradient-free predictions, each
-        adding one ``error_click`` per target (none once a target is exact), then the loss with every click."""
+        adding one ``error_click`` per target (none once a target is exact), then the loss with every click. A network
+        with the previous-prediction prompt (``mask_prompt``) gets, in each round after the first and in the last
+        decode, the low-resolution logits of the prediction its newest click was placed on (what the engine gives it
+        in a session)."""
         use_text, use_box, _ = combination_parts(start)
         clicks: List[List[Tuple[Tuple[int, int, int], int]]] = [[] for _ in targets]
 
@@ -247,11 +253,15 @@ class TrainStep(nn.Module):
         index = torch.as_tensor([t.sample for t in targets], device=device)
         text = text_table[text_index] if use_text else None
         boxes = stack_boxes([t.prompts for t in targets], device) if use_box else None
+        with_previous = self.model.config.mask_prompt
+        previous = None
         for _ in range(int(rounds)):
             with torch.no_grad():
                 points = stack_points([t.prompts for t in clicked()], device) if any(clicks) else None
-                low_res = self.model.decode(image.select(index), text, boxes, points)
+                low_res = self.model.decode(image.select(index), text, boxes, points, previous)
                 predicted = (self.model.upsample(low_res)[:, 0] > 0).cpu().numpy()
+            if with_previous:
+                previous = low_res
             added = False
             for row, (target, mask) in enumerate(zip(targets, predicted)):
                 click = error_click(target.mask, mask)
@@ -261,7 +271,7 @@ class TrainStep(nn.Module):
             if not added:
                 break
         return self._decode_loss(image, clicked(), use_text, use_box, any(clicks), text_table, text_index,
-                                 truth)[0]
+                                 truth, previous if any(clicks) else None)[0]
 
     def _truth(self, masks: Sequence[np.ndarray], device) -> torch.Tensor:
         """(N, 1, *image_size) float targets, area-averaged to the decoder's grid for ``loss_resolution='low'``."""

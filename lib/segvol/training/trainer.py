@@ -130,6 +130,8 @@ class Trainer:
             model = load_model(setup.init_path(options), device=str(self.device), tokenizer=self.tokenizer)
         if options.mode == "lora":  # a resumed lora run's last.pt already holds its adapters
             model = setup.with_adapters(model, options.lora_rank, options.lora_alpha)
+        if options.mask_prompt:
+            model = setup.with_mask_prompt(model)
         self.model = model.float()
         return meta
 

@@ -59,10 +59,11 @@ GOAL = 0.6
 # "eval32": a 32^3 window with 4^3 patches; the same token grid and cost, but logits at the window's full resolution,
 # which matters for these organs of a few hundred 4 mm voxels (a perfect half-resolution mask scores about 0.78 Dice).
 # Both encode prompt positions in the image grid's own axis order (``prompt_axis_swap=False``): trained from scratch,
-# the official swap leaves box and point positions hard to relate to image positions.
+# the official swap leaves box and point positions hard to relate to image positions. Both take the previous-prediction
+# prompt (``mask_prompt``): trained with corrective clicks, it is what makes the robot's clicks raise the Dice.
 _NETWORK = dict(hidden_size=96, num_layers=2, num_heads=4, mlp_dim=192, decoder_depth=2, decoder_heads=4,
                 decoder_mlp_dim=128, iou_head_hidden_dim=32, text_hidden_size=64, text_intermediate_size=128,
-                text_num_layers=2, text_num_heads=4, prompt_axis_swap=False)
+                text_num_layers=2, text_num_heads=4, prompt_axis_swap=False, mask_prompt=True)
 EVAL_CONFIGS = {"eval64": dict(image_size=(64, 64, 64), patch_size=(8, 8, 8), **_NETWORK),
                 "eval32": dict(image_size=(32, 32, 32), patch_size=(4, 4, 4), **_NETWORK)}
 
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corrective-prob", type=float, default=0.5,
                         help="share of steps that also train on clicks at the model's own errors (the robot's rule; "
                              "0.5: clicks raise the robot's Dice, 0: they lower it, see docs/robot.md)")
-    parser.add_argument("--corrective-rounds", type=int, default=3, help="simulated click rounds of that term (1..N)")
+    parser.add_argument("--corrective-rounds", type=int, default=5,
+                        help="simulated click rounds of that term (1..N; 5, the robot's five clicks: docs/robot.md)")
     parser.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
                         help="give the network the previous-prediction prompt (SegVolConfig.mask_prompt: each click "
                              "corrects the answer before it; default: the configuration's own setting)")

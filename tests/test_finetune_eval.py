@@ -32,7 +32,7 @@ def test_finetune_eval_reports_dice_per_prompt_and_mode(tmp_path, tokenizer_dir,
         status = finetune_eval.main(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                                      "--minutes", "0.15", "--out", str(out), "--config", str(config),
                                      "--tokenizer", str(tokenizer_dir), "--threads", "1",
-                                     "--processes", "1", "--val-every", "1"])
+                                     "--processes", "1", "--val-every", "1", "--mask-prompt"])
     finally:
         torch.set_num_threads(threads)
     assert status == 0
@@ -56,3 +56,6 @@ def test_finetune_eval_reports_dice_per_prompt_and_mode(tmp_path, tokenizer_dir,
     rates = [group["lr"] for group in state["optimizer"]["param_groups"]]
     assert len(rates) == 2 and rates[1] == pytest.approx(10 * rates[0])
     assert (out / ".gitignore").read_text().strip() == "*"
+    # --mask-prompt: the network takes the previous-prediction prompt, and the robot's clicks went through it
+    assert report["config"]["mask_prompt"] and state["config"]["mask_prompt"]
+    assert report["robot"]["starts"]["box"]["mean"]["structures"] == 4

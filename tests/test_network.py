@@ -377,9 +377,10 @@ def test_mismatched_prompt_batches_are_rejected(small_model):
 
 def test_previous_prediction_prompt_adds_its_dense_embedding_to_the_image_tokens(tokenizer_dir):
     """``mask_prompt`` networks: a previous prediction's low-res logits and the click maps, through
-    ``MaskEmbedding``, add to the no-mask dense embedding of every image token. Starting at zero, the module changes nothing (a network given it
-    answers as before until trained); trained, decoding kept image tokens with it equals decoding the embedding with
-    that dense prompt added (to 1e-5), it takes gradients, and a shape or a network without it is refused."""
+    ``MaskEmbedding``, add to the no-mask dense embedding of every image token. Starting at zero, the module changes
+    nothing (a network given it answers as before until trained); trained, decoding kept image tokens with it equals
+    decoding the embedding with that dense prompt added (to 1e-5), it takes gradients, and a shape or a network
+    without it is refused."""
     torch.manual_seed(4)
     config = dataclasses.replace(SMALL, mask_prompt=True)
     model = segvol.SegVol(config, load_tokenizer(str(tokenizer_dir))).eval()

@@ -76,8 +76,8 @@ class SegVol(nn.Module):
         ``image_embedding`` (1 or B, C, g...), or its ``image_tokens``; ``text_embedding`` (B, C); ``boxes`` (B, 6) or
         (B, 1, 6); ``points`` = (coords (B, N, 3), labels (B, N)). B is the number of prompt sets; one image embedding
         is shared by all of them. ``previous`` (B, 1, 4gd, 4gh, 4gw): the low-resolution logits the same prompts gave
-        one interaction earlier (networks configured with ``mask_prompt`` only): with the points drawn as maps on the same
-        grid, it is a dense prompt, so new clicks correct that answer where they lie.
+        one interaction earlier (networks configured with ``mask_prompt`` only): with the points drawn as maps on
+        the same grid, it is a dense prompt, so new clicks correct that answer where they lie.
         """
         batch = _prompt_batch_size(image_embedding, text_embedding, boxes, points)
         mask_dense = None

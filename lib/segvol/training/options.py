@@ -67,7 +67,7 @@ class TrainOptions:
     combinations: Tuple[str, ...] = COMBINATIONS
     combinations_per_step: int = 0  # 0: every combination every step; k: a random k of them per step (cheaper steps)
     corrective_prob: float = 0.5  # share of steps with the corrective-click term (clicks on the model's own errors)
-    corrective_rounds: int = 3  # simulated click rounds of that term: uniform in 1..corrective_rounds
+    corrective_rounds: int = 5  # simulated click rounds of that term: uniform in 1..corrective_rounds (the robot's 5)
     mask_prompt: bool = False  # give a starting network without it the previous-prediction prompt
     # (SegVolConfig.mask_prompt; from scratch, the configuration says): its corrective clicks then see the answer
     # they correct, as in a session

@@ -75,7 +75,7 @@ CORRECTIVE_STARTS = ("box", "box+text", "text")  # what the robot's protocols st
 
 def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, pseudo_passes: int,
                 combinations: Sequence[str] = COMBINATIONS, per_step: int = 0, corrective_prob: float = 0.0,
-                corrective_rounds: int = 3, view_keys: Optional[List[Tuple[int, int]]] = None) -> Batch:
+                corrective_rounds: int = 5, view_keys: Optional[List[Tuple[int, int]]] = None) -> Batch:
     targets: List[Target] = []
     pseudo: List[Tuple[str, Target]] = []
     for index, (view, rng) in enumerate(zip(views, rngs)):

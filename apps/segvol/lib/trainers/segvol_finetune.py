@@ -80,7 +80,7 @@ class SegVolFinetune(TrainTask):
             "pseudo_weight": float(conf.get("train_pseudo_weight", 0.1)),
             "loss_resolution": conf.get("train_loss_resolution", "full"),
             "corrective_prob": float(conf.get("train_corrective_prob", 0.5)),
-            "corrective_rounds": int(conf.get("train_corrective_rounds", 3)),
+            "corrective_rounds": int(conf.get("train_corrective_rounds", 5)),
             "mask_prompt": _bool(conf.get("train_mask_prompt", "false")),
             "pseudo_tag": conf.get("train_pseudo_tag", "fh"),
             "repeats": int(conf.get("train_repeats", 1)),

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "views in the budget")
     parser.add_argument("--corrective-prob", type=float, default=0.5,
                         help="share of steps that also train on clicks at the model's own errors (the robot's rule; "
-                             "0.5: clicks raise the robot's Dice, 0: they lower it, see docs/robot.md)")
+                             "0.5: clicks raise the robot's Dice, 0: they barely move it, see docs/robot.md)")
     parser.add_argument("--corrective-rounds", type=int, default=5,
                         help="simulated click rounds of that term (1..N; 5, the robot's five clicks: docs/robot.md)")
     parser.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,

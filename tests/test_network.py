@@ -440,3 +440,9 @@ def test_click_maps_put_a_blob_at_each_click_on_the_low_resolution_grid():
     assert float(maps[0, 0, 2, 2, 8]) == 1.0  # (2, 9.5, 33.5) is the centre of low-resolution voxel (2, 2, 8)
     assert float(maps[0, 0, 2, 2, 9]) == pytest.approx(math.exp(-0.5), abs=1e-6)
     assert torch.equal(click_maps(None, 2, low, size, torch.zeros(1)), torch.zeros(2, 2, *low))
+    many = (torch.rand(2, 40, 3) * torch.tensor(size), torch.randint(0, 2, (2, 40)))  # drawn in chunks of 16
+    drawn = click_maps(many, 2, low, size, torch.zeros(1))
+    for b in range(2):
+        for channel, value in enumerate((1, 0)):
+            mine = [blob(p.tolist()) for p, l in zip(many[0][b], many[1][b]) if int(l) == value]
+            assert torch.allclose(drawn[b, channel], torch.stack(mine).amax(0), atol=1e-6)

@@ -10,7 +10,7 @@ Two quirks of the official model are load-bearing and reproduced on purpose:
 
 ``mask_downscaling`` is SAM's 2D mask-prompt stack; the official model never calls it, but its tensors are part of
 the checkpoint, so it is kept (unused) for a strict load. Networks configured with ``mask_prompt`` have a 3D one
-(``MaskEmbedding``) that turns the previous interaction's logits into a dense prompt.
+(``MaskEmbedding``) that turns the previous interaction's logits and the clicks (``click_maps``) into a dense prompt.
 """
 from __future__ import annotations
 
@@ -93,11 +93,17 @@ def click_maps(points: Optional[Tuple[torch.Tensor, torch.Tensor]], batch: int, 
     axes = [torch.arange(n, device=like.device, dtype=like.dtype) for n in low_res]
     # separable Gaussian: exp(-(dd^2 + dh^2 + dw^2) / 2) = product of one factor per axis
     factors = [torch.exp(-0.5 * (axis[None, None, :] - centres[..., k:k + 1]) ** 2) for k, axis in enumerate(axes)]
-    blobs = factors[0][..., :, None, None] * factors[1][..., None, :, None] * factors[2][..., None, None, :]
-    for channel, value in enumerate((1, 0)):
-        chosen = (labels == value).to(like)[..., None, None, None]
-        maps[:, channel] = (blobs * chosen).amax(dim=1)
+    for first in range(0, coords.shape[1], CLICK_MAP_CHUNK):  # a scribble's many points never exist as blobs at once
+        part = slice(first, first + CLICK_MAP_CHUNK)
+        blobs = (factors[0][:, part, :, None, None] * factors[1][:, part, None, :, None]
+                 * factors[2][:, part, None, None, :])
+        for channel, value in enumerate((1, 0)):
+            chosen = (labels[:, part] == value).to(like)[..., None, None, None]
+            maps[:, channel] = torch.maximum(maps[:, channel], (blobs * chosen).amax(dim=1))
     return maps
+
+
+CLICK_MAP_CHUNK = 16  # points drawn per pass of click_maps (official low-res grid: 8 MB of blobs per prompt set)
 
 
 class RandomFourierPositionEncoding(nn.Module):

@@ -192,6 +192,10 @@ def test_clicks_refine_the_previous_answer_of_a_mask_prompt_network(tokenizer_di
 
     second = session.segment(texts=["liver"], box=box, points=[positive, negative])
     assert second.stats["decoded_prompts"] == second.stats["refined_prompts"] == 1 + holding(second, negative)
+    # clients group points by label (MONAI Label's foreground/background lists): a click need not come last
+    other = [44, 38, 22, 1]
+    third = session.segment(texts=["liver"], box=box, points=[positive, other, negative])
+    assert third.stats["decoded_prompts"] == third.stats["refined_prompts"] == 1 + holding(third, other)
 
     moved = [22, 20, 10, 60, 60, 40]
     restarted = session.segment(texts=["liver"], box=moved, points=[positive, negative])
@@ -199,3 +203,4 @@ def test_clicks_refine_the_previous_answer_of_a_mask_prompt_network(tokenizer_di
     alone = SegVolEngine(model).open(array, affine=affine).segment(texts=["liver"], box=moved,
                                                                     points=[positive, negative])
     assert np.array_equal(restarted.label, alone.label)
+    assert session.segment(texts=["liver"], box=moved, points=[negative]).stats["refined_prompts"] == 0  # a point less

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Mapping, Optional, Tuple
 
@@ -57,21 +58,22 @@ class _Interaction:
 
     def followed_by(self, prompts: Tuple[Any, ...]) -> Optional["_Interaction"]:
         """The interaction a request with ``prompts`` refines: this one when they add points to its prompts (same text
-        use, same box, its points first), the one this came from when they are the same; else None (a fresh start)."""
+        use, same box, every earlier point still there), the one this came from when they are the same; else None (a
+        fresh start). Points are compared in any order: clients send them grouped by label (MONAI Label's
+        foreground/background lists), and the decoder's point tokens carry no order."""
         if prompts == self.prompts:
             return self.fed
-        (text, box, points, labels), (text0, box0, points0, labels0) = prompts, self.prompts
-        n = len(labels0)
-        if text != text0 or box != box0 or len(labels) <= n:
+        (text, box, points), (text0, box0, points0) = prompts, self.prompts
+        if text != text0 or box != box0 or len(points) <= len(points0):
             return None
-        return self if points[:n] == points0 and labels[:n] == labels0 else None
+        return self if not Counter(points0) - Counter(points) else None
 
 
 def _interaction_prompts(with_text: bool, prompts: NativePrompts) -> Tuple[Any, ...]:
-    """A request's spatial prompts as comparable tuples: (text used, box, points, labels)."""
+    """A request's spatial prompts as comparable values: (text used, box, sorted (d, h, w, label) of every point)."""
     box = None if prompts.box is None else tuple(float(v) for v in prompts.box)
-    return (with_text, box, tuple(tuple(float(v) for v in p) for p in prompts.points),
-            tuple(int(v) for v in prompts.labels))
+    points = sorted(tuple(float(v) for v in p) + (int(label),) for p, label in zip(prompts.points, prompts.labels))
+    return with_text, box, tuple(points)
 
 
 @dataclass

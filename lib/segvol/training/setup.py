@@ -198,30 +198,30 @@ def _stderr_is_tty() -> bool:
 def with_adapters(model: SegVol, rank: int, alpha: float) -> SegVol:
     """A copy of ``model`` with low-rank adapters (rank ``rank``) on the image encoder's attention, starting at zero
     (the copy computes exactly what ``model`` does); a model that already has adapters is returned as is."""
-    import dataclasses
-
     if model.config.lora_rank:
         return model
-    adapted = SegVol(dataclasses.replace(model.config, lora_rank=int(rank), lora_alpha=float(alpha)), model.tokenizer,
-                     vocabulary=model.vocabulary)
-    missing, unexpected = adapted.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(".lora_" not in key for key in missing):
-        raise RuntimeError(f"adapters: unexpected {unexpected}, missing {missing}")
-    return adapted.to(next(model.parameters()).device)
+    return _with_new_parts(model, "adapters", lambda key: ".lora_" in key, lora_rank=int(rank), lora_alpha=float(alpha))
 
 
 def with_mask_prompt(model: SegVol) -> SegVol:
     """A copy of ``model`` with the previous-prediction prompt (``SegVolConfig.mask_prompt``; its last layer starts at
     zero, so the copy computes exactly what ``model`` does); a model that has it is returned as is."""
-    import dataclasses
-
     if model.config.mask_prompt:
         return model
-    extended = SegVol(dataclasses.replace(model.config, mask_prompt=True), model.tokenizer,
+    return _with_new_parts(model, "previous-prediction prompt",
+                           lambda key: key.startswith("prompt_encoder.mask_embedding."), mask_prompt=True)
+
+
+def _with_new_parts(model: SegVol, what: str, is_new: Callable[[str], bool], **config_changes) -> SegVol:
+    """A copy of ``model`` under its configuration with ``config_changes``, holding its weights; the parts the changes
+    add (the state keys ``is_new`` accepts, and only those) keep their own initialisation."""
+    import dataclasses
+
+    extended = SegVol(dataclasses.replace(model.config, **config_changes), model.tokenizer,
                       vocabulary=model.vocabulary)
     missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("prompt_encoder.mask_embedding.") for key in missing):
-        raise RuntimeError(f"previous-prediction prompt: unexpected {unexpected}, missing {missing}")
+    if unexpected or not all(is_new(key) for key in missing):
+        raise RuntimeError(f"{what}: unexpected {unexpected}, missing {missing}")
     return extended.to(next(model.parameters()).device)
 
 

@@ -222,7 +222,8 @@ class ImageSession:
                                      "intensity): nothing there to segment")
             raise BadRequestError("nothing to segment: give at least one text, a box or a point")
         with_text = bool(prompts.texts)
-        refined = self._refined(categories, with_text, native)
+        interaction = _interaction_prompts(with_text, native)
+        refined = self._refined(categories, interaction)
         plans = self._zoom_out(categories, values, with_text, native, clock, counters,
                                with_foreground=mode is Mode.ZOOM_OUT_ZOOM_IN, refined=refined)
         zoom_in = ZoomInPlan()
@@ -231,7 +232,7 @@ class ImageSession:
             with clock("plan"):
                 zoom_in = self._plan(plans, native)
             window_logits = self._zoom_in(plans, native, zoom_in, with_text, seconds, counters, refined)
-        self._remember_interactions(plans, zoom_in, window_logits, with_text, native, refined)
+        self._remember_interactions(plans, zoom_in, window_logits, interaction, refined)
         self._requests += 1
         with clock("blend"):
             mergers = {plan.name: self._blend(plan, zoom_in, window_logits) for plan in plans}
@@ -280,21 +281,18 @@ class ImageSession:
     # ---------------------------------------------------------------------------------------------------------------
     # interactions (networks with the previous-prediction prompt)
     # ---------------------------------------------------------------------------------------------------------------
-    def _refined(self, categories: List[str], with_text: bool,
-                 prompts: NativePrompts) -> Dict[str, Optional[_Interaction]]:
-        """Per category, the earlier answer this request refines (``_Interaction.followed_by``), or None."""
+    def _refined(self, categories: List[str], interaction: Tuple[Any, ...]) -> Dict[str, Optional[_Interaction]]:
+        """Per category, the earlier answer this request (``interaction``: its ``_interaction_prompts``) refines
+        (``_Interaction.followed_by``), or None."""
         if not self.engine.model.config.mask_prompt:
             return {}
-        key = _interaction_prompts(with_text, prompts)
-        return {name: self._interactions[name].followed_by(key) if name in self._interactions else None
+        return {name: self._interactions[name].followed_by(interaction) if name in self._interactions else None
                 for name in categories}
 
     def _remember_interactions(self, plans: List[CategoryPlan], zoom_in: ZoomInPlan, outputs: Outputs,
-                               with_text: bool, prompts: NativePrompts,
-                               refined: Dict[str, Optional[_Interaction]]) -> None:
+                               interaction: Tuple[Any, ...], refined: Dict[str, Optional[_Interaction]]) -> None:
         if not self.engine.model.config.mask_prompt:
             return
-        key = _interaction_prompts(with_text, prompts)
         for plan in plans:
             fed = refined.get(plan.name)
             if fed is not None and fed.fed is not None:  # only one step back is ever needed
@@ -304,7 +302,7 @@ class ImageSession:
                 start = zoom_in.windows[index].start
                 cache_key, logits = outputs[(index, plan.name)]
                 windows[start] = (_base_key(cache_key), cache_key, logits)
-            self._interactions[plan.name] = _Interaction(key, fed, plan.zoom_low_res, windows)
+            self._interactions[plan.name] = _Interaction(interaction, fed, plan.zoom_low_res, windows)
 
     # ---------------------------------------------------------------------------------------------------------------
     # zoom-out
@@ -415,9 +413,8 @@ class ImageSession:
                 pending = []
                 for plan in needing:
                     box, points = window_prompts(plan, window, prompts)
-                    key = (engine.model_tag, prepared.key, window.start, plan.name if with_text else None,
-                           None if box is None else tuple(int(v) for v in box),
-                           None if points is None else (points[0].round(4).tobytes(), points[1].tobytes()))
+                    key = _window_key(engine.model_tag, prepared.key, window.start, plan.name if with_text else None,
+                                      box, points)
                     earlier = (refined or {}).get(plan.name)
                     before = None if earlier is None else earlier.windows.get(window.start)
                     if before is not None and before[0] == key:  # this window's prompts did not change
@@ -541,9 +538,17 @@ class ImageSession:
         return last, relabel
 
 
-def _base_key(key: Hashable) -> Hashable:
+def _window_key(model_tag: str, image_key: str, start: Tuple[int, ...], text: Optional[str],
+                box: Optional[np.ndarray], points: Optional[Tuple[np.ndarray, np.ndarray]]) -> Tuple[Hashable, ...]:
+    """The decoder-cache key of one window's prompt set; a refining decode appends the previous decode's key to it
+    (``_base_key`` takes it off again)."""
+    return (model_tag, image_key, start, text, None if box is None else tuple(int(v) for v in box),
+            None if points is None else (points[0].round(4).tobytes(), points[1].tobytes()))
+
+
+def _base_key(key: Tuple[Hashable, ...]) -> Tuple[Hashable, ...]:
     """A window's decoder-cache key without the previous prediction's key a refining decode appends to it."""
     return key[:_WINDOW_KEY_LENGTH]
 
 
-_WINDOW_KEY_LENGTH = 6  # (model, image, window start, text, box, points)
+_WINDOW_KEY_LENGTH = 6  # the fields of _window_key

@@ -281,6 +281,36 @@ def test_corrective_click_term_uses_clicks_on_the_models_errors(monkeypatch, tok
         assert float(encoder.point_embeddings[kind].weight.grad.abs().sum()) > 0
 
 
+def test_ranks_with_one_step_generator_draw_the_same_step():
+    """DDP ranks sample their own views and prompts but the same step-level draws (the combinations and the
+    corrective-click term), so no rank waits for another's corrective rounds; the step generator is a pure function
+    of (seed, epoch, step)."""
+    from segvol.training import PromptConfig, step
+    from segvol.training.data import View, step_rng, view_rng
+
+    label = torch.zeros(TINY.image_size, dtype=torch.int32)
+    label[4:10, 8:20, 8:20] = 1
+    view = View(image=torch.rand(1, *TINY.image_size), label=label, texts={1: "liver"})
+    combinations = ("text", "box", "point", "box+text", "point+text", "box+point")
+    drawn = set()
+    for index in range(40):
+        batches = [step.build_batch([view], [view_rng(0, 1, index, rank)], PromptConfig(), 8, 0, combinations,
+                                    per_step=3, corrective_prob=0.5, step_rng=step_rng(0, 1, index))
+                   for rank in (0, 1)]
+        assert batches[0].combinations == batches[1].combinations
+        assert batches[0].corrective == batches[1].corrective
+        drawn.add(batches[0].corrective is not None)
+        # each rank's own prompts still differ
+        assert not np.array_equal(batches[0].targets[0].prompts.points, batches[1].targets[0].prompts.points)
+    assert drawn == {True, False}  # both kinds of step occur
+    # without a step generator, each rank's first view generator decides (the old behaviour)
+    own = [step.build_batch([view], [view_rng(0, 1, i, 1)], PromptConfig(), 8, 0, corrective_prob=0.5).corrective
+           for i in range(40)]
+    shared = [step.build_batch([view], [view_rng(0, 1, i, 1)], PromptConfig(), 8, 0, corrective_prob=0.5,
+                               step_rng=step_rng(0, 1, i)).corrective for i in range(40)]
+    assert own != shared
+
+
 def test_corrective_rounds_feed_each_prediction_to_a_mask_prompt_network(monkeypatch, tokenizer_dir):
     """With the previous-prediction prompt (``mask_prompt``), every corrective round after the first and the decode
     the loss is taken on get the low-res logits of the prediction the newest click was placed on (what a session

@@ -441,6 +441,11 @@ def view_rng(seed: int, epoch: int, index: int, rank: int = 0) -> np.random.Gene
     return np.random.default_rng([int(seed), int(epoch), int(index), int(rank)])
 
 
+def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
+    """The generator of one step's step-level draws (``step.build_batch``): the same on every rank."""
+    return np.random.default_rng([int(seed), int(epoch), int(step), 7919])
+
+
 def fixed_view_rng(seed: int, case: int, variant: int) -> np.random.Generator:
     """The generator of a case's fixed view number ``variant`` (``TrainOptions.views_per_case``): the same view in
     every epoch, so a frozen image encoder's embedding of it can be computed once."""
@@ -454,5 +459,5 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 __all__ = [
     "Case", "CaseStore", "PreparedCase", "View", "ViewConfig", "attach_pseudo_labels", "cases_from_datastore",
     "datalist_from_spec", "epoch_order", "fixed_view_rng", "load_dataset", "parse_case_slice", "parse_label_names",
-    "prepare_case", "sample_view", "split_cases", "view_rng",
+    "prepare_case", "sample_view", "split_cases", "step_rng", "view_rng",
 ]

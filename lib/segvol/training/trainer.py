@@ -40,7 +40,7 @@ from ..modeling.segvol import SegVol
 from ..modeling.text_encoder import load_tokenizer
 from ..vocabulary import Vocabulary
 from . import distributed, setup
-from .data import Case, CaseStore, ViewConfig, epoch_order, fixed_view_rng, sample_view, view_rng
+from .data import Case, CaseStore, ViewConfig, epoch_order, fixed_view_rng, sample_view, step_rng, view_rng
 from .evaluate import evaluate, format_dice
 from .options import BEST, DEFAULT_FREEZE, FREEZABLE, LAST, StopTraining, TrainOptions, TrainResult, TrainStatus
 from .prompts import PromptConfig
@@ -293,7 +293,8 @@ class Trainer:
         return build_batch(views, rngs, self.prompt_config, options.max_categories,
                            options.pseudo_passes if options.pseudo_weight > 0 else 0, options.combinations,
                            int(options.combinations_per_step), float(options.corrective_prob),
-                           int(options.corrective_rounds), view_keys=keys)
+                           int(options.corrective_rounds), view_keys=keys,
+                           step_rng=step_rng(options.seed, epoch, step))
 
     def train_step(self, batch: Batch):
         """One optimizer step (``step.optimizer_step``); -> (loss, loss parts)."""

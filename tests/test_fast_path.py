@@ -225,3 +225,14 @@ def _volume(ct):
 
     array, affine = ct
     return Volume(array=array, affine=affine, header=None, source=None)
+
+
+def test_int8_overflow_fix_follows_the_cpus_int8_arithmetic(monkeypatch):
+    """Without VNNI (16-bit int8 sums that saturate) every layer gets NNCF's overflow fix; with VNNI only the first
+    layer (NNCF's default)."""
+    pytest.importorskip("nncf")
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    for vnni, fix in ((True, OverflowFix.FIRST_LAYER), (False, OverflowFix.ENABLE)):
+        monkeypatch.setattr(accel, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        assert accel._int8_parameters().overflow_fix == fix

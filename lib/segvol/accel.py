@@ -249,6 +249,28 @@ class _EncoderForExport(torch.nn.Module):
         return self.encoder(image)
 
 
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI or AVX-VNNI); Linux flags, False
+    elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _int8_parameters():
+    """NNCF's advanced parameters for our int8 encoder. Without VNNI, int8 products go through 16-bit sums that
+    saturate: NNCF's overflow fix (weights on 7 bits) then applies to every layer instead of the first only (measured on
+    an AVX2-only EPYC: 0.947 of the labels agreed with fp32 without it)."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    return AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix.FIRST_LAYER if cpu_has_vnni() else OverflowFix.ENABLE)
+
+
 def convert_encoder(encoder: torch.nn.Module, shape: Sequence[int], path_xml: str,
                     calibration: Optional[Sequence[np.ndarray]] = None) -> str:
     """Convert (and for int8 quantize) ``encoder`` to an OpenVINO IR at ``path_xml`` (atomically)."""
@@ -280,7 +302,8 @@ def convert_encoder(encoder: torch.nn.Module, shape: Sequence[int], path_xml: st
         logger.warning("  int8 post-training quantization (NNCF) on %d calibration views", len(views))
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is for results (JSON lines)
             model = nncf.quantize(model, nncf.Dataset(views), subset_size=len(views),
-                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED)
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
+                                  advanced_parameters=_int8_parameters())
         logger.warning("  quantized in %.1f s", time.perf_counter() - tick)
     tmp = tempfile.mkdtemp(prefix=f".{stem}.", dir=folder)
     try:
@@ -364,8 +387,10 @@ def build_backend(model, precision: Optional[str] = "fp32", cache_dir: Optional[
     whash = weights_hash(encoder)
     cal = calibration_hash(calibration) if requested == "int8" else ""
     folder = cache_dir or default_cache_dir()
-    # one float IR serves fp32 and bf16 (bf16 is the plugin's inference precision); int8 has its own
-    xml = os.path.join(folder, cache_name(whash, "int8" if requested == "int8" else "float", shape, cal) + ".xml")
+    # one float IR serves fp32 and bf16 (bf16 is the plugin's inference precision); int8 has its own, quantized for
+    # this CPU's kind of int8 arithmetic (``_int8_parameters``)
+    kind = ("int8" if cpu_has_vnni() else "int8-overflowfix") if requested == "int8" else "float"
+    xml = os.path.join(folder, cache_name(whash, kind, shape, cal) + ".xml")
     started = time.perf_counter()
     if not (os.path.isfile(xml) and os.path.isfile(xml[:-4] + ".bin")):
         convert_encoder(encoder, shape, xml, calibration if requested == "int8" else None)

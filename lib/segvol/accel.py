@@ -249,7 +249,6 @@ class _EncoderForExport(torch.nn.Module):
         return self.encoder(image)
 
 
-
 def cpu_has_vnni() -> bool:
     """Whether this CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI or AVX-VNNI); Linux flags, False
     elsewhere."""

@@ -250,14 +250,8 @@ class _EncoderForExport(torch.nn.Module):
 
 
 def cpu_has_vnni() -> bool:
-    """Whether this CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI or AVX-VNNI); Linux flags, False
-    elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    """Whether this CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI or AVX-VNNI), by ``cpu_flags``."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def _int8_parameters():

@@ -133,15 +133,22 @@ def test_upscaling_as_matrix_products_equals_the_transposed_convolutions():
         return F.linear(tokens, conv1.weight.permute(2, 3, 4, 1, 0).reshape(-1, conv1.in_channels),
                         conv1.bias.repeat(8))
 
-    masks = decoder._upscaled_masks(first_upscaling(tokens), ones, weights, grid)
+    tokens.requires_grad_(True)
     upscaled = decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, -1, *grid))
     expected = torch.einsum("bc,bcdhw->bdhw", weights, upscaled).unsqueeze(1)
-    assert masks.shape == (2, 1, *config.low_res_size)
-    assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(masks.square().sum(), list(decoder.output_upscaling.parameters()))
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(decoder.output_upscaling.parameters()))
-    for grad, expected_grad in zip(grads, expected_grads):
-        assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    inputs = [tokens] + list(decoder.output_upscaling.parameters())
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs, retain_graph=True)
+    # one block of tokens, and 20 blocks with a partial last one (the blocks' gradients are joined again)
+    for block in (decoder.upscaling_block, 10):
+        decoder.upscaling_block = block
+        masks = decoder._upscaled_masks(first_upscaling(tokens), ones, weights, grid)
+        assert masks.shape == (2, 1, *config.low_res_size)
+        assert torch.allclose(masks, expected, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(masks.square().sum(), inputs)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    expected = expected.detach()
+    tokens = tokens.detach()
     # Without autograd the reordered LayerNorm parameters are cached; an in-place update (an optimizer step, a
     # load_state_dict) must be seen on the next call.
     with torch.no_grad():

@@ -167,6 +167,41 @@ def test_patch_embedding_lr_multiplier_holds_through_the_schedule():
     assert [g["lr"] for g in slower] == [pytest.approx(1e-3), pytest.approx(1e-4)]
 
 
+def test_evaluation_between_optimizer_steps_sees_the_updated_weights():
+    """The trainer's AdamW is fused (it writes the parameters in place without bumping their version counters) and
+    the decoder keeps layouts derived from its parameters while autograd is off, until a version changes: the
+    validation between epochs must decode with the weights the steps made, as a fresh copy of the model does."""
+    import copy
+
+    from segvol.training.step import optimizer_step
+
+    torch.manual_seed(0)
+    model = segvol.SegVol(TINY)
+    embedding = torch.randn(1, TINY.hidden_size, *TINY.grid_size)
+    box = torch.tensor([[1.0, 2.0, 3.0, 9.0, 10.0, 11.0]])
+
+    def decode(network):
+        with torch.no_grad():
+            return network.decode(embedding, boxes=box)
+
+    class Runner(torch.nn.Module):  # what TrainStep is to the trainer: batch -> (loss, parts)
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return model.decode(embedding, boxes=box).square().mean(), {}
+
+    decode(model)  # an evaluation before the step keeps the derived layouts
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    schedule = WarmupCosine(optimizer, total_steps=10, warmup_steps=0)
+    before = decode(copy.deepcopy(model))
+    optimizer_step(Runner(), None, optimizer, schedule, None, list(model.parameters()), None)
+    fresh = decode(copy.deepcopy(model))
+    assert not torch.allclose(fresh, before, atol=1e-3)  # the step moved the answer
+    assert torch.allclose(decode(model), fresh, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------------------------

@@ -204,3 +204,48 @@ def test_clicks_refine_the_previous_answer_of_a_mask_prompt_network(tokenizer_di
                                                                     points=[positive, negative])
     assert np.array_equal(restarted.label, alone.label)
     assert session.segment(texts=["liver"], box=moved, points=[negative]).stats["refined_prompts"] == 0  # a point less
+
+
+def test_a_click_in_a_window_the_earlier_answer_did_not_decode_is_refined_too(tokenizer_dir):
+    """A click in a window the earlier answer never decoded (new to the category, or on a new grid; on the robot's
+    head-and-neck runs about half the windows of a click) is decoded with the earlier answer as its previous
+    prediction too: that answer's zoom-out logits on the window's voxels, averaged onto the decoder's grid."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(5)
+    config = dataclasses.replace(segvol.SMALL, mask_prompt=True)
+    model = segvol.SegVol(config, segvol.modeling.text_encoder.load_tokenizer(str(tokenizer_dir))).eval()
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.mask_embedding.layers[-1].parameters():
+            parameter.normal_(std=0.5)
+    array, affine, _ = synthetic_ct()
+    box, positive = [20, 20, 10, 60, 60, 40], [40, 40, 25, 1]
+    session = SegVolEngine(model).open(array, affine=affine)
+    session.segment(texts=["liver"], box=box)
+    earlier = session._interactions["liver"]
+    # this small volume's windows are all the first answer's: forget them, as a new grid would
+    earlier.windows.clear()
+    clicked = session.segment(texts=["liver"], box=box, points=[positive], return_probabilities=True)
+    native = session.prepared.frames.original_to_native_points([positive[:3]])
+    holding = [clicked.plan.windows[i] for i in clicked.plan.used if clicked.plan.windows[i].contains(native).any()]
+    assert holding and clicked.stats["refined_prompts"] == clicked.stats["decoded_prompts"] == 1 + len(holding)
+
+    window = holding[0]
+    given = session._earlier_answer_in(earlier, window)
+    assert given.shape == (1, 1, *config.low_res_size)
+    # what it must equal: the earlier zoom-out logits interpolated onto the whole native volume (as the label is
+    # made), the window cut out of it (padding: the lowest logit), averaged onto the decoder's grid
+    zoom_logits = model.upsample(earlier.zoom_out)[0, 0]
+    whole = F.interpolate(zoom_logits[None, None], size=session.prepared.frames.native_shape, mode="trilinear",
+                          align_corners=False)[0, 0]
+    expected = torch.full(tuple(window.size), float(zoom_logits.min()))
+    expected[window.window_slices] = whole[window.native_slices]
+    expected = F.adaptive_avg_pool3d(expected[None, None], config.low_res_size)
+    assert torch.allclose(given, expected, atol=1e-4)
+    # the same request from a fresh session (no earlier answer) decodes nothing with a previous prediction
+    fresh = SegVolEngine(model).open(array, affine=affine).segment(texts=["liver"], box=box, points=[positive],
+                                                                    return_probabilities=True)
+    assert fresh.stats["refined_prompts"] == 0
+    assert not np.allclose(clicked.probabilities["liver"], fresh.probabilities["liver"], atol=1e-3)

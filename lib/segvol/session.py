@@ -28,6 +28,7 @@ from .windows import CategoryPlan, Grid, PackedMask, ZoomInPlan, plan_zoom_in, u
 
 logger = logging.getLogger("segvol.engine")  # the engine's logger: scripts quieten per-window progress through it
 _TOKENS = itertools.count()
+_INTERACTIONS = itertools.count()
 Outputs = Dict[Tuple[int, str], Tuple[Hashable, torch.Tensor]]  # (window index, category) -> (cache key, logits)
 _LAST_LABEL = ("last label",)  # the key, beside the category names, of a session's last label in the blend pool
 
@@ -55,6 +56,7 @@ class _Interaction:
     fed: Optional["_Interaction"]
     zoom_out: torch.Tensor
     windows: Dict[Tuple[int, ...], Tuple[Hashable, Hashable, torch.Tensor]] = field(default_factory=dict)
+    serial: int = field(default_factory=lambda: next(_INTERACTIONS))  # names its zoom-out logits in cache keys
 
     def followed_by(self, prompts: Tuple[Any, ...]) -> Optional["_Interaction"]:
         """The interaction a request with ``prompts`` refines: this one when they add points to its prompts (same text
@@ -423,6 +425,12 @@ class ImageSession:
                     previous = None
                     if before is not None:
                         key, previous = key + (before[1],), before[2]
+                    elif earlier is not None:
+                        # a window the earlier answer did not decode (new to the category, or a new grid) still
+                        # gets that answer as its previous prediction, so the clicks in it reach the decoder as the
+                        # network was trained to read them; without it half the robot's click windows ignored them
+                        key = key + (("earlier zoom-out", earlier.serial),)
+                        previous = self._earlier_answer_in(earlier, window)
                     cached = engine.decodes.get(key)
                     if cached is not None:
                         counters["decoder_cache_hits"] += 1
@@ -459,6 +467,21 @@ class ImageSession:
             self._decode_requests(requests, text_embeddings, out, counters)
             seconds["zoom_in_decode"] += time.perf_counter() - tick
         return out
+
+    def _earlier_answer_in(self, earlier: _Interaction, window) -> torch.Tensor:
+        """An earlier answer's zoom-out logits on ``window``'s low-resolution grid (1, 1, *low_res_size): what that
+        answer showed there where no window of it ran (trilinear into the native voxels, as the label is made; the
+        window's padding outside the volume takes the lowest logit; averaged onto the grid where it is coarser)."""
+        model = self.engine.model
+        zoom_logits = model.upsample(earlier.zoom_out.to(model.device))[0, 0]
+        box = np.concatenate([np.asarray(window.start), np.asarray(window.stop) - 1])
+        native = self.prepared.frames.zoom.upsample_region(zoom_logits, box)
+        logits = native.new_full(tuple(window.size), float(zoom_logits.min()))
+        logits[window.window_slices] = native
+        low_res = tuple(model.config.low_res_size)
+        if tuple(logits.shape) != low_res:
+            return torch.nn.functional.adaptive_avg_pool3d(logits[None, None], low_res)
+        return logits[None, None]
 
     def _decode_requests(self, requests: List[DecodeRequest], text_embeddings: Dict[str, torch.Tensor],
                          out: Outputs, counters: Dict[str, int]) -> None:

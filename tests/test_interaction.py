@@ -348,3 +348,45 @@ def test_corrective_rounds_feed_each_prediction_to_a_mask_prompt_network(monkeyp
     loss.backward()
     last = model.prompt_encoder.mask_embedding.layers[-1]
     assert float(last.weight.grad.abs().sum()) > 0
+
+
+def test_corrective_clicks_start_from_the_box_a_window_gets(monkeypatch, tokenizer_dir):
+    """A crop cuts a structure as a zoom-in window does, and the engine gives a window the user's whole box clipped
+    to it, often looser than the part in view: a crop carries that box per structure (``View.window_boxes``), its
+    targets keep it, and the corrective rounds start from it (the six prompt combinations keep the tight box)."""
+    from segvol.frames import Window, bounding_box
+    from segvol.modeling.segvol import SegVol
+    from segvol.training import PromptConfig, step
+    from segvol.training.data import View
+
+    size = TINY.image_size
+    # a structure bent like an L, cut by the crop: the part in view is one arm, the whole box spans both
+    whole_native_box = np.asarray([2, 10, 0, 30, 40, 9])
+    clipped = Window(start=(0, 0, 0), size=size, native_shape=(64, 64, 64)).box_to_window(whole_native_box)
+    label = torch.zeros(size, dtype=torch.int32)
+    label[2:size[0], 10:14, 0:4] = 1  # the arm inside the crop
+    tight = bounding_box(label.numpy() == 1)
+    assert np.all(clipped[:3] <= tight[:3]) and np.all(clipped[3:] >= tight[3:]) and not np.array_equal(clipped, tight)
+    view = View(image=torch.rand(1, *size), label=label, texts={1: "liver"}, kind="crop", window_boxes={1: clipped})
+    batch = step.build_batch([view], [np.random.default_rng(0)], PromptConfig(box_jitter=0.0), 8, 0,
+                             corrective_prob=1.0)
+    assert np.array_equal(batch.targets[0].window_box, clipped)
+    assert np.array_equal(batch.targets[0].prompts.box, tight)  # the combinations' box
+    batch.corrective = ("box", 2)
+
+    from segvol.modeling.text_encoder import load_tokenizer
+
+    torch.manual_seed(0)
+    model = SegVol(TINY, load_tokenizer(str(tokenizer_dir)))
+    boxes_seen = []
+    real_decode = model.decode
+
+    def recording_decode(image, text=None, boxes=None, points=None, previous=None):
+        boxes_seen.append(boxes.reshape(-1, 6).clone())
+        return real_decode(image, text, boxes, points, previous)
+
+    monkeypatch.setattr(model, "decode", recording_decode)
+    module = step.TrainStep(model, freeze=(), combinations=(), pseudo_weight=0.0, loss_resolution="low")
+    module(batch)
+    assert len(boxes_seen) >= 2  # at least one gradient-free round and the decode the loss is taken on
+    assert all(torch.equal(b[0], torch.as_tensor(clipped, dtype=torch.float32)) for b in boxes_seen)

@@ -225,6 +225,15 @@ def test_dataset_folder_and_views_follow_the_inference_frames(dataset):
         kinds.add(view.kind)
         assert view.image.shape == (1, *TINY.image_size) and view.label.shape == TINY.image_size
         assert view.texts and view.image[0][view.label == 1].mean() > view.image[0][view.label == 0].mean()
+        if view.kind == "crop":  # each structure's whole box clipped to the crop holds the part in view
+            assert set(view.window_boxes) == set(view.texts)
+            for value, box in view.window_boxes.items():
+                whole = np.argwhere(case.label == value)
+                assert np.array_equal(case.object_boxes()[value], np.concatenate([whole.min(0), whole.max(0)]))
+                part = np.argwhere(view.label.numpy() == value)
+                assert np.all(box[:3] <= part.min(0)) and np.all(box[3:] >= part.max(0))
+        else:
+            assert view.window_boxes is None
     assert kinds == {"zoom_out", "crop"}
     # samples are a pure function of (seed, epoch, position): what resume relies on
     a = sample_view(case, view_rng(3, 1, 5), ViewConfig())

@@ -255,6 +255,7 @@ class PreparedCase:
     original_label: Optional[np.ndarray] = None  # original grid (kept for validation)
     _zoom: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _foreground: Optional[np.ndarray] = field(default=None, repr=False)
+    _boxes: Optional[Dict[int, np.ndarray]] = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -277,6 +278,17 @@ class PreparedCase:
         if self._foreground is None:
             self._foreground = np.flatnonzero(np.isin(self.label, list(self.texts)))
         return self._foreground
+
+    def object_boxes(self) -> Dict[int, np.ndarray]:
+        """Label value -> the whole structure's inclusive native box (d0, h0, w0, d1, h1, w1), for every text."""
+        if self._boxes is None:
+            from scipy import ndimage
+
+            found = ndimage.find_objects(np.where(np.isin(self.label, list(self.texts)), self.label, 0))
+            self._boxes = {value: np.asarray([s.start for s in found[value - 1]] + [s.stop - 1 for s in
+                                                                                     found[value - 1]], np.int64)
+                           for value in self.texts if value - 1 < len(found) and found[value - 1] is not None}
+        return self._boxes
 
 
 def model_frame(prepared: PreparedImage, array: np.ndarray, what: str) -> np.ndarray:
@@ -372,6 +384,9 @@ class View:
     pseudo: Optional[torch.Tensor] = None
     kind: str = "zoom_out"
     case_id: str = ""
+    # crops: per label value, the whole structure's box clipped to the crop, in crop voxels: the box the engine gives
+    # a zoom-in window (the user's box clipped to it), often looser than the tight box of the part in view
+    window_boxes: Optional[Dict[int, np.ndarray]] = None
 
 
 @dataclass
@@ -393,14 +408,18 @@ def sample_view(case: PreparedCase, rng: np.random.Generator, config: ViewConfig
         texts = _present(label, case.texts, config.min_voxels)
         if not texts:
             kind = "crop"  # every structure vanished in the resize: fall back to a positive crop
+    window_boxes = None
     if kind == "crop":
-        image, label, pseudo, texts = _crop(case, size, rng, positive=rng.random() < config.pos_fraction,
-                                            min_voxels=config.min_voxels)
+        image, label, pseudo, texts, window = _crop(case, size, rng, positive=rng.random() < config.pos_fraction,
+                                                    min_voxels=config.min_voxels)
         if not texts and case.foreground().size:
             # a negative crop with no structure trains nothing supervised: take a positive one instead
-            image, label, pseudo, texts = _crop(case, size, rng, positive=True, min_voxels=config.min_voxels)
+            image, label, pseudo, texts, window = _crop(case, size, rng, positive=True, min_voxels=config.min_voxels)
+        boxes = case.object_boxes()
+        window_boxes = {value: window.box_to_window(boxes[value]) for value in texts if value in boxes}
     image = _augment(image, rng, config.intensity_prob)
-    return View(image=image, label=label, texts=texts, pseudo=pseudo, kind=kind, case_id=case.case.id)
+    return View(image=image, label=label, texts=texts, pseudo=pseudo, kind=kind, case_id=case.case.id,
+                window_boxes=window_boxes)
 
 
 def _present(label: torch.Tensor, texts: Dict[int, str], min_voxels: int) -> Dict[int, str]:
@@ -422,7 +441,7 @@ def _crop(case: PreparedCase, size, rng: np.random.Generator, positive: bool, mi
     image = torch.from_numpy(window.extract(case.prepared.native))[None]
     label = torch.from_numpy(window.extract(case.label))
     pseudo = torch.from_numpy(window.extract(case.pseudo)) if case.pseudo is not None else None
-    return image, label, pseudo, _present(label, case.texts, min_voxels)
+    return image, label, pseudo, _present(label, case.texts, min_voxels), window
 
 
 def _augment(image: torch.Tensor, rng: np.random.Generator, probability: float) -> torch.Tensor:

@@ -58,6 +58,9 @@ class Target:
     text: Optional[str]
     mask: np.ndarray  # (D, H, W) bool
     prompts: PromptSample
+    # the whole structure's box clipped to the view (crops; else None): the box a zoom-in window gets, which the
+    # corrective clicks start from
+    window_box: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -91,9 +94,11 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
         if len(values) > max_categories:
             values = [values[i] for i in sorted(rng.choice(len(values), size=max_categories, replace=False))]
         label = view.label.numpy()
+        window_boxes = view.window_boxes or {}
         for value in values:
             mask = label == value
-            targets.append(Target(index, view.texts[value], mask, sample_prompts(mask, rng, prompt_config)))
+            targets.append(Target(index, view.texts[value], mask, sample_prompts(mask, rng, prompt_config),
+                                  window_boxes.get(value)))
         if view.pseudo is not None and pseudo_passes > 0:
             pseudo_map = view.pseudo.numpy()
             for number in range(pseudo_passes):
@@ -248,19 +253,21 @@ class TrainStep(nn.Module):
         in a session)."""
         use_text, use_box, _ = combination_parts(start)
         clicks: List[List[Tuple[Tuple[int, int, int], int]]] = [[] for _ in targets]
+        # the box a session's window gets (the user's box clipped to it) where the view is a crop: a window's box is
+        # often looser than the part in view, and what it over-segments there is what the user's clicks remove
+        start_boxes = [t.prompts.box if t.window_box is None else t.window_box for t in targets]
 
         def clicked() -> List[Target]:
             """The targets with their start box and the clicks so far as their prompts."""
             return [Target(t.sample, t.text, t.mask,
-                           PromptSample(box=t.prompts.box,
-                                        points=np.asarray([c[0] for c in row], np.float32).reshape(-1, 3),
+                           PromptSample(box=box, points=np.asarray([c[0] for c in row], np.float32).reshape(-1, 3),
                                         labels=np.asarray([c[1] for c in row], np.int64)))
-                    for t, row in zip(targets, clicks)]
+                    for t, box, row in zip(targets, start_boxes, clicks)]
 
         device = image.tokens.device
         index = torch.as_tensor([t.sample for t in targets], device=device)
         text = text_table[text_index] if use_text else None
-        boxes = stack_boxes([t.prompts for t in targets], device) if use_box else None
+        boxes = stack_boxes([t.prompts for t in clicked()], device) if use_box else None
         with_previous = self.model.config.mask_prompt
         previous = None
         for _ in range(int(rounds)):

@@ -16,7 +16,8 @@ One optimizer step:
    cross-entropy toward them is added (Learning without Forgetting): the old structures keep the starting model's
    whole answer, not only its thresholded replay labels;
 3b. in a share of the steps (``corrective_prob``) a **corrective-click** term: from a start prompt (box, box + text or
-   text) the model predicts without gradients, the robot annotator's rule (``segvol.interaction.error_click``: the
+   text; on a crop, the box a zoom-in window gets: the structure's whole box clipped to the crop) the model predicts
+   without gradients, the robot annotator's rule (``segvol.interaction.error_click``: the
    deepest voxel of the largest error region) adds a click on each prediction's own mistake, for 1 to
    ``corrective_rounds`` simulated rounds, and the loss is taken on the prediction from the start prompt plus every
    click (SAM's and nnInteractive's iterative training): the clicks a user makes are the clicks it learns from;
@@ -365,8 +366,8 @@ def optimizer_step(runner: nn.Module, batch: Batch, optimizer, scheduler, scaler
     else:
         optimizer.step()
     # A fused AdamW writes the parameters in place without bumping their version counters, and the decoder keeps
-    # layouts derived from its parameters, for the evaluation between epochs, until a version changes: without this
-    # the validation decoded with the layouts of the first epoch it saw (Dice ~0.005 while the model was at 0.55).
+    # layouts derived from its parameters while autograd is off, until a version changes: without this the
+    # corrective rounds and the validation between epochs decoded with the first layouts they saw, all run long.
     increment_version([p for group in optimizer.param_groups for p in group["params"]])
     scheduler.step()
     return float(loss.detach()), parts

@@ -233,11 +233,11 @@ def test_a_click_in_a_window_the_earlier_answer_did_not_decode_is_refined_too(to
     assert holding and clicked.stats["refined_prompts"] == clicked.stats["decoded_prompts"] == 1 + len(holding)
 
     window = holding[0]
-    given = session._earlier_answer_in(earlier, window)
+    zoom_logits = model.upsample(earlier.zoom_out)[0, 0]
+    given = session._earlier_answer_in(zoom_logits, window)
     assert given.shape == (1, 1, *config.low_res_size)
     # what it must equal: the earlier zoom-out logits interpolated onto the whole native volume (as the label is
     # made), the window cut out of it (padding: the lowest logit), averaged onto the decoder's grid
-    zoom_logits = model.upsample(earlier.zoom_out)[0, 0]
     whole = F.interpolate(zoom_logits[None, None], size=session.prepared.frames.native_shape, mode="trilinear",
                           align_corners=False)[0, 0]
     expected = torch.full(tuple(window.size), float(zoom_logits.min()))

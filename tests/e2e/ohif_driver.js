@@ -158,6 +158,34 @@ async function shot(page, name) {
   return viewport;
 }
 
+// A panel element's picture while the panel re-renders (the training row changes every poll): the element's own
+// screenshot waits for it to be stable and fails when it is replaced meanwhile, so try a few times, then fall back
+// to the page's picture clipped to where the element is. Returns the error text when no picture could be taken.
+async function elementShot(page, locator, file) {
+  let error = null;
+  for (let attempt = 0; attempt < 3; attempt += 1) {
+    try {
+      await locator.screenshot({ path: file, timeout: 5000 });
+      return null;
+    } catch (e) {
+      error = String(e);
+      await page.waitForTimeout(200);
+    }
+  }
+  try {
+    await locator.scrollIntoViewIfNeeded({ timeout: 5000 });
+    const box = await locator.boundingBox({ timeout: 5000 });
+    if (box && box.width > 0 && box.height > 0) {
+      await page.screenshot({ path: file, clip: box });
+      return null;
+    }
+    error = `${error}; no box to clip to`;
+  } catch (e) {
+    error = `${error}; clip: ${e}`;
+  }
+  return error;
+}
+
 function tab(page, title) {
   return page.locator('div.tab').filter({ has: page.locator('label.tab-label', { hasText: title }) });
 }
@@ -548,8 +576,8 @@ async function annotate(page) {
           timeline.push({ t: Number(elapsed().toFixed(1)), status, text });
           if (status === 'RUNNING' && !running) {
             const panel = path.join(ART, `${cfg.phase}-training-running-status.png`);
-            await segvol(page, 'status').screenshot({ path: panel }).catch(() => {}); // scrolls the panel to it
-            running = { text, screenshot: await shot(page, 'training-running'), panel_screenshot: panel };
+            const panelError = await elementShot(page, segvol(page, 'status'), panel); // scrolls the panel to it
+            running = { text, screenshot: await shot(page, 'training-running'), panel_screenshot: panel, panelError };
           }
         }
         // a final status counts once this run was seen (the row showed the previous state before the click)
@@ -561,7 +589,8 @@ async function annotate(page) {
     }
     if (!final) throw new Error(`no final training status within ${cfg.train_timeout_s || 180} s: ${JSON.stringify(timeline)}`);
     const panelShot = path.join(ART, `${cfg.phase}-training-status.png`);
-    await segvol(page, 'status').screenshot({ path: panelShot });
+    const finalError = await elementShot(page, segvol(page, 'status'), panelShot);
+    if (finalError) throw new Error(`no picture of the panel's final training status: ${finalError}`);
     return { url: request.url(), body: request.postData(), status: response.status(),
       response: await response.json().catch(() => null), notice, timeline, running, final,
       model: await segvol(page, 'model').innerText(), started_screenshot: started, panel_screenshot: panelShot,

@@ -477,7 +477,8 @@ def test_update_model_runs_a_training_and_the_panel_shows_its_status(annotate, a
     assert "segvol_finetune" in step["response"], step["response"]
     statuses = [entry["status"] for entry in step["timeline"]]
     assert "RUNNING" in statuses, step["timeline"]  # seen while it ran, with its epoch count
-    assert Path(step["running"]["screenshot"]).is_file() and Path(step["running"]["panel_screenshot"]).is_file()
+    assert Path(step["running"]["screenshot"]).is_file()
+    assert Path(step["running"]["panel_screenshot"]).is_file(), step["running"].get("panelError")
     running = step["running"]["text"]
     assert running.startswith("Training: RUNNING") and ("epoch 0/1" in running or "epoch 1/1" in running), running
     # the run's last status, after RUNNING, with the epochs done

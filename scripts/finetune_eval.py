@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of a box's extent each face may move in training (default 0: tight boxes, as "
                              "the validation gives; the trainer's 0.1 moves every face of these 6-10 voxel organs by "
                              "up to a voxel, and costs 0.035 mean Dice here)")
+    parser.add_argument("--window-box-prob", type=float, default=0.0,
+                        help="share of a crop's box prompts that are the box a zoom-in window gets (the structure's "
+                             "whole box clipped to the crop) instead of the tight box of the part in view")
     parser.add_argument("--combinations-per-step", type=int, default=3,
                         help="decode a random k of the six prompt combinations per step (0: all six every step); "
                              "3 trains every combination equally often at half the cost per step, i.e. twice the "
@@ -301,7 +304,8 @@ def main(argv=None) -> int:
         lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
         combinations_per_step=args.combinations_per_step, corrective_prob=args.corrective_prob,
-        corrective_rounds=args.corrective_rounds, box_jitter=args.box_jitter, world_size=args.processes,
+        corrective_rounds=args.corrective_rounds, box_jitter=args.box_jitter,
+        window_box_prob=args.window_box_prob, world_size=args.processes,
         ddp_backend="gloo" if args.processes > 1 else None, device="cpu", threads=threads if args.processes == 1 else 1,
         zoom_out_prob=args.zoom_out_prob, val_every=args.val_every,
         val_prompt="text+box", val_mode="zoom_out", time_budget_s=train_budget, fit_budget=True, resume=False,
@@ -341,6 +345,7 @@ def main(argv=None) -> int:
                      "batch_size": args.batch_size,
                      "threads": threads, "processes": args.processes, "loss_resolution": args.loss_resolution,
                      "combinations_per_step": args.combinations_per_step or 6, "box_jitter": args.box_jitter,
+                     "window_box_prob": args.window_box_prob,
                      "zoom_out_prob": args.zoom_out_prob, "corrective_prob": args.corrective_prob,
                      "corrective_rounds": args.corrective_rounds,
                      "final_loss": result.history[-1].get("loss") if result.history else None,

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--zoom-out-prob", type=float, default=defaults.zoom_out_prob)
     prompts.add_argument("--pos-fraction", type=float, default=defaults.pos_fraction)
     prompts.add_argument("--box-jitter", type=float, default=defaults.box_jitter)
+    prompts.add_argument("--window-box-prob", type=float, default=defaults.window_box_prob,
+                         help="share of a crop's box prompts that are the box a zoom-in window gets (the "
+                              "structure's whole box clipped to the crop) instead of the tight box of the part in view")
     prompts.add_argument("--max-positive", type=int, default=defaults.max_positive)
     prompts.add_argument("--max-negative", type=int, default=defaults.max_negative)
     prompts.add_argument("--boundary-fraction", type=float, default=defaults.boundary_fraction)
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
         distill_weight=args.distill_weight, seed=args.seed,
         device=args.device,
         amp=None if args.amp == "auto" else args.amp == "on", zoom_out_prob=args.zoom_out_prob,
-        pos_fraction=args.pos_fraction, box_jitter=args.box_jitter, max_positive=args.max_positive,
+        pos_fraction=args.pos_fraction, box_jitter=args.box_jitter,
+        window_box_prob=args.window_box_prob, max_positive=args.max_positive,
         max_negative=args.max_negative, boundary_fraction=args.boundary_fraction, combinations=args.combinations,
         max_categories=args.max_categories, corrective_prob=args.corrective_prob,
         corrective_rounds=args.corrective_rounds, mask_prompt=args.mask_prompt, pseudo_weight=args.pseudo_weight,

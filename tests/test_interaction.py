@@ -390,3 +390,44 @@ def test_corrective_clicks_start_from_the_box_a_window_gets(monkeypatch, tokeniz
     module(batch)
     assert len(boxes_seen) >= 2  # at least one gradient-free round and the decode the loss is taken on
     assert all(torch.equal(b[0], torch.as_tensor(clipped, dtype=torch.float32)) for b in boxes_seen)
+
+
+def test_a_share_of_the_box_prompts_are_the_box_a_window_gets():
+    """``window_box_prob``: that share of a crop's targets get the box a zoom-in window gets as their box prompt (what
+    the combinations decode), the rest the tight box of the part in view; zoom-out views (no window box) keep theirs,
+    and a run without it keeps its random stream (no extra draw)."""
+    from segvol.frames import bounding_box
+    from segvol.training import PromptConfig, step
+    from segvol.training.data import View
+
+    size = TINY.image_size
+    label = torch.zeros(size, dtype=torch.int32)
+    label[2:size[0], 10:14, 0:4] = 1
+    tight = bounding_box(label.numpy() == 1)
+    loose = tight.copy()
+    loose[4] += 6  # the whole structure runs on past the part in view
+    crop = View(image=torch.rand(1, *size), label=label, texts={1: "liver"}, kind="crop", window_boxes={1: loose})
+    zoom_out = View(image=torch.rand(1, *size), label=label, texts={1: "liver"}, kind="zoom_out")
+
+    def boxes(view, share, seeds=range(40)):
+        config = PromptConfig(box_jitter=0.0, window_box_prob=share)
+        return [step.build_batch([view], [np.random.default_rng(seed)], config, 8, 0).targets[0].prompts
+                for seed in seeds]
+
+    assert all(np.array_equal(p.box, loose) for p in boxes(crop, 1.0))
+    assert all(np.array_equal(p.box, tight) for p in boxes(crop, 0.0))
+    assert all(np.array_equal(p.box, tight) for p in boxes(zoom_out, 1.0))
+    half = [np.array_equal(p.box, loose) for p in boxes(crop, 0.5)]
+    assert 8 <= sum(half) <= 32, sum(half)  # about half of 40 (binomial: outside 8..32 has p < 1e-4)
+    # the points are the ones sampled for the target either way
+    for with_share, without in zip(boxes(crop, 0.5), boxes(crop, 0.0)):
+        assert np.array_equal(with_share.points, without.points)
+    # without the option nothing else is drawn: two views sharing a generator get what sample_prompts gives in turn
+    from segvol.training.prompts import sample_prompts
+
+    config = PromptConfig(box_jitter=0.0)
+    shared = np.random.default_rng(1)
+    batch = step.build_batch([crop, crop], [shared, shared], config, 8, 0)
+    replay = np.random.default_rng(1)
+    expected = [sample_prompts(label.numpy() == 1, replay, config) for _ in range(2)]
+    assert all(np.array_equal(t.prompts.points, e.points) for t, e in zip(batch.targets, expected))

@@ -254,6 +254,12 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
+def _int8_kind() -> str:
+    """The kind of int8 encoder this CPU gets, which names its cached IR and chooses its quantization parameters
+    (``_int8_parameters``): "int8" with VNNI, else "int8-overflowfix"."""
+    return "int8" if cpu_has_vnni() else "int8-overflowfix"
+
+
 def _int8_parameters():
     """NNCF's advanced parameters for our int8 encoder. Without VNNI, int8 products go through 16-bit sums that
     saturate: NNCF's overflow fix (weights on 7 bits) then applies to every layer instead of the first only (measured on
@@ -261,7 +267,7 @@ def _int8_parameters():
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     return AdvancedQuantizationParameters(
-        overflow_fix=OverflowFix.FIRST_LAYER if cpu_has_vnni() else OverflowFix.ENABLE)
+        overflow_fix=OverflowFix.FIRST_LAYER if _int8_kind() == "int8" else OverflowFix.ENABLE)
 
 
 def convert_encoder(encoder: torch.nn.Module, shape: Sequence[int], path_xml: str,
@@ -382,7 +388,7 @@ def build_backend(model, precision: Optional[str] = "fp32", cache_dir: Optional[
     folder = cache_dir or default_cache_dir()
     # one float IR serves fp32 and bf16 (bf16 is the plugin's inference precision); int8 has its own, quantized for
     # this CPU's kind of int8 arithmetic (``_int8_parameters``)
-    kind = ("int8" if cpu_has_vnni() else "int8-overflowfix") if requested == "int8" else "float"
+    kind = _int8_kind() if requested == "int8" else "float"
     xml = os.path.join(folder, cache_name(whash, kind, shape, cal) + ".xml")
     started = time.perf_counter()
     if not (os.path.isfile(xml) and os.path.isfile(xml[:-4] + ".bin")):

@@ -61,6 +61,7 @@ class TrainOptions:
     pos_fraction: float = 2.0 / 3.0
     intensity_prob: float = 0.1
     box_jitter: float = 0.1
+    window_box_prob: float = 0.0  # share of a crop's box prompts that are the box a zoom-in window gets (PromptConfig)
     max_positive: int = 10
     max_negative: int = 10
     boundary_fraction: float = 0.5
@@ -127,6 +128,8 @@ class TrainOptions:
             raise ValueError(f"val_mode must be one of {', '.join(MODES)}")
         if self.loss_resolution not in ("full", "low"):
             raise ValueError("loss_resolution must be 'full' or 'low'")
+        if not 0.0 <= float(self.window_box_prob) <= 1.0:
+            raise ValueError("window_box_prob must be in [0, 1]")
         if not 0.0 <= float(self.corrective_prob) <= 1.0 or int(self.corrective_rounds) < 1:
             raise ValueError("corrective_prob must be in [0, 1] and corrective_rounds at least 1")
         if self.publish not in ("best", "last"):

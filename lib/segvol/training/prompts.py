@@ -44,6 +44,10 @@ class PromptConfig:
     max_negative: int = 10  # negatives per prompt: uniform in 0..max_negative
     boundary_fraction: float = 0.5  # share of negatives taken from the ring just outside the object
     ring: int = 3  # ring width in voxels
+    # share of a crop's targets whose box prompt is the box a zoom-in window gets (the structure's whole box clipped
+    # to the crop, jittered as the tight one) instead of the tight box of the part in view: what a session's windows
+    # are given, looser than the part they show where a structure runs past the window
+    window_box_prob: float = 0.0
 
 
 @dataclass

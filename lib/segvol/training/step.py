@@ -6,7 +6,8 @@ batch on a thread while the current one trains.
 One optimizer step:
 
 1. a batch of views (``data.sample_view``: zoom-out views and native crops) is drawn, and for every category present
-   in a view a box and points are sampled (``prompts.sample_prompts``);
+   in a view a box and points are sampled (``prompts.sample_prompts``; on a crop, in a share ``window_box_prob`` of
+   the targets the box is the one a zoom-in window gets: the structure's whole box clipped to the crop);
 2. each image is **encoded once**; all categories and all six prompt combinations (point+text, box+text, text, box,
    point, box+point) are decoded against that embedding (the reference re-encoded the image per category);
 3. the loss is the sum over combinations of the mean per-sample Dice + BCE (``losses``), plus ``pseudo_weight`` (0.1)
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -46,6 +47,7 @@ from .prompts import (
     PromptConfig,
     PromptSample,
     combination_parts,
+    jitter_box,
     pseudo_target,
     sample_prompts,
     stack_boxes,
@@ -98,8 +100,13 @@ def build_batch(views, rngs, prompt_config: PromptConfig, max_categories: int, p
         window_boxes = view.window_boxes or {}
         for value in values:
             mask = label == value
-            targets.append(Target(index, view.texts[value], mask, sample_prompts(mask, rng, prompt_config),
-                                  window_boxes.get(value)))
+            prompts = sample_prompts(mask, rng, prompt_config)
+            window_box = window_boxes.get(value)
+            # drawn only when asked for, so runs without it keep their random streams
+            if window_box is not None and prompt_config.window_box_prob > 0 \
+                    and rng.random() < prompt_config.window_box_prob:
+                prompts = replace(prompts, box=jitter_box(window_box, mask.shape, rng, prompt_config.box_jitter))
+            targets.append(Target(index, view.texts[value], mask, prompts, window_box))
         if view.pseudo is not None and pseudo_passes > 0:
             pseudo_map = view.pseudo.numpy()
             for number in range(pseudo_passes):

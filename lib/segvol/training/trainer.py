@@ -153,7 +153,7 @@ class Trainer:
         if not len(self.train_store):
             raise ValueError("no training cases")
         self.prompt_config = PromptConfig(options.box_jitter, options.max_positive, options.max_negative,
-                                          options.boundary_fraction)
+                                          options.boundary_fraction, window_box_prob=float(options.window_box_prob))
         self.view_config = ViewConfig(options.zoom_out_prob, options.pos_fraction,
                                       intensity_prob=options.intensity_prob)
         self.kept_texts = frozenset(resolve(name) for name in options.keep)  # the text prompts of the kept names

@@ -11,7 +11,8 @@ toward the starting model for those structures; empty: 1.0 with ``keep``), ``che
 there is one, else the served weights; "official"; "scratch"; or a checkpoint path), ``scratch_config`` (small |
 official), ``device``, ``amp``, ``minutes`` (time budget, 0 = none), ``val_mode``, ``val_prompt``, ``pseudo_weight``,
 ``loss_resolution`` (full | low), ``corrective_prob`` and ``corrective_rounds`` (clicks on the model's own errors in
-that share of the steps, so a fine-tuned model follows corrections; ``segvol.training.step``), ``mask_prompt`` (give
+that share of the steps, so a fine-tuned model follows corrections; ``segvol.training.step``), ``window_box_prob``
+(share of the crops' box prompts that are the box a zoom-in window gets), ``mask_prompt`` (give
 the network the previous-prediction prompt, so its clicks correct the answer before them),
 ``resume`` ("auto" continues an interrupted run), ``multi_gpu`` + ``gpus`` (MONAI Label's options: one DDP process
 per GPU), ``name`` (run folder under ``<app>/model/``).
@@ -81,6 +82,7 @@ class SegVolFinetune(TrainTask):
             "loss_resolution": conf.get("train_loss_resolution", "full"),
             "corrective_prob": float(conf.get("train_corrective_prob", 0.5)),
             "corrective_rounds": int(conf.get("train_corrective_rounds", 5)),
+            "window_box_prob": float(conf.get("train_window_box_prob", 0.0)),
             "mask_prompt": _bool(conf.get("train_mask_prompt", "false")),
             "pseudo_tag": conf.get("train_pseudo_tag", "fh"),
             "repeats": int(conf.get("train_repeats", 1)),
@@ -184,6 +186,7 @@ class SegVolFinetune(TrainTask):
             pseudo_weight=float(values["pseudo_weight"]), time_budget_s=minutes * 60 if minutes > 0 else None,
             loss_resolution=str(values["loss_resolution"]),
             corrective_prob=float(values["corrective_prob"]), corrective_rounds=int(values["corrective_rounds"]),
+            window_box_prob=float(values["window_box_prob"]),
             mask_prompt=_bool(values["mask_prompt"]), resume=resume, publish_path=self.service.published,
             publish="best",
             publish_if_better_than_init=init in (self.service.published, getattr(self.service, "last_good", None)),

@@ -275,7 +275,7 @@ class TrainStep(nn.Module):
         device = image.tokens.device
         index = torch.as_tensor([t.sample for t in targets], device=device)
         text = text_table[text_index] if use_text else None
-        boxes = torch.from_numpy(np.stack(start_boxes).astype(np.float32)).to(device) if use_box else None
+        boxes = stack_boxes([t.prompts for t in clicked()], device) if use_box else None
         with_previous = self.model.config.mask_prompt
         previous = None
         for _ in range(int(rounds)):

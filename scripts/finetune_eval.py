@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="CLIP tokenizer folder")
     parser.add_argument("--config", default="eval32",
                         help="'eval32' (default), 'eval64', 'small' or a JSON file of SegVolConfig fields")
+    parser.add_argument("--init", default=None,
+                        help="start from this checkpoint (its configuration; a new schedule) instead of from scratch, "
+                        "e.g. an earlier run's run/last.pt; the baseline is then that model")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--patch-lr-scale", type=float, default=10.0,
@@ -258,6 +261,10 @@ def main(argv=None) -> int:
     if overlap:
         log.warning("%d case(s) are in both the training and the validation set", len(overlap))
     config = SegVolConfig(**EVAL_CONFIGS[args.config]) if args.config in EVAL_CONFIGS else resolve_config(args.config)
+    if args.init:  # the starting checkpoint brings its own configuration
+        import segvol
+
+        config = segvol.load_model(args.init, device="cpu", tokenizer=args.tokenizer).config
     if args.mask_prompt is not None:
         config = dataclasses.replace(config, mask_prompt=args.mask_prompt)
     out = os.path.abspath(args.out)
@@ -285,21 +292,28 @@ def main(argv=None) -> int:
     if args.eval_checkpoint:
         return _evaluate_checkpoint(args, val_store, texts, train_cases, config, threads, started, log)
 
-    # 2. the untrained baseline (same seed -> the same initial weights as training starts from)
+    # 2. the baseline: the untrained model (same seed -> the same initial weights as training starts from), or the
+    # --init checkpoint
     torch.manual_seed(args.seed)
-    baseline_model = SegVol(config, load_tokenizer(args.tokenizer))
+    if args.init:
+        import segvol
+
+        baseline_model = segvol.load_model(args.init, device="cpu", tokenizer=args.tokenizer)
+    else:
+        baseline_model = SegVol(config, load_tokenizer(args.tokenizer))
     tick = time.time()
     baseline = None if args.no_baseline else evaluate_all(baseline_model, val_store, texts, only_targets=True)
     eval_seconds = time.time() - tick
     del baseline_model
     if baseline is not None:
-        log.info("baseline (untrained): %s in %.1fs", {k: v["mean_target"] for k, v in baseline.items()},
-                 eval_seconds)
+        log.info("baseline (%s): %s in %.1fs", args.init or "untrained",
+                 {k: v["mean_target"] for k, v in baseline.items()}, eval_seconds)
 
     # 3. training: --minutes of wall time (loading, the baseline and the final evaluation are timed separately)
     train_budget = budget
     options = TrainOptions(
-        output_dir=os.path.join(out, "run"), init="scratch", config=config.to_dict(), tokenizer=args.tokenizer,
+        output_dir=os.path.join(out, "run"), init=os.path.abspath(args.init) if args.init else "scratch",
+        config=config.to_dict(), tokenizer=args.tokenizer,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
@@ -340,7 +354,8 @@ def main(argv=None) -> int:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()
                    if k not in ("text_template", "text_vocab_size", "text_max_positions")},
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "training": {"status": result.status, "epochs": result.epoch, "steps": result.steps,
+        "training": {"status": result.status, "init": os.path.abspath(args.init) if args.init else "scratch",
+                     "epochs": result.epoch, "steps": result.steps,
                      "seconds": round(train_seconds, 1), "lr": args.lr, "patch_lr_scale": args.patch_lr_scale,
                      "batch_size": args.batch_size,
                      "threads": threads, "processes": args.processes, "loss_resolution": args.loss_resolution,

@@ -59,3 +59,21 @@ def test_finetune_eval_reports_dice_per_prompt_and_mode(tmp_path, tokenizer_dir,
     # --mask-prompt: the network takes the previous-prediction prompt, and the robot's clicks went through it
     assert report["config"]["mask_prompt"] and state["config"]["mask_prompt"]
     assert report["robot"]["starts"]["box"]["mean"]["structures"] == 4
+
+    # --init: a run that goes on from that checkpoint (its own configuration, though --config is left at its
+    # default); its baseline is that model, so it scores what the first run's final model scored
+    again = tmp_path / "again"
+    try:
+        status = finetune_eval.main(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                                     "--minutes", "0.05", "--out", str(again), "--init", str(out / "run" / "last.pt"),
+                                     "--tokenizer", str(tokenizer_dir), "--threads", "1", "--processes", "1",
+                                     "--robot-clicks", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["training"]["init"] == str(out / "run" / "last.pt") and second["training"]["steps"] > 0
+    assert second["config"]["hidden_size"] == TINY.hidden_size and second["config"]["mask_prompt"]
+    for variant, result in second["baseline_untrained"].items():
+        for organ, dice in result["per_organ"].items():
+            assert dice == pytest.approx(report["dice"][variant]["per_organ"][organ], abs=1e-6)

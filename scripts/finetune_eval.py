@@ -30,6 +30,9 @@ What it does (``--minutes`` bounds the training; the evaluations are timed and r
    validation case) and reports per organ the Dice difference from fp32. ``--eval-checkpoint last.pt`` skips the
    baseline and the training and evaluates that checkpoint (e.g. the ``run/last.pt`` of an earlier run).
 
+``--init last.pt`` trains from that checkpoint instead of from scratch (its configuration, a new warm-up and cosine
+schedule; the baseline is then that model): e.g. corrective-click training as a second phase of an earlier run.
+
 Output: one JSON line on stdout (per-organ Dice, means over the five target organs -- brainstem, spinal cord,
 mandible, left and right parotid -- for every prompt/mode, the baseline, timings and settings) and a learning-curve
 plot ``<out>/learning_curve.png`` (training loss and per-organ validation Dice per epoch). Progress goes to stderr.

@@ -234,7 +234,7 @@ def test_a_click_in_a_window_the_earlier_answer_did_not_decode_is_refined_too(to
 
     window = holding[0]
     zoom_logits = model.upsample(earlier.zoom_out)[0, 0]
-    given = session._earlier_answer_in(zoom_logits, window)
+    given = session._earlier_answer_in(zoom_logits, float(zoom_logits.min()), window)
     assert given.shape == (1, 1, *config.low_res_size)
     # what it must equal: the earlier zoom-out logits interpolated onto the whole native volume (as the label is
     # made), the window cut out of it (padding: the lowest logit), averaged onto the decoder's grid

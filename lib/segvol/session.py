@@ -404,7 +404,8 @@ class ImageSession:
             return out
         names = [p.name for p in plans]
         text_embeddings = dict(zip(names, engine.model.encode_text(names))) if with_text else {}
-        earlier_zoom: Dict[str, torch.Tensor] = {}  # per category refining an answer: its zoom-out logits, upsampled
+        # per category refining an answer: its zoom-out logits, upsampled, and their lowest value
+        earlier_zoom: Dict[str, Tuple[torch.Tensor, float]] = {}
         started = time.perf_counter()
         for first in range(0, len(zoom_in.used), engine.window_block):
             block = zoom_in.used[first:first + engine.window_block]
@@ -432,9 +433,9 @@ class ImageSession:
                         # network was trained to read them; without it half the robot's click windows ignored them
                         key = key + (("earlier zoom-out", earlier.serial),)
                         if plan.name not in earlier_zoom:  # upsampled once per request, not once per window
-                            earlier_zoom[plan.name] = engine.model.upsample(
-                                earlier.zoom_out.to(engine.model.device))[0, 0]
-                        previous = self._earlier_answer_in(earlier_zoom[plan.name], window)
+                            upsampled = engine.model.upsample(earlier.zoom_out.to(engine.model.device))[0, 0]
+                            earlier_zoom[plan.name] = (upsampled, float(upsampled.min()))
+                        previous = self._earlier_answer_in(*earlier_zoom[plan.name], window)
                     cached = engine.decodes.get(key)
                     if cached is not None:
                         counters["decoder_cache_hits"] += 1
@@ -472,15 +473,15 @@ class ImageSession:
             seconds["zoom_in_decode"] += time.perf_counter() - tick
         return out
 
-    def _earlier_answer_in(self, zoom_logits: torch.Tensor, window) -> torch.Tensor:
+    def _earlier_answer_in(self, zoom_logits: torch.Tensor, lowest: float, window) -> torch.Tensor:
         """An earlier answer's zoom-out logits (the zoom frame, ``image_size``) on ``window``'s low-resolution grid
         (1, 1, *low_res_size): what that answer showed there where no window of it ran (trilinear into the native
-        voxels, as the label is made; the window's padding outside the volume takes the lowest logit; averaged onto
-        the grid where it is coarser)."""
+        voxels, as the label is made; the window's padding outside the volume takes ``lowest``, the lowest of those
+        logits; averaged onto the grid where it is coarser)."""
         model = self.engine.model
         box = np.concatenate([np.asarray(window.start), np.asarray(window.stop) - 1])
         native = self.prepared.frames.zoom.upsample_region(zoom_logits, box)
-        logits = native.new_full(tuple(window.size), float(zoom_logits.min()))
+        logits = native.new_full(tuple(window.size), lowest)
         logits[window.window_slices] = native
         low_res = tuple(model.config.low_res_size)
         if tuple(logits.shape) != low_res:

@@ -264,10 +264,13 @@ def main(argv=None) -> int:
     if overlap:
         log.warning("%d case(s) are in both the training and the validation set", len(overlap))
     config = SegVolConfig(**EVAL_CONFIGS[args.config]) if args.config in EVAL_CONFIGS else resolve_config(args.config)
+    init = os.path.abspath(args.init) if args.init else "scratch"
+    init_model = None
     if args.init:  # the starting checkpoint brings its own configuration
         import segvol
 
-        config = segvol.load_model(args.init, device="cpu", tokenizer=args.tokenizer).config
+        init_model = segvol.load_model(init, device="cpu", tokenizer=args.tokenizer)
+        config = init_model.config
     if args.mask_prompt is not None:
         config = dataclasses.replace(config, mask_prompt=args.mask_prompt)
     out = os.path.abspath(args.out)
@@ -298,16 +301,11 @@ def main(argv=None) -> int:
     # 2. the baseline: the untrained model (same seed -> the same initial weights as training starts from), or the
     # --init checkpoint
     torch.manual_seed(args.seed)
-    if args.init:
-        import segvol
-
-        baseline_model = segvol.load_model(args.init, device="cpu", tokenizer=args.tokenizer)
-    else:
-        baseline_model = SegVol(config, load_tokenizer(args.tokenizer))
+    baseline_model = init_model if init_model is not None else SegVol(config, load_tokenizer(args.tokenizer))
     tick = time.time()
     baseline = None if args.no_baseline else evaluate_all(baseline_model, val_store, texts, only_targets=True)
     eval_seconds = time.time() - tick
-    del baseline_model
+    del baseline_model, init_model
     if baseline is not None:
         log.info("baseline (%s): %s in %.1fs", args.init or "untrained",
                  {k: v["mean_target"] for k, v in baseline.items()}, eval_seconds)
@@ -315,8 +313,7 @@ def main(argv=None) -> int:
     # 3. training: --minutes of wall time (loading, the baseline and the final evaluation are timed separately)
     train_budget = budget
     options = TrainOptions(
-        output_dir=os.path.join(out, "run"), init=os.path.abspath(args.init) if args.init else "scratch",
-        config=config.to_dict(), tokenizer=args.tokenizer,
+        output_dir=os.path.join(out, "run"), init=init, config=config.to_dict(), tokenizer=args.tokenizer,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         lr_scale=patch_embedding_lr_scale(args.patch_lr_scale),
         warmup_epochs=1.0, freeze=(), seed=args.seed, max_categories=args.max_categories,
@@ -357,8 +354,7 @@ def main(argv=None) -> int:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()
                    if k not in ("text_template", "text_vocab_size", "text_max_positions")},
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "training": {"status": result.status, "init": os.path.abspath(args.init) if args.init else "scratch",
-                     "epochs": result.epoch, "steps": result.steps,
+        "training": {"status": result.status, "init": init, "epochs": result.epoch, "steps": result.steps,
                      "seconds": round(train_seconds, 1), "lr": args.lr, "patch_lr_scale": args.patch_lr_scale,
                      "batch_size": args.batch_size,
                      "threads": threads, "processes": args.processes, "loss_resolution": args.loss_resolution,

@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     import torch
 
     cores = torch.get_num_threads()
+    import segvol
     from segvol.config import SegVolConfig
     from segvol.modeling.segvol import SegVol
     from segvol.modeling.text_encoder import load_tokenizer
@@ -267,8 +268,6 @@ def main(argv=None) -> int:
     init = os.path.abspath(args.init) if args.init else "scratch"
     init_model = None
     if args.init:  # the starting checkpoint brings its own configuration
-        import segvol
-
         init_model = segvol.load_model(init, device="cpu", tokenizer=args.tokenizer)
         config = init_model.config
     if args.mask_prompt is not None:
@@ -331,8 +330,6 @@ def main(argv=None) -> int:
              train_seconds)
 
     # 4. the final model (last epoch: no selection on the validation set) through the engine
-    import segvol
-
     model = segvol.load_model(os.path.join(options.output_dir, "last.pt"), device="cpu", tokenizer=args.tokenizer)
     tick = time.time()
     trained = evaluate_all(model, val_store, texts)

@@ -27,6 +27,7 @@ from torch import nn
 
 import segvol
 from segvol.modeling.mask_decoder import ImageTokens
+from segvol.modeling.prompt_encoder import PromptEncoder
 
 BALL_RADIUS = 4.0  # window voxels
 
@@ -84,11 +85,14 @@ class OracleModel(nn.Module):
             embedding = image_embedding[min(b, image_embedding.shape[0] - 1)]
             image = embedding[0]
             box = None if boxes is None else boxes.reshape(batch, 6)[b]
+            if points is not None:  # absent slots (a shorter point list batched with longer ones) are no points
+                present = points[1][b] != PromptEncoder.ABSENT
+                points_b = (points[0][b][present], points[1][b][present])
             self.decoded.append({
                 "id": int(embedding[1].flatten()[0]),
                 "name": None if text_embedding is None else self.names[int(text_embedding[b, 0])],
                 "box": None if box is None else box.clone().numpy(),
-                "points": None if points is None else (points[0][b].clone().numpy(), points[1][b].clone().numpy()),
+                "points": None if points is None else (points_b[0].clone().numpy(), points_b[1].clone().numpy()),
             })
             region = torch.ones(low, dtype=torch.bool)
             if text_embedding is not None:
@@ -97,7 +101,7 @@ class OracleModel(nn.Module):
             if box is not None:
                 region &= ((coords >= box[:3] - 0.5) & (coords <= box[3:] + 0.5)).all(-1)
             if points is not None:
-                balls = [((coords - p).norm(dim=-1) <= BALL_RADIUS, int(l)) for p, l in zip(points[0][b], points[1][b])]
+                balls = [((coords - p).norm(dim=-1) <= BALL_RADIUS, int(l)) for p, l in zip(*points_b)]
                 if text_embedding is None and boxes is None:
                     region = torch.zeros(low, dtype=torch.bool)
                 for ball, label in balls:

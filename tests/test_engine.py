@@ -367,6 +367,25 @@ def test_packed_mask_knows_whether_a_region_holds_a_voxel():
         assert packed.any_in(low, high) == expected, (low, high, np.argwhere(mask))
 
 
+def test_packed_mask_finds_the_tight_box_of_a_region():
+    """The box read from the packed bytes equals the unpacked region's, for sparse and dense masks, at every byte
+    edge, and is None for an empty region."""
+    rng = np.random.default_rng(2)
+    shape = (6, 7, 45)
+    for trial in range(400):
+        mask = rng.random(shape) < (0.4 if trial % 5 == 0 else 0.0)
+        for _ in range(trial % 4):
+            mask[tuple(int(rng.integers(0, n)) for n in shape)] = True
+        packed = PackedMask(mask)
+        low = [int(rng.integers(0, n)) for n in shape]
+        high = [int(rng.integers(a, n + 1)) for a, n in zip(low, shape)]
+        region = mask[tuple(slice(a, b) for a, b in zip(low, high))]
+        expected = bounding_box(region) if region.size else None
+        found = packed.box_in(low, high)
+        assert (found is None) == (expected is None), (low, high, np.argwhere(mask))
+        assert found is None or np.array_equal(found, expected), (low, high, found, expected)
+
+
 def test_a_window_has_foreground_exactly_when_it_has_a_foreground_box():
     """Planning's quick test (packed bytes) against the tight box prompting uses, over a grid with ragged edges."""
     from segvol.windows import CategoryPlan, Grid

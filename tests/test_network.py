@@ -235,6 +235,38 @@ def test_folded_and_factored_decoder_equals_the_plain_computation(depth):
         assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("with_box", [True, False])
+def test_prompt_sets_with_fewer_points_decode_in_one_batch_as_alone(small_model, with_box):
+    """A click's zoom-in windows hold different numbers of the earlier clicks; decoded in one batch, the shorter
+    point lists filled with absent slots (label -2), each set's logits equal its decode alone (to float summation
+    order), with and without a box (without one the official padding point still comes after the real points), and
+    with autograd (the absent slots pass no gradient into the real ones' logits)."""
+    model = small_model
+    torch.manual_seed(3)
+    embedding = torch.randn(1, SMALL.hidden_size, *SMALL.grid_size)
+    text = torch.randn(3, SMALL.hidden_size)
+    size = torch.tensor(SMALL.image_size, dtype=torch.float32)
+    coords = torch.rand(3, 4, 3) * (size - 1)
+    labels = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, -2.0, -2.0], [0.0, -2.0, -2.0, -2.0]])
+    counts = [4, 2, 1]
+    boxes = torch.tensor([[1.0, 2, 3, 10, 20, 30], [0, 0, 0, 15, 31, 47], [4, 5, 6, 9, 12, 20]]) if with_box else None
+    image = model.image_tokens(embedding)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            batched = model.decode(image if not grad else embedding, text, boxes, (coords, labels))
+            for row, count in enumerate(counts):
+                alone = model.decode(image if not grad else embedding, text[row:row + 1],
+                                     None if boxes is None else boxes[row:row + 1],
+                                     (coords[row:row + 1, :count], labels[row:row + 1, :count]))
+                assert torch.allclose(batched[row:row + 1], alone, atol=1e-5, rtol=1e-5), (row, grad)
+    # what an absent slot holds does not matter: moving it changes nothing
+    moved = coords.clone()
+    moved[1, 2:] = 5.0
+    with torch.no_grad():
+        assert torch.allclose(model.decode(image, text, boxes, (moved, labels))[1],
+                              model.decode(image, text, boxes, (coords, labels))[1], atol=1e-6)
+
+
 def test_upsampling_equals_trilinear_interpolation():
     """SegVol.upsample resizes slice by slice where the depth needs no interpolation: for the official window the
     same floats as trilinear interpolation (bit for bit), elsewhere the same to float rounding; gradients too."""

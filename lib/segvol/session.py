@@ -22,6 +22,7 @@ from .errors import BadPromptError, BadRequestError
 from .frames import bounding_box
 from .merger import WindowMerger, merge_categories, zoom_out_box
 from .modeling.mask_decoder import ImageTokens
+from .modeling.prompt_encoder import PromptEncoder
 from .modes import Mode
 from .prompts import OBJECT_LABEL, NativePrompts, Prompts, to_native
 from .windows import CategoryPlan, Grid, PackedMask, ZoomInPlan, plan_zoom_in, union_box, window_prompts
@@ -120,10 +121,14 @@ class DecodeRequest:
     previous: Optional[torch.Tensor] = None  # the window's low-res logits one interaction earlier (mask_prompt)
 
     @property
-    def structure(self) -> Tuple[bool, int, bool]:
-        """(has a box, number of points, has a previous prediction): requests of one structure are decoded in one
-        batch."""
-        return self.box is not None, 0 if self.points is None else len(self.points[1]), self.previous is not None
+    def structure(self) -> Tuple[bool, bool, bool]:
+        """(has a box, has points, has a previous prediction): requests of one structure are decoded in one batch,
+        the shorter point lists filled with absent slots (``PromptEncoder.ABSENT``)."""
+        return self.box is not None, self.points is not None, self.previous is not None
+
+    @property
+    def point_count(self) -> int:
+        return 0 if self.points is None else len(self.points[1])
 
 
 class _Clock:
@@ -393,8 +398,8 @@ class ImageSession:
         did not change, and decodes the others with them as the previous-prediction prompt (their cache key then
         names the previous key too).
 
-        Windows go in blocks of ``window_block``: encode the block's windows, then decode all their requests
-        together, batched across windows and categories (a batch of prompt sets costs about half per set on CPU).
+        Windows go in blocks of ``window_block``: encode the block's windows, then, once ``window_block`` requests
+        are pending (or at the end), decode them together, batched across windows and categories.
         """
         engine, prepared = self.engine, self.prepared
         out: Outputs = {}
@@ -407,9 +412,9 @@ class ImageSession:
         # per category refining an answer: its zoom-out logits, upsampled, and their lowest value
         earlier_zoom: Dict[str, Tuple[torch.Tensor, float]] = {}
         started = time.perf_counter()
+        requests: List[DecodeRequest] = []  # pending decodes: a click's few, from blocks far apart, go in one call
         for first in range(0, len(zoom_in.used), engine.window_block):
             block = zoom_in.used[first:first + engine.window_block]
-            requests: List[DecodeRequest] = []
             work = []  # (step, window, categories needing it, pending decoder requests)
             for step, index in enumerate(block, start=first):
                 window = zoom_in.windows[index]
@@ -468,9 +473,11 @@ class ImageSession:
                            len(zoom_in.used), window.start, ", ".join(p.name for p in needing),
                            "to decode" if pending else "all cached", elapsed,
                            elapsed / (step + 1) * (len(zoom_in.used) - step - 1))
-            tick = time.perf_counter()
-            self._decode_requests(requests, text_embeddings, out, counters)
-            seconds["zoom_in_decode"] += time.perf_counter() - tick
+            if len(requests) >= engine.window_block or first + engine.window_block >= len(zoom_in.used):
+                tick = time.perf_counter()
+                self._decode_requests(requests, text_embeddings, out, counters)
+                requests = []
+                seconds["zoom_in_decode"] += time.perf_counter() - tick
         return out
 
     def _earlier_answer_in(self, zoom_logits: torch.Tensor, lowest: float, window) -> torch.Tensor:
@@ -490,13 +497,15 @@ class ImageSession:
 
     def _decode_requests(self, requests: List[DecodeRequest], text_embeddings: Dict[str, torch.Tensor],
                          out: Outputs, counters: Dict[str, int]) -> None:
-        """Decode window requests in batches of the same prompt structure (box or not, number of points)."""
+        """Decode window requests in batches of the same prompt structure (``DecodeRequest.structure``): a click's
+        windows hold different numbers of the earlier clicks, yet share one decoder call (the decoder's weights are
+        read once for all of them, which is most of its prompt side's time on a CPU)."""
         engine = self.engine
         device = engine.model.device
-        groups: Dict[Tuple[bool, int], List[DecodeRequest]] = {}
-        for request in requests:
+        groups: Dict[Tuple[bool, bool, bool], List[DecodeRequest]] = {}
+        for request in sorted(requests, key=lambda r: r.point_count):  # batches of similar lengths
             groups.setdefault(request.structure, []).append(request)
-        for (has_box, point_count, has_previous), group in groups.items():
+        for (has_box, has_points, has_previous), group in groups.items():
             for start in range(0, len(group), engine.decode_batch):
                 chunk = group[start:start + engine.decode_batch]
                 image = ImageTokens.cat([r.image for r in chunk])
@@ -505,12 +514,13 @@ class ImageSession:
                 if has_box:
                     boxes = torch.as_tensor(np.stack([r.box for r in chunk]), dtype=torch.float32, device=device)
                 point_prompt = None
-                if point_count:
-                    coords = torch.as_tensor(np.stack([r.points[0] for r in chunk]), dtype=torch.float32,
-                                             device=device)
-                    labels = torch.as_tensor(np.stack([r.points[1] for r in chunk]), dtype=torch.float32,
-                                             device=device)
-                    point_prompt = (coords, labels)
+                if has_points:
+                    slots = max(r.point_count for r in chunk)
+                    coords = np.zeros((len(chunk), slots, 3), dtype=np.float32)
+                    labels = np.full((len(chunk), slots), PromptEncoder.ABSENT, dtype=np.float32)
+                    for row, r in enumerate(chunk):
+                        coords[row, :r.point_count], labels[row, :r.point_count] = r.points
+                    point_prompt = (torch.as_tensor(coords, device=device), torch.as_tensor(labels, device=device))
                 previous = torch.cat([r.previous for r in chunk]) if has_previous else None
                 low_res = engine.decode(image, text, boxes, point_prompt, counters, previous=previous)
                 for request, logits in zip(chunk, low_res):

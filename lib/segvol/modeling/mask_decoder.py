@@ -50,13 +50,16 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C)."""
-        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q (B, Nq, C), k and v (B, Nk, C), key_mask (B, Nk) bool (False: the key takes no part) -> (B, Nq, C)."""
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v), key_mask)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Projected q (B, Nq, inner), k and v (B, Nk, inner) -> (B, Nq, C)."""
-        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Projected q (B, Nq, inner), k and v (B, Nk, inner), key_mask (B, Nk) bool -> (B, Nq, C)."""
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=mask)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
@@ -65,11 +68,12 @@ class Attention(nn.Module):
     # tokens instead costs L x C x (heads x T), 3-7x less officially. Same values as ``forward`` up to float summation
     # order (products are re-associated; the softmax is the same).
 
-    def to_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    q_projected: bool = False) -> "LowRankUpdate":
+    def to_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_projected: bool = False,
+                    key_mask: Optional[torch.Tensor] = None) -> "LowRankUpdate":
         """Many queries (B, L, C), or their projection (B, L, inner) with ``q_projected``, attend to few keys and values
-        (B, T, C) -> what ``forward`` gives (B, L, C), as a ``LowRankUpdate``: the query projection is folded into the
-        keys and the output projection into the values."""
+        (B, T, C; ``key_mask`` (B, T) bool: False where a key takes no part) -> what ``forward`` gives (B, L, C), as a
+        ``LowRankUpdate``: the query projection is folded into the keys and the output projection into the values.
+        A masked key gets weight 0 exactly, so its (finite) value adds nothing."""
         heads = self.num_heads
         k, v = self.k_proj(k), self.v_proj(v)  # (B, T, inner)
         b, t, inner = k.shape
@@ -83,7 +87,10 @@ class Attention(nn.Module):
             folded = torch.einsum("hdc,bthd->bcht", w_q, k_heads).reshape(b, -1, heads * t)
             bias = torch.einsum("hd,bthd->bht", self.q_proj.bias.reshape(heads, d), k_heads).reshape(b, 1, heads * t)
             scores = torch.baddbmm(bias, q.expand(b, -1, -1), folded).reshape(b, -1, heads, t)
-        weights = torch.softmax(scores * d ** -0.5, dim=-1).reshape(b, -1, heads * t)
+        scores = scores * d ** -0.5
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).reshape(b, -1, heads * t)
         # softmax_h v_h W_o,h^T summed over heads: the output projection applied to the T values of each head
         w_o = self.out_proj.weight.reshape(-1, heads, d)  # (C, heads, d)
         values = torch.einsum("bthd,chd->bhtc", v.reshape(b, t, heads, d), w_o).reshape(b, heads * t, -1)
@@ -207,14 +214,15 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
-                first: Optional[ImageTokens] = None):
-        """``first``: the image tokens' projections of the first layer (``keys`` are then ``first.tokens``) -> queries
-        (B, T, C), image tokens (B, L, C) and their ``KeysStep``."""
+                first: Optional[ImageTokens] = None, token_mask: Optional[torch.Tensor] = None):
+        """``first``: the image tokens' projections of the first layer (``keys`` are then ``first.tokens``);
+        ``token_mask`` (B, T) bool: False for a padding slot, which no token and no image token attends to (its own
+        row is computed and ignored) -> queries (B, T, C), image tokens (B, L, C) and their ``KeysStep``."""
         if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
+            queries = self.self_attn(queries, queries, queries, token_mask)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            queries = queries + self.self_attn(q, q, queries, token_mask)
         queries = self.norm1(queries)
 
         to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
@@ -227,7 +235,8 @@ class TwoWayAttentionBlock(nn.Module):
             k = first.first_queries
         queries = self.norm3(queries + self.mlp(queries))
 
-        update = to_tokens.to_few_keys(k, queries + query_pe, queries, q_projected=first is not None)
+        update = to_tokens.to_few_keys(k, queries + query_pe, queries, q_projected=first is not None,
+                                       key_mask=token_mask)
         keys = update.added_to(keys)
         norm = self.norm4
         if not torch.is_grad_enabled():  # one fused pass gives the normalised tokens and their per-token scale
@@ -257,13 +266,15 @@ class TwoWayTransformer(nn.Module):
         to_image, to_tokens = self.layers[0].cross_attn_token_to_image, self.layers[0].cross_attn_image_to_token
         return to_image.k_proj(k), to_image.v_proj(tokens), to_tokens.q_proj(k)
 
-    def forward(self, image: ImageTokens, image_pe: torch.Tensor, tokens: torch.Tensor):
-        """image: ``MaskDecoder.image_tokens``, image_pe (1, C, g...), tokens (B, T, C) -> tokens (B, T, C), image
-        tokens (B, L, C), and each layer's ``KeysStep``."""
+    def forward(self, image: ImageTokens, image_pe: torch.Tensor, tokens: torch.Tensor,
+                token_mask: Optional[torch.Tensor] = None):
+        """image: ``MaskDecoder.image_tokens``, image_pe (1, C, g...), tokens (B, T, C), token_mask (B, T) bool (False:
+        a padding slot, see ``TwoWayAttentionBlock``) -> tokens (B, T, C), image tokens (B, L, C), and each layer's
+        ``KeysStep``."""
         keys, key_pe = image.tokens, _token_major(image_pe)
         queries, steps = tokens, []
         for index, layer in enumerate(self.layers):
-            queries, keys, step = layer(queries, keys, tokens, key_pe, image if index == 0 else None)
+            queries, keys, step = layer(queries, keys, tokens, key_pe, image if index == 0 else None, token_mask)
             steps.append(step)
         queries = queries + self.final_attn_token_to_image.to_many_keys(queries + tokens, keys + key_pe, keys)
         return self.norm_final_attn(queries), keys, steps
@@ -349,10 +360,13 @@ class MaskDecoder(nn.Module):
         dense_prompts: torch.Tensor,
         text_embedding: Optional[torch.Tensor] = None,
         mask_dense: Optional[torch.Tensor] = None,
+        sparse_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """image: an embedding (B or 1, C, g...) or its ``ImageTokens``; image_pe (1, C, g...); sparse (B, n, C); dense
         (B or 1, C, g...) (SegVol's no-mask embedding); text (B, C); mask_dense (B, C, g...): a previous prediction's
-        dense prompt, added to the no-mask one (``with_previous_mask``). An image of batch 1 serves every prompt set."""
+        dense prompt, added to the no-mask one (``with_previous_mask``); sparse_mask (B, n) bool: False for a padding
+        slot of ``sparse`` (prompt sets of different lengths in one batch; each decodes as it would alone, up to float
+        summation order). An image of batch 1 serves every prompt set."""
         b = sparse_prompts.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompts], dim=1)
@@ -363,7 +377,10 @@ class MaskDecoder(nn.Module):
         if image.batch != b:
             image = image.expand(b)
 
-        hs, _, steps = self.transformer(image, image_pe, tokens)
+        token_mask = None
+        if sparse_mask is not None:
+            token_mask = torch.cat([sparse_mask.new_ones(b, output_tokens.shape[0]), sparse_mask], dim=1)
+        hs, _, steps = self.transformer(image, image_pe, tokens, token_mask)
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
 
         # Only mask 0 is returned, so only its hypernetwork is evaluated; the text term adds to its weights (both

@@ -147,10 +147,13 @@ class PromptEncoder(nn.Module):
     """Points ``(coords (B, N, 3), labels (B, N))``, boxes ``(B, 1, 6)`` and text ``(B, C)`` -> sparse (B, n, C).
 
     Coordinates are (d, h, w) voxel indices of the model's input window. Point labels: 1 positive, 0 negative,
-    -1 padding. Boxes are ``[d0, h0, w0, d1, h1, w1]`` with inclusive maxima.
+    -1 padding (the official "not a point" token, which takes part in attention), -2 (``ABSENT``) an empty slot:
+    ``SegVol.decode`` masks its token out of every attention, so prompt sets with fewer points share a batch with
+    longer ones. Boxes are ``[d0, h0, w0, d1, h1, w1]`` with inclusive maxima.
     """
 
     NEGATIVE, POSITIVE, BOX_MIN, BOX_MAX = 0, 1, 2, 3
+    ABSENT = -2
 
     def __init__(self, config: SegVolConfig):
         super().__init__()
@@ -173,10 +176,19 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, dim)
         self.mask_embedding = MaskEmbedding(dim) if config.mask_prompt else None
+        self._dense_pe: Optional[Tuple[tuple, torch.Tensor]] = None  # (stamp, encoding): dense_positional_encoding
 
     def dense_positional_encoding(self) -> torch.Tensor:
-        """(1, C, gd, gh, gw) encoding of the image-token grid."""
-        return self.pe_layer.dense(self.image_embedding_size).unsqueeze(0)
+        """(1, C, gd, gh, gw) encoding of the image-token grid. Every decode needs it (3-4 ms of sines and cosines
+        officially), so it is kept until the Gaussian matrix changes (a checkpoint load, a move to another device or
+        precision); it takes no gradient."""
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix
+        stamp = (matrix.data_ptr(), matrix._version, matrix.device, matrix.dtype)
+        if self._dense_pe is None or self._dense_pe[0] != stamp:
+            # a normal tensor even under inference_mode: training may use it later
+            with torch.inference_mode(False), torch.no_grad():
+                self._dense_pe = (stamp, self.pe_layer.dense(self.image_embedding_size).unsqueeze(0))
+        return self._dense_pe[1]
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         coords = coords + 0.5

@@ -74,10 +74,11 @@ class SegVol(nn.Module):
         """Prompts against an image embedding -> low-resolution logits (B, 1, 4gd, 4gh, 4gw); (B,1,32,64,64) officially.
 
         ``image_embedding`` (1 or B, C, g...), or its ``image_tokens``; ``text_embedding`` (B, C); ``boxes`` (B, 6) or
-        (B, 1, 6); ``points`` = (coords (B, N, 3), labels (B, N)). B is the number of prompt sets; one image embedding
-        is shared by all of them. ``previous`` (B, 1, 4gd, 4gh, 4gw): the low-resolution logits the same prompts gave
-        one interaction earlier (networks configured with ``mask_prompt`` only): with the points drawn as maps on
-        the same grid, it is a dense prompt, so new clicks correct that answer where they lie.
+        (B, 1, 6); ``points`` = (coords (B, N, 3), labels (B, N)); a set with fewer points fills its other slots with
+        label ``PromptEncoder.ABSENT`` (-2), which decodes it as the set alone would. B is the number of prompt sets;
+        one image embedding is shared by all of them. ``previous`` (B, 1, 4gd, 4gh, 4gw): the low-resolution logits
+        the same prompts gave one interaction earlier (networks configured with ``mask_prompt`` only): with the points
+        drawn as maps on the same grid, it is a dense prompt, so new clicks correct that answer where they lie.
         """
         batch = _prompt_batch_size(image_embedding, text_embedding, boxes, points)
         mask_dense = None
@@ -92,8 +93,13 @@ class SegVol(nn.Module):
         if text_embedding is not None:
             text_embedding = text_embedding.to(self.device)
         sparse, dense = self.prompt_encoder(points, boxes, text_embedding, batch)
+        sparse_mask = None
+        if points is not None and bool((points[1] == PromptEncoder.ABSENT).any()):
+            # the point slots come first in the sparse tokens (PromptEncoder.forward)
+            sparse_mask = torch.ones(sparse.shape[:2], dtype=torch.bool, device=sparse.device)
+            sparse_mask[:, :points[1].shape[1]] = points[1] != PromptEncoder.ABSENT
         image_pe = self.prompt_encoder.dense_positional_encoding()
-        return self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding, mask_dense)
+        return self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding, mask_dense, sparse_mask)
 
     def upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """Low-resolution logits (B, C, d, h, w) -> logits on the input window, trilinear with align_corners=False.

@@ -239,8 +239,8 @@ def test_folded_and_factored_decoder_equals_the_plain_computation(depth):
 def test_prompt_sets_with_fewer_points_decode_in_one_batch_as_alone(small_model, with_box):
     """A click's zoom-in windows hold different numbers of the earlier clicks; decoded in one batch, the shorter
     point lists filled with absent slots (label -2), each set's logits equal its decode alone (to float summation
-    order), with and without a box (without one the official padding point still comes after the real points), and
-    with autograd (the absent slots pass no gradient into the real ones' logits)."""
+    order), with and without a box (without one the official padding point still comes after the real points), with
+    autograd on (the training path) and off (kept image tokens)."""
     model = small_model
     torch.manual_seed(3)
     embedding = torch.randn(1, SMALL.hidden_size, *SMALL.grid_size)

@@ -156,34 +156,43 @@ class PackedMask:
         packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8]
         return np.unpackbits(packed, axis=-1)[..., w0 % 8:w0 % 8 + (w1 - w0)].view(bool)  # 0/1 bytes: a view
 
+    def _bytes_in(self, low, high):
+        """The packed bytes over ``[low, high)`` (per axis; a view) with what selects the range in its first and last
+        byte columns: (bytes, lead mask, tail mask, offset of voxel ``low[2]`` in the first byte); None when the range
+        is empty. packbits is big-endian (voxel r of a byte is bit 7 - r): the lead mask keeps voxels >= w0 % 8 of
+        the first byte, the tail mask voxels <= (w1 - 1) % 8 of the last."""
+        (d0, h0, w0), (d1, h1, w1) = [int(v) for v in low], [int(v) for v in high]
+        if d1 <= d0 or h1 <= h0 or w1 <= w0:
+            return None
+        packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8]
+        return packed, 0xFF >> (w0 % 8), (0xFF << (7 - (w1 - 1) % 8)) & 0xFF, w0 % 8
+
     def box_in(self, low, high) -> Optional[np.ndarray]:
         """Tight inclusive box (relative to ``low``) of the mask's voxels in ``[low, high)`` (per axis), None when there
         are none: ``bounding_box(region(low, high))`` read from the packed bytes (an eighth of the memory, nothing
         unpacked but one row of bytes; a click asks it of every window whose prompt is the foreground's box)."""
-        (d0, h0, w0), (d1, h1, w1) = [int(v) for v in low], [int(v) for v in high]
-        if d1 <= d0 or h1 <= h0 or w1 <= w0:
+        found = self._bytes_in(low, high)
+        if found is None:
             return None
-        packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8].copy()
-        packed[..., 0] &= 0xFF >> (w0 % 8)  # big-endian bits (see any_in): voxels before w0 and from w1 on go
-        packed[..., -1] &= (0xFF << (7 - (w1 - 1) % 8)) & 0xFF
+        view, lead, tail, offset = found
+        packed = view.copy()
+        packed[..., 0] &= lead
+        packed[..., -1] &= tail
         depth = np.flatnonzero(packed.reshape(len(packed), -1).any(axis=1))
         if depth.size == 0:
             return None
         plane = np.bitwise_or.reduce(packed, axis=0)  # (rows, bytes): reductions along the first axis vectorise
         rows = np.flatnonzero(plane.any(axis=1))
-        columns = np.flatnonzero(np.unpackbits(np.bitwise_or.reduce(plane, axis=0))) - w0 % 8
+        columns = np.flatnonzero(np.unpackbits(np.bitwise_or.reduce(plane, axis=0))) - offset
         return np.asarray([depth[0], rows[0], columns[0], depth[-1], rows[-1], columns[-1]], dtype=np.int64)
 
     def any_in(self, low, high) -> bool:
         """Whether the mask holds a voxel in ``[low, high)`` (per axis), read from the packed bytes: an eighth of the
         memory ``region(...).any()`` reads, and no unpacking."""
-        (d0, h0, w0), (d1, h1, w1) = [int(v) for v in low], [int(v) for v in high]
-        if d1 <= d0 or h1 <= h0 or w1 <= w0:
+        found = self._bytes_in(low, high)
+        if found is None:
             return False
-        packed = self.bits[d0:d1, h0:h1, w0 // 8:(w1 + 7) // 8]
-        # packbits is big-endian: voxel r of a byte is bit 7 - r; keep voxels >= w0 % 8 of the first byte and
-        # voxels <= (w1 - 1) % 8 of the last
-        lead, tail = 0xFF >> (w0 % 8), (0xFF << (7 - (w1 - 1) % 8)) & 0xFF
+        packed, lead, tail, _ = found
         if packed.shape[-1] == 1:
             return bool((packed[..., 0] & (lead & tail)).any())
         return bool((packed[..., 0] & lead).any() or (packed[..., -1] & tail).any() or packed[..., 1:-1].any())
